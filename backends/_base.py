@@ -1,0 +1,47 @@
+"""The backend interface: the hot kernels, once per kind of hardware."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+
+class Backend:
+    """Base class of a backend. Subclasses set the capability attributes and the kernels.
+
+    Kernels take contiguous float64 tiles of shape (T, M, M) (tile layout of
+    :class:`nmopt._tiles.TileGrid`) and return boolean tiles of the same shape.
+    """
+
+    name: str = ""
+    #: Python modules that must be importable; checked with ``find_spec``, never imported.
+    requires: tuple[str, ...] = ()
+    #: pip extra that installs what ``requires`` names.
+    extra: str | None = None
+    #: Array frameworks whose inputs select this backend when none is named.
+    frameworks: tuple[str, ...] = ()
+
+    def unavailable_reason(self) -> str | None:
+        """None if usable, else a human reason such as 'torch: not installed'."""
+        for module in self.requires:
+            if importlib.util.find_spec(module) is None:
+                hint = f" (pip install 'nmopt[{self.extra}]')" if self.extra else ""
+                return f"{module}: not installed{hint}"
+        return None
+
+    # -- kernels ---------------------------------------------------------------------------
+    def greedy(self, tiles: np.ndarray, n: int) -> np.ndarray:
+        """Transposable greedy: keep entries in descending score while row and column < N."""
+        raise NotImplementedError(f"backend {self.name!r} has no greedy kernel")
+
+    def rowwise(self, tiles: np.ndarray, n: int) -> np.ndarray:
+        """Row-wise N:M: the top N of every row of every tile (exact)."""
+        raise NotImplementedError(f"backend {self.name!r} has no row-wise kernel")
+
+    def apply_mask(self, weights, mask):
+        """``weights * mask`` in the weights' own type."""
+        raise NotImplementedError(f"backend {self.name!r} has no apply_mask kernel")
+
+    def __repr__(self) -> str:
+        return f"<nmopt backend {self.name!r}>"

@@ -1,0 +1,1 @@
+"""The cffi backend (C kernels on the CPU). Filled in by the C-backend work."""

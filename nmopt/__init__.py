@@ -1,0 +1,22 @@
+"""nmopt: provably good N:M transposable sparsity masks, with certified optimality gaps.
+
+``import nmopt`` stays light: torch, ortools and networkx are imported only by the code that
+uses them.
+"""
+
+from __future__ import annotations
+
+from nmopt.api import find_mask
+from nmopt.certificates import OPTIMALITY_TOL, dual_bound
+from nmopt.diversity import mask_diversity
+from nmopt.masks import check_mask, is_valid_mask
+from nmopt.patterns import Pattern, parse_pattern
+from nmopt.result import MaskResult
+from nmopt import backends, solvers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "find_mask", "MaskResult", "dual_bound", "OPTIMALITY_TOL", "check_mask", "is_valid_mask",
+    "mask_diversity", "Pattern", "parse_pattern", "solvers", "backends", "__version__",
+]

@@ -1,0 +1,90 @@
+"""Exact by enumeration: score every candidate tile pattern in one matrix product.
+
+With ``saturate=True`` the candidates are all tiles with exactly N per row and column (90 for
+2:4). Without it they are the *maximal* "at most N" tiles (no entry can be added): since scores
+are non-negative, some maximal pattern is always optimal, and there are far fewer of them than
+the 7 343 valid "at most 2" patterns of 2:4. Refuses patterns with too many candidates.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from itertools import combinations
+
+import numpy as np
+
+from nmopt.certificates import prices_from_mask
+from nmopt.diversity import count_tile_masks
+from nmopt.solvers import register
+from nmopt.solvers._base import Solver
+
+#: Most valid tile patterns this solver enumerates (before keeping the maximal ones).
+MAX_PATTERNS = 60_000
+
+
+def _pattern_count(n: int, m: int, saturate: bool) -> int | None:
+    if m > 8:
+        return None
+    try:
+        return count_tile_masks(m, m, n, not saturate)
+    except ValueError:
+        return None
+
+
+@lru_cache(maxsize=32)
+def tile_patterns(n: int, m: int, saturate: bool) -> np.ndarray:
+    """Candidate patterns as a (K, m*m) float64 0/1 matrix (see the module docstring)."""
+    sizes = (n,) if saturate else range(n + 1)
+    rows = [np.isin(np.arange(m), c) for k in sizes for c in combinations(range(m), k)]
+    out: list[np.ndarray] = []
+
+    def extend(prefix: list[np.ndarray], col_sum: np.ndarray) -> None:
+        left = m - len(prefix)
+        if left == 0:
+            tile = np.array(prefix)
+            if saturate:
+                if (col_sum == n).all():
+                    out.append(tile)
+                return
+            full_r = tile.sum(axis=1) == n
+            full_c = col_sum == n
+            if (tile | full_r[:, None] | full_c[None, :]).all():
+                out.append(tile)
+            return
+        for row in rows:
+            cs = col_sum + row
+            if (cs <= n).all() and (not saturate or (n - cs <= left - 1).all()):
+                prefix.append(row)
+                extend(prefix, cs)
+                prefix.pop()
+
+    extend([], np.zeros(m, dtype=int))
+    return np.array(out, dtype=np.float64).reshape(len(out), m * m)
+
+
+@register
+class EnumerationSolver(Solver):
+    """Exact for small patterns (2:4, 1:4, 3:4, ...)."""
+
+    name = "enumerate"
+    exact = True
+
+    def refuses(self, n, m, saturate, num_tiles):
+        count = _pattern_count(n, m, saturate)
+        if count is None or count > MAX_PATTERNS:
+            shown = "too many to count" if count is None else f"{count}"
+            return (f"{n}:{m} has {shown} valid tile patterns (limit {MAX_PATTERNS}); use 'mcf' "
+                    "or another exact solver")
+        return super().refuses(n, m, saturate, num_tiles)
+
+    def solve(self, tiles, n, *, saturate, backend):
+        t, m, _ = tiles.shape
+        pats = tile_patterns(n, m, saturate)
+        flat = tiles.reshape(t, m * m)
+        best = np.empty(t, dtype=np.int64)
+        chunk = max(1, (1 << 22) // len(pats))
+        for lo in range(0, t, chunk):
+            best[lo:lo + chunk] = np.argmax(flat[lo:lo + chunk] @ pats.T, axis=1)
+        mask = pats[best].astype(bool).reshape(t, m, m)
+        u, v = prices_from_mask(tiles, mask, n, saturate)
+        return mask, u, v
