@@ -17,15 +17,15 @@ import numpy as np
 
 def as_matrix(arr: np.ndarray, name: str) -> np.ndarray:
     """View a 2-D weight, or a 4-D conv weight (out, in, kh, kw) as (out, in*kh*kw)."""
-    if arr.ndim == 4:
-        arr = arr.reshape(arr.shape[0], -1)
-    elif arr.ndim != 2:
+    if arr.ndim not in (2, 4):
         raise ValueError(
             f"{name}: expected a 2-D weight (out, in) or a 4-D conv weight (out, in, kh, kw), "
             f"got {arr.ndim}-D with shape {tuple(arr.shape)}; reshape it first"
         )
-    if arr.size == 0:
+    if arr.size == 0:  # before the reshape, which fails on (0, in, kh, kw)
         raise ValueError(f"{name}: empty array of shape {tuple(arr.shape)}; nothing to prune")
+    if arr.ndim == 4:
+        arr = arr.reshape(arr.shape[0], -1)
     return arr
 
 

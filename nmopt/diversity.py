@@ -83,7 +83,9 @@ def mask_diversity(pattern, transposable: bool = True, at_most: bool = False,
         per_tile = per_row ** p.m
     if shape is None:
         return per_tile
-    if len(shape) != 2 or any(int(s) < 1 or int(s) % p.m for s in shape):
+    if (not isinstance(shape, (tuple, list)) or len(shape) != 2
+            or not all(hasattr(s, "__index__") for s in shape)
+            or any(int(s) < 1 or int(s) % p.m for s in shape)):
         raise ValueError(f"shape: expected (rows, cols), positive multiples of M={p.m}, got {shape}")
     tiles = (int(shape[0]) // p.m) * (int(shape[1]) // p.m)
     return per_tile ** tiles

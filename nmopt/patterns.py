@@ -8,6 +8,7 @@ for 1:4 or 3:8 they do not.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 MAX_M = 64
@@ -51,12 +52,12 @@ def parse_pattern(pattern: str | tuple[int, int] | Pattern) -> Pattern:
     if isinstance(pattern, Pattern):
         return pattern
     if isinstance(pattern, str):
-        parts = pattern.strip().split(":")
-        if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+        match = re.fullmatch(r"\s*(-?[0-9]+)\s*:\s*(-?[0-9]+)\s*", pattern)
+        if match is None:  # ASCII digits only: '--2' or '²' must not reach int()
             raise ValueError(f"pattern: expected text 'N:M' such as '2:4' or '4:8', got {pattern!r}")
-        return Pattern(int(parts[0]), int(parts[1]))
+        return Pattern(int(match[1]), int(match[2]))
     if isinstance(pattern, (tuple, list)) and len(pattern) == 2:
         n, m = pattern
-        if hasattr(n, "__index__") and hasattr(m, "__index__") and not isinstance(n, bool):
+        if all(hasattr(x, "__index__") and not isinstance(x, bool) for x in (n, m)):
             return Pattern(int(n.__index__()), int(m.__index__()))
     raise TypeError(f"pattern: expected 'N:M' text or an (n, m) tuple, got {pattern!r}")

@@ -19,7 +19,8 @@ class MaskResult:
         Kept score, ``sum(scores[mask])``.
     bound : float
         Certified upper bound on the best kept score of any valid mask (LP weak duality, see
-        :func:`nmopt.dual_bound`); recompute it from ``u`` and ``v``.
+        :func:`nmopt.dual_bound`); recompute it from ``u`` and ``v``. With ``saturate=True``
+        exactly N applies to full tiles; edge tiles (shape not a multiple of M) keep at most N.
     gap : float
         ``(bound - objective) / bound`` (0 when bound is 0).
     optimal : bool

@@ -24,8 +24,13 @@ MAX_ARCS_PER_GRAPH = 1 << 18
 def integer_costs(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-tile integer costs (int64, same shape) and the per-tile scale (T,) that made them."""
     tile_max = tiles.max(axis=(1, 2))
-    scale = np.where(tile_max > 0, float(2**COST_BITS) / np.where(tile_max > 0, tile_max, 1.0), 1.0)
-    costs = np.rint(tiles * scale[:, None, None]).astype(np.int64)
+    safe = np.where(tile_max > 0, tile_max, 1.0)
+    # normalise first: 2**COST_BITS / tile_max overflows for tiles below ~6e-297, and an
+    # infinite scale would turn every cost into garbage; there the scale is inf, so the
+    # prices divided by it are 0 (a valid, loose bound) while the mask stays optimal.
+    costs = np.rint(tiles / safe[:, None, None] * float(2**COST_BITS)).astype(np.int64)
+    with np.errstate(over="ignore"):
+        scale = float(2**COST_BITS) / safe
     return costs, scale
 
 

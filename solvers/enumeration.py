@@ -23,7 +23,9 @@ MAX_PATTERNS = 60_000
 
 
 def _pattern_count(n: int, m: int, saturate: bool) -> int | None:
-    if m > 8:
+    if m > 8 or (not saturate and 2 ** (n * m) > MAX_PATTERNS):
+        # at most N: every subset of one exactly-N tile is valid, so there are >= 2**(n*m)
+        # patterns; deciding that here avoids seconds of exact counting (7:8, 8:8)
         return None
     try:
         return count_tile_masks(m, m, n, not saturate)

@@ -21,7 +21,7 @@ class GreedySolver(Solver):
     backends = None
     exactly = False
 
-    def __init__(self, sweeps: int = 8):
+    def __init__(self, sweeps: int = 4):
         self.sweeps = sweeps
 
     def solve(self, tiles, n, *, saturate, backend):

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
+
+# tests/oracles.py holds the independent oracles; pytest runs with --import-mode=importlib, so
+# tests/ is not on sys.path: register it once here, test modules `import nmopt_test_oracles`.
+if "nmopt_test_oracles" not in sys.modules:
+    _spec = importlib.util.spec_from_file_location("nmopt_test_oracles",
+                                                   Path(__file__).with_name("oracles.py"))
+    sys.modules["nmopt_test_oracles"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["nmopt_test_oracles"])
 
 REAL_WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "minilm-l6-layer0.safetensors"
 
