@@ -1,0 +1,439 @@
+"""The ``nmopt`` command line: prune checkpoints, benchmark solvers, inspect what is installed.
+
+Exit codes: 0 success, 1 failure (unreadable input, a layer that cannot be solved, ...),
+2 usage error (bad arguments, an output that exists without ``--force``), 130 interrupted.
+Every error is one line on stderr; set ``NMOPT_DEBUG=1`` to get the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import nmopt
+from nmopt.patterns import parse_pattern
+
+
+class UsageError(ValueError):
+    """Bad command-line arguments: reported on one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _pattern(text: str) -> str:
+    try:
+        return str(parse_pattern(text))
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# -- prune -----------------------------------------------------------------------------------
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_outputs(args) -> None:
+    """Every usage check of ``nmopt prune`` that can fail before any work is done."""
+    import re
+
+    from nmopt import backends, solvers
+    from nmopt.checkpoint import CheckpointError, checkpoint_format
+
+    for flag, value in (("--include", args.include), ("--exclude", args.exclude)):
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise UsageError(f"{flag}: invalid regular expression {value!r}: {exc}") from None
+    try:
+        checkpoint_format(args.input, "input")
+        checkpoint_format(args.out, "--out")
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    if args.masks and Path(args.masks).suffix.lower() != ".safetensors":
+        raise UsageError(f"--masks {args.masks!r}: masks are written as .safetensors")
+    if args.report and Path(args.report).suffix.lower() != ".json":
+        raise UsageError(f"--report {args.report!r}: the report is written as .json")
+    p = parse_pattern(args.pattern)
+    if args.solver != "auto":
+        if args.solver not in solvers.names():
+            raise UsageError(f"--solver: unknown solver {args.solver!r}; choose auto or one of "
+                             f"{', '.join(solvers.names())}")
+        inst = solvers.get(args.solver)  # ImportError (exit 1) if not installed
+        if inst.transposable == args.row_wise:
+            want = "--row-wise" if inst.transposable is False else "no --row-wise"
+            raise UsageError(f"--solver {args.solver} finds "
+                             f"{'transposable' if inst.transposable else 'row-wise'} masks; "
+                             f"use {want} or --solver auto")
+        why = inst.refuses(p.n, p.m, args.saturate, 1)
+        if why:
+            raise UsageError(f"--solver {args.solver}: {why}")
+    if args.backend is not None and args.backend not in backends.names():
+        raise UsageError(f"--backend: unknown backend {args.backend!r}; choose one of "
+                         f"{', '.join(backends.names())}")
+    if args.backend is not None:
+        backends.get(args.backend)  # ImportError (exit 1) if it cannot run here
+    inp = Path(args.input)
+    outs = [("--out", Path(args.out))]
+    outs += [(flag, Path(v)) for flag, v in (("--masks", args.masks), ("--report", args.report))
+             if v]
+    for flag, path in outs:
+        if _same_file(inp, path):
+            raise UsageError(f"{flag} {str(path)!r} is the input file; write to another path")
+    for i, (flag, path) in enumerate(outs):
+        for flag2, path2 in outs[i + 1:]:
+            if _same_file(path, path2):
+                raise UsageError(f"{flag} and {flag2} name the same file {str(path)!r}")
+        if path.exists() and not args.force:
+            raise UsageError(f"{flag} {str(path)!r} exists; pass --force to overwrite it")
+        if path.is_dir():
+            raise UsageError(f"{flag} {str(path)!r} is a directory")
+        if not (path.parent if str(path.parent) else Path(".")).is_dir():
+            raise UsageError(f"{flag} {str(path)!r}: directory {str(path.parent)!r} does not "
+                             "exist")
+
+
+def prune_layer_columns():
+    """Columns of the ``nmopt prune`` table."""
+    from nmopt.bench._report import Column
+
+    return [
+        Column("name", "layer", align="<"),
+        Column("shape", "shape", lambda s: "x".join(map(str, s)), align="<"),
+        Column("kept_fraction", "kept score", lambda v: f"{100 * v:.3f}%"),
+        Column("density", "kept w", lambda v: f"{100 * v:.2f}%"),
+        Column("gap", "gap", lambda g: f"{g:.1e}"), Column("deficit", "deficit"),
+        Column("solver", "solver", align="<"), Column("seconds", "seconds", "{:.3f}"),
+    ]
+
+
+def print_prune_report(report: dict, out=None) -> None:
+    """The per-layer table and totals of a prune report."""
+    from nmopt.bench._report import format_table
+
+    out = out or sys.stdout
+    rows = [dict(r, density=r["kept_weights"] / r["weights"]) for r in report["layers"]]
+    t = report["totals"]
+    rows.append({"name": f"total ({t['layers']} layers)", "shape": (f"{t['weights']} w",),
+                 "kept_fraction": t["kept_fraction"], "density": t["kept_weights"] / t["weights"],
+                 "gap": t["gap"], "deficit": t["deficit"], "seconds": t["seconds"]})
+    kind = "transposable" if report["transposable"] else "row-wise"
+    print(f"{report['pattern']} {kind}{', exactly N' if report['saturate'] else ''} masks for "
+          f"{t['layers']} layers of {report['input']}", file=out)
+    print(format_table(rows, prune_layer_columns()), file=out)
+    copied = report["copied"]
+    print(f"copied unchanged: {len(copied)} tensors" + (
+        f" ({', '.join(c['name'] for c in copied[:4])}{', ...' if len(copied) > 4 else ''}; "
+        "reasons in the report)" if copied else ""), file=out)
+
+
+def cmd_prune(args) -> int:
+    from nmopt.prune import prune_file
+
+    _check_outputs(args)
+    _, report = prune_file(
+        args.input, args.out, args.pattern, masks_path=args.masks, report_path=args.report,
+        transposable=not args.row_wise, saturate=args.saturate, solver=args.solver,
+        backend=args.backend, include=args.include, exclude=args.exclude,
+        progress=False if args.no_progress else None)
+    print_prune_report(report)
+    for path, what in ((args.out, "pruned checkpoint"), (args.masks, "masks"),
+                       (args.report, "report")):
+        if path:
+            print(f"wrote {what}: {path}")
+    return 0
+
+
+# -- small commands --------------------------------------------------------------------------
+
+def cmd_diversity(args) -> int:
+    import math
+
+    p = parse_pattern(args.pattern)
+    shape = tuple(args.shape) if args.shape else None
+    count = nmopt.mask_diversity(p, transposable=not args.row_wise, at_most=args.at_most,
+                                 shape=shape)
+    kind = "row-wise" if args.row_wise else "transposable"
+    rule = "at most" if args.at_most else "exactly"
+    where = f"a {shape[0]}x{shape[1]} matrix" if shape else f"one {p.m}x{p.m} tile"
+    what = "per row" if args.row_wise else "per row and column"
+    if count == 0:
+        text = "0"
+    else:
+        exp = math.log10(count)
+        approx = f"10^{exp:.2f}, {math.log2(count):.1f} bits"
+        # Python refuses str() of ints beyond 4300 digits; past ~60 digits show the magnitude
+        text = f"{count} ({approx})" if exp < 60 else f"~{approx}"
+    print(f"{kind} {p} masks of {where} ({rule} {p.n} kept {what}): {text}")
+    return 0
+
+
+def _status_table(status: dict, attrs) -> int:
+    from nmopt.bench._report import Column, format_table
+
+    rows = [dict(name=name, status="available" if why is None else f"unavailable: {why}",
+                 **attrs(name, why)) for name, why in status.items()]
+    cols = [Column("name", "name", align="<")]
+    cols += [Column(k, k, align="<") for k in rows[0] if k not in ("name", "status")] if rows else []
+    cols.append(Column("status", "status", align="<"))
+    print(format_table(rows, cols))
+    return 0
+
+
+def cmd_solvers(args) -> int:
+    from nmopt import solvers
+
+    def attrs(name, why):
+        if why is not None:
+            return {"exact": "", "masks": ""}
+        inst = solvers.get(name)
+        return {"exact": "yes" if inst.exact else "no",
+                "masks": "transposable" if inst.transposable else "row-wise"}
+
+    _status_table(solvers.status(), attrs)
+    picks = []
+    for pattern in ("2:4", "4:8", "8:16", "16:32"):
+        n, m = map(int, pattern.split(":"))
+        try:
+            pick = solvers.auto(n, m, transposable=True, saturate=False,
+                                num_tiles=(1024 // m) ** 2).name
+        except RuntimeError:
+            pick = "none"
+        picks.append(f"{pattern} {pick}")
+    print(f"auto (the first exact solver that takes the problem), for a 1024x1024 weight: "
+          f"{', '.join(picks)}")
+    return 0
+
+
+def cmd_backends(args) -> int:
+    from nmopt import backends
+
+    return _status_table(backends.status(), lambda name, why: {})
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+DEMO_SIZES = ((512, 512), (1024, 1024))
+DEMO_PATTERN = "4:8"
+DEMO_TIME_LIMIT = 10.0
+
+
+def demo_state_dict(seed: int = 0) -> dict:
+    """A small seeded checkpoint: Linear and Conv weights with biases, a LayerNorm, a BatchNorm
+    (with its int64 counter), an embedding, a float16 layer and shapes that are not multiples
+    of 8."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape, dtype=np.float32):
+        fan_in = int(np.prod(shape[1:]))
+        return (rng.standard_t(4, size=shape) / np.sqrt(fan_in)).astype(dtype)
+
+    def zeros(*shape):
+        return np.zeros(shape, dtype=np.float32)
+
+    return {
+        "embed.weight": weight(1000, 128),
+        "stem.conv.weight": weight(32, 3, 3, 3), "stem.conv.bias": zeros(32),
+        "stem.bn.weight": np.ones(32, np.float32), "stem.bn.bias": zeros(32),
+        "stem.bn.running_mean": zeros(32), "stem.bn.running_var": np.ones(32, np.float32),
+        "stem.bn.num_batches_tracked": np.array(0, dtype=np.int64),
+        "blocks.0.norm.weight": np.ones(128, np.float32), "blocks.0.norm.bias": zeros(128),
+        "blocks.0.attn.qkv.weight": weight(384, 128), "blocks.0.attn.qkv.bias": zeros(384),
+        "blocks.0.attn.proj.weight": weight(128, 128), "blocks.0.attn.proj.bias": zeros(128),
+        "blocks.0.mlp.fc1.weight": weight(512, 128, dtype=np.float16),
+        "blocks.0.mlp.fc1.bias": zeros(512),
+        "blocks.0.mlp.fc2.weight": weight(128, 512), "blocks.0.mlp.fc2.bias": zeros(128),
+        "head.weight": weight(10, 128), "head.bias": zeros(10),
+    }
+
+
+def cmd_demo(args) -> int:
+    import time
+
+    from nmopt.bench import gap
+    from nmopt.checkpoint import save
+    from nmopt.prune import prune_file, verify_pruned
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"bench JSON": out / "gap.json", "bench Markdown": out / "gap.md",
+             "bench plot": out / "gap.png", "demo checkpoint": out / "demo-model.safetensors",
+             "pruned checkpoint": out / "demo-model-4of8.safetensors",
+             "masks": out / "demo-masks-4of8.safetensors",
+             "prune report": out / "demo-prune-report.json"}
+    sizes = ", ".join(f"{r}x{c}" for r, c in DEMO_SIZES)
+    print(f"[1/3] solver-quality benchmark: Gaussian {sizes}, "
+          f"{' '.join(gap.DEFAULT_PATTERNS)}, every solver and baseline", flush=True)
+    result = gap.run_gap(gap.synthetic_matrices(["gaussian"], DEMO_SIZES),
+                         gap.DEFAULT_PATTERNS, time_limit=args.time_limit or None)
+    gap.write_outputs(result, files["bench JSON"], files["bench Markdown"], files["bench plot"])
+    print(gap.format_text(result, details=False))
+    print(f"(every run, skipped ones with the reason: {files['bench Markdown']})")
+
+    print(f"\n[2/3] prune a generated checkpoint with {DEMO_PATTERN} transposable masks",
+          flush=True)
+    save(demo_state_dict(), files["demo checkpoint"])
+    _, report = prune_file(files["demo checkpoint"], files["pruned checkpoint"], DEMO_PATTERN,
+                           masks_path=files["masks"], report_path=files["prune report"])
+    print_prune_report(report)
+
+    print("\n[3/3] re-validate the written masks and weights, tile by tile", flush=True)
+    for line in verify_pruned(files["demo checkpoint"], files["pruned checkpoint"], files["masks"],
+                           report):
+        print(f"  ok  {line}")
+
+    print(f"\ndone in {time.perf_counter() - start:.0f} s; outputs:")
+    width = max(map(len, files))
+    for what, path in files.items():
+        print(f"  {what:<{width}}  {path}")
+    return 0
+
+
+# -- parser and main ---------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (benchmarks register themselves from :mod:`nmopt.bench`)."""
+    from nmopt import bench
+
+    parser = _Parser(prog="nmopt", description="Optimal N:M transposable sparsity masks with "
+                     "certified optimality gaps. N:M keeps at most N of every M weights "
+                     "(NVIDIA convention).")
+    parser.add_argument("--version", action="version", version=f"nmopt {nmopt.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("prune", help="prune a safetensors / PyTorch checkpoint with N:M masks",
+                       description="Prune every 2-D (and 4-D conv) float weight of a checkpoint "
+                       "with optimal N:M masks; biases, norms, 1-D, integer and bool tensors are "
+                       "copied unchanged, embeddings too unless --include names them. Writes "
+                       "atomically: a failed run leaves nothing behind.")
+    p.add_argument("input", metavar="IN", help="input checkpoint (.safetensors, .pt, .bin, .pth)")
+    p.add_argument("--pattern", required=True, type=_pattern, metavar="N:M",
+                   help="keep at most N of every M, e.g. 2:4 or 4:8")
+    p.add_argument("--row-wise", action="store_true",
+                   help="ordinary row-wise N:M instead of transposable masks")
+    p.add_argument("--saturate", action="store_true",
+                   help="exactly N per tile row and column (the original paper's formulation)")
+    p.add_argument("--solver", default="auto", help="solver name (see `nmopt solvers`; "
+                   "default auto: the fastest exact one)")
+    p.add_argument("--backend", default=None, help="backend name (see `nmopt backends`)")
+    p.add_argument("--include", metavar="REGEX", help="prune only tensors whose name matches")
+    p.add_argument("--exclude", metavar="REGEX", help="do not prune tensors whose name matches")
+    p.add_argument("--out", required=True, metavar="OUT",
+                   help="pruned checkpoint; its extension picks the format")
+    p.add_argument("--masks", metavar="MASKS", help="write the boolean masks (.safetensors)")
+    p.add_argument("--report", metavar="REPORT.json", help="write the per-layer report as JSON")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prune)
+
+    b = sub.add_parser("bench", help="benchmarks (solver quality, ...)",
+                       description="Benchmarks; each writes a table and optional JSON, Markdown "
+                       "and plot files.")
+    bench_sub = b.add_subparsers(dest="bench", metavar="BENCHMARK")
+    bench.add_parsers(bench_sub)
+    b.set_defaults(func=lambda args: _missing(b))
+
+    d = sub.add_parser("diversity", help="count the distinct valid N:M masks",
+                       description="Exact number of valid N:M masks (the mask-diversity measure), "
+                       "per M x M tile or for a matrix.")
+    d.add_argument("pattern", metavar="PATTERN", type=_pattern, help="N:M, e.g. 4:8")
+    d.add_argument("--row-wise", action="store_true", help="count row-wise N:M masks")
+    d.add_argument("--at-most", action="store_true", help="count masks keeping at most N")
+    d.add_argument("--shape", type=int, nargs=2, metavar=("R", "C"),
+                   help="a matrix shape (multiples of M) instead of one tile")
+    d.set_defaults(func=cmd_diversity)
+
+    s = sub.add_parser("solvers", help="list the solvers and whether they can run here",
+                       description="Each registered solver, whether it is exact, and available "
+                       "or the reason it is not.")
+    s.set_defaults(func=cmd_solvers)
+    k = sub.add_parser("backends", help="list the backends and whether they can run here",
+                       description="Each registered backend: available or the reason it is not.")
+    k.set_defaults(func=cmd_backends)
+
+    m = sub.add_parser("demo", help="run the main job on built-in data (a few minutes)",
+                       description="The solver-quality benchmark on Gaussian 512x512 and "
+                       "1024x1024 matrices (2:4, 4:8, 8:16, 16:32), then a 4:8 transposable prune "
+                       "of a small generated checkpoint, re-validated tile by tile. Overwrites "
+                       "its own files in --out.")
+    m.add_argument("--out", default="nmopt-demo", metavar="DIR",
+                   help="output directory (default: nmopt-demo)")
+    m.add_argument("--time-limit", type=float, default=DEMO_TIME_LIMIT, metavar="S",
+                   help=f"per-run time limit of the benchmark (default {DEMO_TIME_LIMIT:g})")
+    m.set_defaults(func=cmd_demo)
+    parser.set_defaults(func=lambda args: _missing(parser))
+    return parser
+
+
+def _missing(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code (the console script exits with it)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    debug = os.environ.get("NMOPT_DEBUG", "") not in ("", "0")
+    previous = _on_sigterm_interrupt()
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        if debug:
+            raise
+        print(f"nmopt: error: {_line(exc)}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # e.g. `nmopt ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        print("nmopt: interrupted; no partial output file was left behind", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, ImportError, OSError, RuntimeError) as exc:
+        if debug:
+            raise
+        print(f"nmopt: error: {_line(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not False:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _on_sigterm_interrupt():
+    """Turn SIGTERM into KeyboardInterrupt so that staged temporary files are removed.
+
+    Returns the previous handler, or False when handlers cannot be set (off the main thread).
+    """
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:
+        return False
+
+
+def _line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""Prune a state dict: an N:M mask per selected weight, the pruned tensors and a report.
+
+Selection rules (:func:`select_layers`): a tensor is pruned when it is a floating-point 2-D
+weight ``(out, in)`` or 4-D conv weight ``(out, in, kh, kw)``, its name matches ``include``
+(when given) and not ``exclude``, and it is not an embedding (name containing ``embed``, or
+GPT-2's ``wte`` / ``wpe``) unless ``include`` names it explicitly. Everything else -- biases,
+norms, other 1-D / 3-D tensors and integer or boolean tensors such as BatchNorm's
+``num_batches_tracked`` -- is copied unchanged. Only floating-point tensors are pruned: an
+integer tensor is a count or an index, not a weight.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nmopt.api import find_mask
+from nmopt.patterns import parse_pattern
+
+#: Names treated as embeddings (skipped unless ``include`` matches them).
+EMBEDDING_RE = re.compile(r"embed|(^|\.)(wte|wpe)(\.|$)", re.IGNORECASE)
+
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclass
+class LayerReport:
+    """What pruning one weight did (one row of the report)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    weights: int
+    kept_weights: int
+    score: float  # total score sum(|W|)
+    objective: float  # kept score
+    bound: float
+    gap: float
+    deficit: int
+    optimal: bool
+    solver: str
+    backend: str
+    seconds: float
+
+    @property
+    def kept_fraction(self) -> float:
+        """Kept share of the layer's total score."""
+        return self.objective / self.score if self.score > 0 else 1.0
+
+
+@dataclass
+class PruneResult:
+    """Pruned tensors (all names of the input, same order), masks and the per-layer report."""
+
+    tensors: dict[str, Any]
+    masks: dict[str, Any]
+    layers: list[LayerReport]
+    copied: dict[str, str]  # name -> why it was copied unchanged
+    pattern: str
+    transposable: bool
+    saturate: bool
+    totals: dict[str, Any] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        """The JSON-ready report: settings, one entry per pruned layer, totals, copied tensors."""
+        layers = []
+        for layer in self.layers:
+            row = asdict(layer)
+            row["shape"] = list(layer.shape)
+            row["kept_fraction"] = layer.kept_fraction
+            layers.append(row)
+        return {"pattern": self.pattern, "transposable": self.transposable,
+                "saturate": self.saturate, "layers": layers, "totals": self.totals,
+                "copied": [{"name": k, "reason": v} for k, v in self.copied.items()]}
+
+
+def _dtype_name(t: Any) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def select_layers(tensors: dict[str, Any], include: str | None = None,
+                  exclude: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """Split tensor names into those to prune and those copied unchanged (with the reason).
+
+    Parameters
+    ----------
+    tensors : dict name -> tensor (torch or numpy)
+    include, exclude : regular expressions searched in each name (``re.search``)
+
+    Returns
+    -------
+    prune : list of names, in the input order
+    copied : dict name -> reason it is not pruned
+    """
+    inc = re.compile(include) if include else None
+    exc = re.compile(exclude) if exclude else None
+    prune: list[str] = []
+    copied: dict[str, str] = {}
+    for name, t in tensors.items():
+        ndim = len(t.shape)
+        dtype = _dtype_name(t)
+        if ndim not in (2, 4):
+            copied[name] = f"{ndim}-D (only 2-D and 4-D weights are pruned)"
+        elif dtype not in _FLOAT_DTYPES:
+            copied[name] = f"dtype {dtype} is not floating point (only float weights are pruned)"
+        elif inc is not None and not inc.search(name):
+            copied[name] = "not matched by --include"
+        elif exc is not None and exc.search(name):
+            copied[name] = "matched by --exclude"
+        elif inc is None and EMBEDDING_RE.search(name):
+            copied[name] = "embedding (name it in --include to prune it)"
+        elif 0 in tuple(t.shape):
+            copied[name] = "empty"
+        else:
+            prune.append(name)
+    return prune, copied
+
+
+def apply_mask(weight: Any, mask: Any) -> Any:
+    """``weight`` with the entries outside ``mask`` set to zero, in the weight's own dtype."""
+    if isinstance(weight, np.ndarray):
+        return np.where(mask, weight, np.zeros((), dtype=weight.dtype))
+    return weight.masked_fill(~mask, 0)
+
+
+def _numel(t: Any) -> int:
+    return int(np.prod(tuple(t.shape), dtype=np.int64))
+
+
+def prune_state_dict(tensors: dict[str, Any], pattern, *, transposable: bool = True,
+                     saturate: bool = False, solver="auto", backend=None,
+                     include: str | None = None, exclude: str | None = None,
+                     progress: bool | None = None) -> PruneResult:
+    """Prune every selected weight of a state dict with :func:`nmopt.find_mask`.
+
+    Parameters
+    ----------
+    tensors : dict name -> torch tensor or numpy array
+    pattern : "N:M" or (n, m)
+    transposable, saturate, solver, backend
+        Passed to :func:`nmopt.find_mask` for every layer.
+    include, exclude : str, optional
+        Regular expressions on the tensor names (see :func:`select_layers`).
+    progress : bool or None
+        Show a progress bar on stderr (None: only when stderr is a terminal).
+
+    Returns
+    -------
+    PruneResult
+        Every input tensor (pruned ones in their original dtype), the boolean masks of the pruned
+        ones, one :class:`LayerReport` per pruned layer and the totals.
+
+    Raises
+    ------
+    ValueError
+        A layer cannot be pruned (e.g. NaN weights); the message names the layer.
+    """
+    from tqdm.auto import tqdm
+
+    p = parse_pattern(pattern)
+    names, copied = select_layers(tensors, include, exclude)
+    masks: dict[str, Any] = {}
+    pruned: dict[str, Any] = {}
+    layers: list[LayerReport] = []
+    total = sum(_numel(tensors[n]) for n in names)
+    bar = tqdm(total=total, unit="w", unit_scale=True, disable=(None if progress is None
+                                                               else not progress),
+               desc="pruning", leave=False)
+    try:
+        for name in names:
+            w = tensors[name]
+            bar.set_postfix_str(name, refresh=False)
+            try:
+                res = find_mask(w, p, transposable=transposable, saturate=saturate,
+                                solver=solver, backend=backend)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"layer {name!r} {tuple(w.shape)}: {err}") from None
+            masks[name] = res.mask
+            pruned[name] = apply_mask(w, res.mask)
+            kept = int(res.mask.sum())
+            score = float(_abs_sum(w))
+            layers.append(LayerReport(
+                name=name, shape=tuple(int(s) for s in w.shape), dtype=_dtype_name(w),
+                weights=_numel(w), kept_weights=kept, score=score, objective=res.objective,
+                bound=res.bound, gap=res.gap, deficit=res.deficit, optimal=res.optimal,
+                solver=res.solver, backend=res.backend, seconds=res.seconds))
+            bar.update(_numel(w))
+    finally:
+        bar.close()
+    out = {name: pruned.get(name, t) for name, t in tensors.items()}
+    result = PruneResult(tensors=out, masks=masks, layers=layers, copied=copied, pattern=str(p),
+                         transposable=bool(transposable), saturate=bool(saturate))
+    result.totals = _totals(layers)
+    return result
+
+
+def _abs_sum(w: Any) -> float:
+    if isinstance(w, np.ndarray):
+        return float(np.abs(w, dtype=np.float64).sum())
+    import torch
+
+    return float(w.detach().to(torch.float64).abs().sum())
+
+
+def _totals(layers: list[LayerReport]) -> dict[str, Any]:
+    score = sum(x.score for x in layers)
+    objective = sum(x.objective for x in layers)
+    bound = sum(x.bound for x in layers)
+    weights = sum(x.weights for x in layers)
+    return {
+        "layers": len(layers), "weights": weights,
+        "kept_weights": sum(x.kept_weights for x in layers),
+        "score": score, "objective": objective, "bound": bound,
+        "kept_fraction": objective / score if score > 0 else 1.0,
+        "gap": (bound - objective) / bound if bound > 0 else 0.0,
+        "deficit": sum(x.deficit for x in layers),
+        "optimal": all(x.optimal for x in layers),
+        "seconds": sum(x.seconds for x in layers),
+    }
+
+
+def prune_file(input_path, out_path, pattern, *, masks_path=None, report_path=None,
+               transposable: bool = True, saturate: bool = False, solver="auto", backend=None,
+               include: str | None = None, exclude: str | None = None,
+               progress: bool | None = None) -> tuple[PruneResult, dict[str, Any]]:
+    """Prune a checkpoint file and write the results, all or nothing.
+
+    Reads ``input_path`` (safetensors or PyTorch state dict), prunes it with
+    :func:`prune_state_dict` and writes the pruned checkpoint (format from ``out_path``'s
+    extension; safetensors metadata is kept), the boolean masks (safetensors) and the JSON
+    report. Nothing is written until every layer is solved, and the files are staged as
+    temporary files moved into place together, so a failed or interrupted run leaves no output.
+    Overwrite checks are the caller's (``nmopt prune`` refuses existing outputs without
+    ``--force``).
+
+    Returns
+    -------
+    (PruneResult, dict)
+        The result and the report written to ``report_path``.
+    """
+    from nmopt import __version__
+    from nmopt.bench._report import json_text
+    from nmopt.checkpoint import AtomicFiles, load, read_metadata, write_checkpoint
+
+    tensors = load(input_path)
+    result = prune_state_dict(tensors, pattern, transposable=transposable, saturate=saturate,
+                              solver=solver, backend=backend, include=include, exclude=exclude,
+                              progress=progress)
+    if not result.layers:
+        raise ValueError(f"nothing to prune in {str(input_path)!r}: no 2-D/4-D float weight was "
+                         "selected (embeddings need --include; check --include/--exclude)")
+    report = result.report()
+    report.update(input=str(input_path), output=str(out_path),
+                  masks=None if masks_path is None else str(masks_path),
+                  solver_requested=solver if isinstance(solver, str) else repr(solver),
+                  nmopt=__version__)
+    metadata = None
+    if str(input_path).lower().endswith(".safetensors"):
+        metadata = read_metadata(input_path)
+    with AtomicFiles() as files:
+        write_checkpoint(files, result.tensors, out_path, metadata)
+        if masks_path is not None:
+            write_checkpoint(files, result.masks, masks_path)
+        if report_path is not None:
+            with open(files.add(report_path), "w", encoding="utf-8") as f:
+                f.write(json_text(report))
+    return result, report
+
+
+def verify_pruned(original, pruned, masks, report: dict) -> list[str]:
+    """Re-check a prune from the files alone; return one line per layer (raise on failure).
+
+    Every mask is checked tile by tile (rows and columns) with :func:`nmopt.check_mask`, the
+    pruned weights must equal the original inside the mask and be zero outside, the kept score
+    is recomputed from the original weights, and each layer is re-solved with a second exact
+    solver when one is installed.
+    """
+    from nmopt import check_mask, solvers
+    from nmopt.checkpoint import load
+
+    def second_exact(used: str, n: int, m: int, tiles: int) -> str | None:
+        for name in solvers.available():
+            inst = solvers.get(name)
+            if (name != used and inst.exact and inst.transposable == transposable
+                    and inst.refuses(n, m, report["saturate"], tiles) is None):
+                return name
+        return None
+
+    def arr(t):
+        return t if isinstance(t, np.ndarray) else t.detach().cpu().float().numpy()
+
+    orig, new, kept = load(original), load(pruned), load(masks)
+    pattern = report["pattern"]
+    pat = parse_pattern(pattern)
+    transposable = report["transposable"]
+    lines = []
+    for layer in report["layers"]:
+        name = layer["name"]
+        mask = arr(kept[name]).astype(bool)
+        w, p = arr(orig[name]), arr(new[name])
+        check_mask(mask, pattern, transposable=transposable)
+        if not (np.array_equal(p[mask], w[mask]) and not p[~mask].any()):
+            raise RuntimeError(f"{name}: pruned weights differ from original * mask")
+        objective = float(np.abs(w[mask], dtype=np.float64).sum())
+        if abs(objective - layer["objective"]) > 1e-9 * max(1.0, objective):
+            raise RuntimeError(f"{name}: kept score {objective} differs from the report")
+        rows, cols = mask.shape[0], mask[0].size
+        other = second_exact(layer["solver"], pat.n, pat.m,
+                             -(-rows // pat.m) * -(-cols // pat.m))
+        check = ""
+        if other is not None:
+            res = find_mask(w, pattern, transposable=transposable, saturate=report["saturate"],
+                            solver=other)
+            if abs(res.objective - objective) > 1e-7 * objective:
+                raise RuntimeError(f"{name}: {other} finds kept score {res.objective}, the "
+                                   f"prune kept {objective}")
+            check = f"; re-solved with {other}: same optimum"
+        lines.append(f"{name} {'x'.join(map(str, mask.shape))}: valid {pattern} "
+                     f"{'transposable' if transposable else 'row-wise'} in every tile, "
+                     f"weights = original * mask, kept score matches{check}")
+    return lines
