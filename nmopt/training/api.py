@@ -1,0 +1,283 @@
+"""The model-level API: ``sparsify_``, ``densify_``, export, refresh scheduling and statistics."""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from nmopt.training.config import SparsityConfig
+from nmopt.training.layers import SparseConv, SparseLinear, _SparseLayer
+from nmopt.training.refresh import refresh_layers
+
+_ATTR = "_nmopt_sparse"
+
+
+class SparseTraining:
+    """What :func:`nmopt.sparsify_` did to a model, and its mask-refresh schedule.
+
+    Attributes
+    ----------
+    config : SparsityConfig
+    layers : dict name -> sparse layer
+    skipped : dict name -> reason the layer was left dense
+    steps : optimizer steps counted so far
+    refreshes : refreshes done (the one in ``sparsify_`` included)
+    last_refresh_seconds, total_refresh_seconds : wall time of mask refreshes
+    """
+
+    def __init__(self, config: SparsityConfig, process_group=None):
+        self.config = config
+        self.layers: dict[str, _SparseLayer] = OrderedDict()
+        self.skipped: dict[str, str] = OrderedDict()
+        self.steps = 0
+        self.refreshes = 0
+        self.last_refresh_seconds = 0.0
+        self.total_refresh_seconds = 0.0
+        self.process_group = process_group
+        self._hook = None
+
+    def refresh(self) -> float:
+        """Recompute every mask now (collective under torch.distributed); return seconds."""
+        seconds = refresh_layers(list(self.layers.items()), self.config.sync, self.process_group)
+        self.refreshes += 1
+        self.last_refresh_seconds = seconds
+        self.total_refresh_seconds += seconds
+        return seconds
+
+    def step(self) -> bool:
+        """Count one optimizer step; refresh when ``refresh_every`` divides the count."""
+        self.steps += 1
+        k = self.config.refresh_every
+        if k and self.steps % k == 0:
+            self.refresh()
+            return True
+        return False
+
+    def attach(self, optimizer) -> None:
+        """Count steps with a post-step hook on ``optimizer`` (replacing any earlier hook)."""
+        self.detach()
+        self._hook = optimizer.register_step_post_hook(lambda *_: self.step())
+
+    def detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def __getstate__(self):  # hook handles are not picklable; a copied model is not hooked
+        state = dict(self.__dict__)
+        state["_hook"] = None
+        state["process_group"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return (f"SparseTraining({self.config.describe()}, sparse={len(self.layers)}, "
+                f"left dense={len(self.skipped)}, steps={self.steps}, refreshes={self.refreshes}, "
+                f"refresh time total={self.total_refresh_seconds:.3f}s)")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel wrappers."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def _controller(model: nn.Module) -> SparseTraining:
+    ctrl = getattr(_unwrap(model), _ATTR, None)
+    if ctrl is None:
+        raise ValueError("model: not sparsified; call nmopt.sparsify_(model, config) first")
+    return ctrl
+
+
+def _unfit_reason(name: str, module: nn.Module, parent: nn.Module | None,
+                  config: SparsityConfig) -> str | None:
+    """Why a Linear/conv module cannot be sparsified with ``config`` (None if it can)."""
+    if isinstance(parent, nn.MultiheadAttention):
+        return ("inside nn.MultiheadAttention, which uses the weight directly "
+                "(F.multi_head_attention_forward), not through the Linear module")
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "transposed convolutions are not supported (weight layout is (in, out, ...))"
+    w = module.weight
+    if w is None or w.dim() < 2:
+        return "no 2-D weight"
+    rows, cols = w.shape[0], w[0].numel()
+    m = config.m
+    if cols % m or (config.transposable and rows % m):
+        need = "in and out features" if config.transposable else "in features"
+        return (f"weight view ({rows}, {cols}) is not a multiple of M={m} along the {need}; "
+                f"left dense rather than masked across a partial group")
+    return None
+
+
+def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
+              filter_fn: Callable[[str, nn.Module], bool] | None = None, *,
+              optimizer=None, process_group=None) -> SparseTraining:
+    """Make a model's Linear and convolution layers N:M sparse, in place.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Sparsify before wrapping in DistributedDataParallel (a wrapper is unwrapped).
+    config : SparsityConfig, optional
+        Pattern, transposability, solver, refresh schedule, STE/SR-STE, kernels
+        (default ``SparsityConfig()``: transposable 2:4).
+    filter_fn : callable (name, module) -> bool, optional
+        Sparsify only modules for which it returns True (e.g. to keep the output head dense).
+    optimizer : torch.optim.Optimizer, optional
+        If given, masks refresh every ``config.refresh_every`` calls of ``optimizer.step()``
+        (a post-step hook). Without it, call :func:`step` after each ``optimizer.step()``,
+        or :func:`refresh_masks` whenever you like.
+    process_group : torch.distributed group, optional
+        Group whose ranks must share masks (default: the world).
+
+    Returns
+    -------
+    SparseTraining
+        The sparse layers, the layers left dense with the reason (also warned), the schedule.
+
+    Notes
+    -----
+    Masks are computed once here, then at every refresh; each is checked valid (rows and, for
+    transposable masks, columns of every tile) before it is installed. Layers whose 2-D weight
+    view is not a multiple of M (in features; and out features when transposable) are left dense
+    and reported, never masked across a partial group.
+    """
+    config = SparsityConfig() if config is None else config
+    if not isinstance(config, SparsityConfig):
+        raise TypeError(f"config: expected nmopt.SparsityConfig, got {type(config).__name__}")
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        warnings.warn("sparsify_: model is wrapped in (Distributed)DataParallel; sparsify the "
+                      "inner module before wrapping so the wrapper sees the mask buffers",
+                      RuntimeWarning, stacklevel=2)
+    root = _unwrap(model)
+    if getattr(root, _ATTR, None) is not None:
+        raise ValueError("model: already sparsified; call nmopt.densify_(model) first")
+    ctrl = SparseTraining(config, process_group)
+    parents = {name: mod for name, mod in root.named_modules()}
+    todo = []
+    for name, module in root.named_modules():
+        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            continue
+        if filter_fn is not None and not filter_fn(name, module):
+            continue
+        parent = parents.get(name.rpartition(".")[0]) if name else None
+        why = _unfit_reason(name, module, parent, config)
+        if why is not None:
+            ctrl.skipped[name] = why
+            continue
+        todo.append((name, module))
+    # A module registered under several names (shared) is replaced under every one of them.
+    aliases: dict[int, list[str]] = {}
+    for name, module in root.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(name)
+    for name, module in todo:
+        ones = torch.ones_like(module.weight, dtype=torch.bool)
+        cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv
+        layer = cls(module, config, ones)
+        for alias in aliases[id(module)]:
+            _set_submodule(root, alias, layer)
+        ctrl.layers[name] = layer
+    if ctrl.skipped:
+        lines = "; ".join(f"{k or '<root>'}: {v}" for k, v in ctrl.skipped.items())
+        warnings.warn(f"sparsify_: {len(ctrl.skipped)} layer(s) left dense: {lines}",
+                      RuntimeWarning, stacklevel=2)
+    root.__dict__[_ATTR] = ctrl
+    ctrl.refresh()
+    if optimizer is not None:
+        ctrl.attach(optimizer)
+    return ctrl
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    if not name:
+        raise ValueError("model: the root module itself is a Linear/conv layer; wrap it in a "
+                         "container (e.g. nn.Sequential) to sparsify it in place")
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def densify_(model: nn.Module, *, apply_mask: bool = False) -> nn.Module:
+    """Undo :func:`sparsify_` in place: put the original dense modules back.
+
+    With ``apply_mask=True`` the weights are first multiplied by their masks (finalise the
+    pruning); otherwise they keep their dense straight-through values. The optimizer hook is
+    removed. Returns ``model``.
+    """
+    root = _unwrap(model)
+    ctrl = _controller(root)
+    ctrl.detach()
+    for layer in ctrl.layers.values():
+        original = layer._original
+        if apply_mask:
+            with torch.no_grad():
+                layer.weight.mul_(layer.mask)
+        original.weight = layer.weight
+        original.bias = layer.bias
+        for alias, module in list(root.named_modules(remove_duplicate=False)):
+            if module is layer:
+                _set_submodule(root, alias, original)
+    del root.__dict__[_ATTR]
+    return model
+
+
+def export_pruned_state_dict(model: nn.Module) -> dict:
+    """The state dict of the dense model with pruned weights (``W * mask``), mask keys dropped.
+
+    Keys are those of the original dense model (load it with ``strict=True``); the model is not
+    changed. Wrappers' prefixes (``module.``) are kept as ``model.state_dict()`` has them.
+    """
+    ctrl = _controller(model)
+    sd = model.state_dict()
+    prefix = "module." if model is not _unwrap(model) else ""
+    for name, layer in ctrl.layers.items():
+        key = f"{prefix}{name}."
+        sd[key + "weight"] = (layer.weight.detach() * layer.mask).clone()
+        sd.pop(key + "mask", None)
+    return sd
+
+
+def refresh_masks(model: nn.Module) -> float:
+    """Recompute every mask now with the configured solver; return the wall time in seconds."""
+    return _controller(model).refresh()
+
+
+def step(model: nn.Module) -> bool:
+    """Count one optimizer step (call after ``optimizer.step()`` when no optimizer was given to
+    :func:`sparsify_`); refreshes the masks every ``refresh_every`` steps. Returns True if it
+    refreshed."""
+    return _controller(model).step()
+
+
+def model_sparsity_stats(model: nn.Module) -> dict:
+    """Per-layer and total statistics: density, kernel, solver, refresh count and times.
+
+    Returns
+    -------
+    dict with keys ``layers`` (name -> dict), ``skipped`` (name -> reason), ``steps``,
+    ``refreshes``, ``last_refresh_seconds``, ``total_refresh_seconds``, ``density`` (kept
+    fraction over sparse layers) and ``config``.
+    """
+    ctrl = _controller(model)
+    layers = {}
+    kept = total = 0
+    for name, layer in ctrl.layers.items():
+        n_kept = int(layer.mask.sum())
+        kept += n_kept
+        total += layer.mask.numel()
+        layers[name] = {
+            "shape": tuple(layer.weight.shape), "density": n_kept / layer.mask.numel(),
+            "kernel": layer.kernel, "solver": layer.solver_note, "gap": layer.gap,
+            "refresh_count": layer.refresh_count, "refresh_seconds": layer.refresh_seconds,
+            "refresh_total_seconds": layer.refresh_total, "mask_changed": layer.mask_changed,
+        }
+    return {
+        "config": ctrl.config.describe(), "layers": layers, "skipped": dict(ctrl.skipped),
+        "steps": ctrl.steps, "refreshes": ctrl.refreshes,
+        "last_refresh_seconds": ctrl.last_refresh_seconds,
+        "total_refresh_seconds": ctrl.total_refresh_seconds,
+        "density": kept / total if total else 1.0,
+    }

@@ -1,0 +1,106 @@
+"""The sparse-training configuration: one dataclass, validated when it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nmopt.patterns import Pattern, parse_pattern
+
+UPDATES = ("ste", "sr-ste")
+KERNELS = ("auto", "masked", "cffi", "semi-structured")
+SYNCS = ("broadcast", "check", "none")
+
+
+@dataclass
+class SparsityConfig:
+    """How :func:`nmopt.sparsify_` sparsifies and trains a model.
+
+    Parameters
+    ----------
+    pattern : "N:M" or (n, m)
+        Keep at most N of every M weights along the reduction dimension (NVIDIA convention:
+        N counts the *kept* weights; 2:4 and 4:8 keep half).
+    transposable : bool
+        Every aligned M x M tile keeps at most N per row and per column, so both W (forward) and
+        W^T (backward-data) are N:M and both GEMMs can run sparse. False: ordinary row-wise N:M
+        (only the forward GEMM is N:M).
+    solver : "auto", a registered solver name, or a callable
+        What computes the masks at every refresh. "auto": the exact optimum, on the weight's
+        device for CUDA weights (torch kernel, no host round trip) and through
+        :func:`nmopt.find_mask` (fastest exact solver installed, else the torch kernel) for
+        CPU weights. "greedy" runs
+        on the device too. Any other solver runs through :func:`nmopt.find_mask` on the host.
+    refresh_every : int
+        Recompute the masks every K optimizer steps (0: masks stay as computed by
+        ``sparsify_``). Steps are counted by an optimizer hook (``sparsify_(..., optimizer=)``)
+        or by calling :func:`nmopt.training.step` after each ``optimizer.step()``.
+    update : "ste" or "sr-ste"
+        Weight gradient: straight-through (the dense gradient of the masked weight reaches every
+        weight) or SR-STE, which adds ``decay * (~mask) * W`` so pruned weights shrink.
+    decay : float
+        The SR-STE coefficient lambda_W (2e-4 in the SR-STE paper); ignored for "ste".
+    kernel : "auto", "masked", "cffi" or "semi-structured"
+        GEMM implementation. "auto": semi-structured sparse tensors on CUDA for transposable
+        2:4 in float16/bfloat16, the C backend's compressed sparse matmul for float32 on CPU,
+        masked dense GEMMs otherwise (each layer's ``repr`` says which runs and why).
+    sync : "broadcast", "check" or "none"
+        Under ``torch.distributed``: "broadcast" computes each layer's mask on one rank (layers
+        dealt round-robin) and broadcasts it, "check" computes everywhere and raises if ranks
+        disagree, "none" trusts that every rank computes the same.
+    """
+
+    pattern: Any = "2:4"
+    transposable: bool = True
+    solver: Any = "auto"
+    refresh_every: int = 100
+    update: str = "ste"
+    decay: float = 2e-4
+    kernel: str = "auto"
+    sync: str = "broadcast"
+    _pattern: Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._pattern = parse_pattern(self.pattern)
+        if self._pattern.dense:
+            raise ValueError(f"pattern: {self._pattern} keeps every weight (N = M); nothing to "
+                             "sparsify, pick N < M such as '2:4' or '4:8'")
+        if not isinstance(self.transposable, bool):
+            raise TypeError(f"transposable: expected True or False, got {self.transposable!r}")
+        if not (isinstance(self.solver, str) or callable(self.solver)):
+            raise TypeError(f"solver: expected 'auto', a solver name or a callable, got "
+                            f"{self.solver!r}")
+        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) \
+                or self.refresh_every < 0:
+            raise ValueError(f"refresh_every: expected an integer >= 0 (0 = never refresh), got "
+                             f"{self.refresh_every!r}")
+        if self.update not in UPDATES:
+            raise ValueError(f"update: expected one of {UPDATES}, got {self.update!r}")
+        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) \
+                or not self.decay >= 0:
+            raise ValueError(f"decay: expected a number >= 0 (SR-STE lambda_W), got {self.decay!r}")
+        for name, value, options in (("kernel", self.kernel, KERNELS), ("sync", self.sync, SYNCS)):
+            if value not in options:
+                raise ValueError(f"{name}: expected one of {options}, got {value!r}")
+
+    @property
+    def n(self) -> int:
+        return self._pattern.n
+
+    @property
+    def m(self) -> int:
+        return self._pattern.m
+
+    @property
+    def pattern_str(self) -> str:
+        return str(self._pattern)
+
+    @property
+    def sr_decay(self) -> float:
+        """The decay actually applied to pruned weights' gradients (0 for plain STE)."""
+        return float(self.decay) if self.update == "sr-ste" else 0.0
+
+    def describe(self) -> str:
+        kind = "transposable" if self.transposable else "row-wise"
+        upd = f"sr-ste(decay={self.decay:g})" if self.update == "sr-ste" else "ste"
+        return f"{self.pattern_str} {kind}, update={upd}, refresh_every={self.refresh_every}"

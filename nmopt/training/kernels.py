@@ -1,0 +1,274 @@
+"""GEMM plans for sparse layers: masked dense, the C backend's N:M matmul, semi-structured 2:4.
+
+A *plan* says how a layer's forward GEMM ``Y = X (W*mask)^T`` and backward-data GEMM
+``dX = dY (W*mask)`` run for the layer's current device, dtype and mask. The weight gradient
+``dW = dY^T X`` is always dense (straight-through). Every plan is checked once against the
+masked dense product on a small probe when it is built (at each mask refresh and each device or
+dtype change); a plan that disagrees is dropped for masked dense with a warning, never used.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from nmopt.training.config import SparsityConfig
+
+MASKED = "masked dense"
+CFFI = "cffi N:M sparse matmul"
+SEMI = "semi-structured 2:4"
+_PROBE_ROWS = 64
+
+
+class MaskedWeight(torch.autograd.Function):
+    """``W * mask`` forward; backward passes the dense gradient to every weight (STE), plus
+    ``decay * (~mask) * W`` for SR-STE."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, decay):
+        ctx.decay = decay
+        ctx.save_for_backward(weight, mask)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, mask = ctx.saved_tensors
+        if ctx.decay:
+            grad = grad + ctx.decay * (~mask) * weight
+        return grad, None, None
+
+
+class SparseLinearFn(torch.autograd.Function):
+    """Linear layer whose forward and backward-data GEMMs run on a sparse plan."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, decay, plan):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        packs = plan.pack(weight, mask)
+        y = plan.forward(x2, packs)
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(x2, weight, mask)
+        ctx.plan, ctx.packs, ctx.decay, ctx.x_shape = plan, packs, decay, shape
+        ctx.has_bias = bias is not None
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, weight, mask = ctx.saved_tensors
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = ctx.plan.backward_data(gy2, ctx.packs, weight, mask).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            gw = gy2.t().mm(x2.to(gy2.dtype))
+            if ctx.decay:
+                gw = gw + ctx.decay * (~mask) * weight
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy2.sum(dim=0)
+        return gx, gw, gb, None, None, None
+
+
+class CffiPlan:
+    """The C backend's compressed N:M matmul (float32, CPU): forward from pack(W, mask),
+    backward-data from pack(W^T, mask^T), which is N:M only for transposable masks.
+
+    A plan lives as long as its mask. It packs the mask once (indices of every kept slot, for
+    W and for W^T); each step then only gathers the current values into those slots, so the
+    values are repacked and the indices never are (no transposed copy of W either).
+    """
+
+    name = CFFI
+
+    def __init__(self, backend, config: SparsityConfig, mask):
+        self.backend, self.n, self.m = backend, config.n, config.m
+        self.transposable = config.transposable
+        self.layout = self._layout(mask, False)
+        self.layout_t = self._layout(mask.t(), True) if self.transposable else None
+
+    def _layout(self, mask, transposed: bool):
+        """Where each packed slot of ``mask`` (R, C) reads W: (gather index, float 0/1 of kept
+        slots (padding slots read 0), packed indices, shape). For W^T (``transposed``) the
+        gather index runs along W's rows: slot (c, s) of W^T reads W[col[c, s], c]."""
+        mk = mask.contiguous().numpy()
+        packed = self.backend.pack(mk.astype(np.float32), mk, self.n, self.m)
+        width = packed.indices.shape[1]
+        col = (np.arange(width) // self.n * self.m)[None, :] + packed.indices.astype(np.int64)
+        col = torch.from_numpy(col)
+        kept = torch.from_numpy((packed.values != 0).astype(np.float32))
+        return (col.t().contiguous() if transposed else col), kept, packed.indices, mk.shape
+
+    def _values(self, weight, layout, transposed: bool):
+        """The packed form of the current ``weight`` (or its transpose) in the fixed slots."""
+        from nmopt.packed import PackedNM
+
+        index, kept, indices, shape = layout
+        w = weight.detach()
+        # No transposed copy of W: W^T's values are gathered along W's rows.
+        vals = (torch.gather(w, 0, index).t() if transposed else torch.gather(w, 1, index)) * kept
+        return PackedNM(vals.contiguous().numpy(), indices, self.n, self.m, shape)
+
+    def pack(self, weight, mask):
+        return {"w": self._values(weight, self.layout, False), "weight": weight.detach(),
+                "wt": None}
+
+    def forward(self, x2, packs):
+        x = np.ascontiguousarray(x2.detach().numpy(), dtype=np.float32)
+        return torch.from_numpy(np.asarray(self.backend.sparse_matmul(x, packs["w"])))
+
+    def backward_data(self, gy2, packs, weight, mask):
+        if not self.transposable:
+            return gy2.mm(weight * mask)
+        if packs["wt"] is None:
+            packs["wt"] = self._values(packs["weight"], self.layout_t, True)
+        g = np.ascontiguousarray(gy2.detach().numpy(), dtype=np.float32)
+        return torch.from_numpy(np.asarray(self.backend.sparse_matmul(g, packs["wt"])))
+
+
+class SemiStructuredPlan:
+    """PyTorch semi-structured 2:4 tensors on CUDA (float16/bfloat16).
+
+    Preferred mode: the CUTLASS layout, whose metadata for W and W^T is computed once per mask
+    (``prune_dense_static_sort`` of the 0/1 mask, which keeps every entry of a valid
+    transposable 2:4 mask) and whose values are repacked each step by
+    ``torch._sparse_semi_structured_apply``. If that is unavailable or does not reproduce the
+    mask, both W*mask and (W*mask)^T are compressed in full each step.
+    """
+
+    name = SEMI
+
+    def __init__(self, mask, dtype):
+        self.mode = "full repack (to_sparse_semi_structured of W*mask and its transpose)"
+        self.pattern = None
+        try:
+            cls = torch.sparse.SparseSemiStructuredTensorCUTLASS
+            ones = mask.to(dtype).contiguous()
+            pattern = cls.prune_dense_static_sort(ones)
+            kept = torch._sparse_semi_structured_apply_dense(
+                ones, pattern.compressed_swizzled_bitmask)
+            if torch.equal(kept != 0, mask):
+                self.pattern = pattern
+                self.mode = "CUTLASS, values-only repack per step"
+        except (RuntimeError, AttributeError, NotImplementedError):
+            pass
+
+    def pack(self, weight, mask):
+        wm = (weight.detach() * mask).contiguous()
+        if self.pattern is not None:
+            p = self.pattern
+            packed, packed_t = torch._sparse_semi_structured_apply(
+                wm, p.compressed_swizzled_bitmask)
+            sp = p.__class__(wm.shape, packed, p.meta, packed_t, p.meta_t,
+                             p.compressed_swizzled_bitmask)
+            return sp, None
+        to_sparse = torch.sparse.to_sparse_semi_structured
+        return to_sparse(wm), to_sparse(wm.t().contiguous())
+
+    def forward(self, x2, packs):
+        return torch.nn.functional.linear(x2.contiguous(), packs[0])
+
+    def backward_data(self, gy2, packs, weight, mask):
+        if packs[1] is None:  # CUTLASS tensor carries W^T too: dY @ W uses packed_t
+            return torch.mm(gy2.contiguous(), packs[0])
+        return torch.nn.functional.linear(gy2.contiguous(), packs[1])
+
+
+def semi_structured_unsupported(config: SparsityConfig, weight) -> str | None:
+    """None if the semi-structured plan can serve this weight, else why not."""
+    if config.pattern_str != "2:4" or not config.transposable:
+        return f"semi-structured kernels need transposable 2:4, not {config.describe()}"
+    if weight.device.type != "cuda":
+        return f"semi-structured kernels need a CUDA weight, this one is on {weight.device}"
+    if weight.dtype not in (torch.float16, torch.bfloat16):
+        return f"semi-structured training needs float16/bfloat16 weights, got {weight.dtype}"
+    if not hasattr(torch.sparse, "SparseSemiStructuredTensor"):
+        return "this PyTorch has no semi-structured sparse tensors"
+    if torch.cuda.get_device_capability(weight.device) < (8, 0):
+        return "semi-structured kernels need compute capability >= 8.0 (Ampere or newer)"
+    out_f, in_f = weight.shape
+    if out_f % 64 or in_f % 64:
+        return f"W {tuple(weight.shape)} and W^T must both be multiples of 64 for the kernels"
+    return None
+
+
+def cffi_unsupported(config: SparsityConfig, weight) -> str | None:
+    """None if the C backend's sparse matmul can serve this weight, else why not."""
+    from nmopt import backends
+
+    if weight.device.type != "cpu":
+        return f"the C sparse matmul runs on the CPU, this weight is on {weight.device}"
+    if weight.dtype != torch.float32:
+        return f"the C sparse matmul is float32, this weight is {weight.dtype}"
+    reason = backends.status().get("cffi", "not registered")
+    if reason is not None:
+        return f"cffi backend unavailable: {reason}"
+    b = backends.get("cffi")
+    if not (hasattr(b, "pack") and hasattr(b, "sparse_matmul")):
+        return "the cffi backend has no pack/sparse_matmul kernels"
+    return None
+
+
+def _probe(plan, weight, mask) -> str | None:
+    """Compare the plan's forward and backward-data with masked dense on a small input."""
+    gen = torch.Generator(device=weight.device).manual_seed(0)
+    out_f, in_f = weight.shape
+    x = torch.randn(_PROBE_ROWS, in_f, generator=gen, device=weight.device).to(weight.dtype)
+    gy = torch.randn(_PROBE_ROWS, out_f, generator=gen, device=weight.device).to(weight.dtype)
+    wm = weight.detach() * mask
+    try:
+        packs = plan.pack(weight, mask)
+        got = (plan.forward(x, packs).float(), plan.backward_data(gy, packs, weight, mask).float())
+    except (RuntimeError, ValueError, NotImplementedError, TypeError) as exc:
+        return f"{plan.name} failed its self-check: {type(exc).__name__}: {exc}"
+    want = ((x @ wm.t()).float(), (gy @ wm).float())
+    tol = 1e-4 if weight.dtype == torch.float32 else 2e-2
+    for label, g, w in zip(("forward", "backward-data"), got, want):
+        scale = w.abs().max().clamp_min(1e-12)
+        if g.shape != w.shape or not bool(((g - w).abs().max() / scale) <= tol):
+            return f"{plan.name} {label} disagrees with masked dense on a probe input"
+    return None
+
+
+def build_plan(config: SparsityConfig, weight, mask, is_conv: bool):
+    """Choose and self-check the GEMM plan for a layer; return ``(plan or None, description)``.
+
+    ``None`` means masked dense (autograd through :class:`MaskedWeight`).
+    """
+    if is_conv:
+        return None, f"{MASKED} (convolutions run as masked dense)"
+    if config.kernel == "masked":
+        return None, f"{MASKED} (kernel='masked' requested)"
+    reasons: dict[str, str] = {}
+    candidates = []
+    if config.kernel in ("auto", "semi-structured"):
+        candidates.append((SEMI, semi_structured_unsupported))
+    if config.kernel in ("auto", "cffi"):
+        candidates.append((CFFI, cffi_unsupported))
+    for name, unsupported in candidates:
+        why = unsupported(config, weight)
+        if why is None:
+            if name == SEMI:
+                plan = SemiStructuredPlan(mask, weight.dtype)
+            else:
+                from nmopt import backends
+
+                plan = CffiPlan(backends.get("cffi"), config, mask)
+            why = _probe(plan, weight, mask)
+            if why is None:
+                detail = f" ({plan.mode})" if name == SEMI else ""
+                bwd = "" if config.transposable else ", backward-data masked dense"
+                return plan, f"{name}{detail}{bwd}"
+            warnings.warn(f"nmopt: {why}; this layer falls back to masked dense GEMMs",
+                          RuntimeWarning, stacklevel=3)
+        reasons[name] = why
+    if config.kernel != "auto":
+        warnings.warn(f"nmopt: kernel={config.kernel!r} cannot serve this layer "
+                      f"({'; '.join(reasons.values())}); using masked dense GEMMs",
+                      RuntimeWarning, stacklevel=3)
+    # Name the reason of the kernel that belongs to this device.
+    shown = reasons.get(SEMI if weight.device.type == "cuda" else CFFI)
+    shown = shown or next(iter(reasons.values()), "no sparse kernel")
+    return None, f"{MASKED} ({shown})"

@@ -1,0 +1,148 @@
+"""Sparse layers: a Linear or convolution whose weight is used through an N:M mask.
+
+A sparse layer holds the *same* ``weight`` and ``bias`` Parameter objects as the module it
+replaces (so optimizers built before or after :func:`nmopt.sparsify_` keep working and
+``state_dict`` keys do not change) plus a ``mask`` buffer (bool, saved in ``state_dict``). The
+forward uses ``W * mask``; the backward-data GEMM uses the same mask (transposed); the weight
+gradient is dense (straight-through), plus ``decay * (~mask) * W`` for SR-STE.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nmopt.training.config import SparsityConfig
+from nmopt.training.kernels import MaskedWeight, SparseLinearFn, build_plan
+
+
+def check_tile_mask(mask2d, n: int, m: int, transposable: bool, name: str = "mask") -> None:
+    """Raise ``RuntimeError`` unless every aligned M x M tile keeps <= N per row (and column).
+
+    Runs on the mask's device; the shape must be a multiple of M (sparse layers guarantee it).
+    """
+    r, c = mask2d.shape
+    tiles = mask2d.reshape(r // m, m, c // m, m).to(torch.int32)
+    bad = (tiles.sum(dim=3) > n).any()
+    if transposable:
+        bad = bad | (tiles.sum(dim=1) > n).any()
+    if bool(bad):
+        from nmopt.masks import check_mask
+
+        kind = "transposable" if transposable else "row-wise"
+        try:  # name the first violating tile with the reference checker
+            check_mask(mask2d.cpu().numpy(), (n, m), transposable)
+        except ValueError as exc:
+            raise RuntimeError(f"{name}: not a valid {n}:{m} {kind} mask: {exc}") from None
+        raise RuntimeError(f"{name}: not a valid {n}:{m} {kind} mask")
+
+
+class _SparseLayer(nn.Module):
+    """Shared state of sparse layers: mask buffer, config, refresh statistics, GEMM plan."""
+
+    _is_conv = False
+
+    def _setup(self, original: nn.Module, config: SparsityConfig, mask) -> None:
+        # Kept unregistered: densify_ puts it back; registering it would duplicate state_dict keys.
+        self.__dict__["_original"] = original
+        self.weight = original.weight
+        self.bias = original.bias
+        self.config = config
+        self.register_buffer("mask", mask.to(device=self.weight.device, dtype=torch.bool))
+        self.refresh_count = 0
+        self.refresh_seconds = 0.0
+        self.refresh_total = 0.0
+        self.mask_changed = 0.0
+        self.solver_note = ""
+        self.gap = None
+        self._plan_key = None
+        self._plan = None
+        self._plan_note = ""
+
+    def weight_2d(self):
+        """The (out, in*k...) view of the weight the mask is defined on."""
+        return self.weight.reshape(self.weight.shape[0], -1)
+
+    def set_mask(self, mask, seconds: float = 0.0, note: str = "", gap=None) -> None:
+        """Install a new mask (same shape, checked valid) and record the refresh statistics."""
+        mask = mask.to(device=self.mask.device, dtype=torch.bool).reshape(self.mask.shape)
+        cfg = self.config
+        check_tile_mask(mask.reshape(self.mask.shape[0], -1), cfg.n, cfg.m, cfg.transposable,
+                        name=f"mask of {type(self).__name__}{tuple(self.weight.shape)}")
+        self.mask_changed = float((mask != self.mask).float().mean())
+        with torch.no_grad():
+            self.mask.copy_(mask)
+        self.refresh_count += 1
+        self.refresh_seconds = float(seconds)
+        self.refresh_total += float(seconds)
+        self.solver_note = note or self.solver_note
+        self.gap = gap
+
+    def _get_plan(self):
+        w = self.weight_2d()
+        key = (w.device, w.dtype, self.mask._version, id(self.mask))
+        if key != self._plan_key:
+            mask2d = self.mask.reshape(w.shape)
+            cfg = self.config
+            check_tile_mask(mask2d, cfg.n, cfg.m, cfg.transposable,
+                            name=f"mask of {type(self).__name__}{tuple(self.weight.shape)}")
+            self._plan, self._plan_note = build_plan(cfg, w.detach(), mask2d, self._is_conv)
+            self._plan_key = key
+        return self._plan
+
+    @property
+    def kernel(self) -> str:
+        """Which GEMMs run, for the weight's current device and dtype (and why)."""
+        self._get_plan()
+        return self._plan_note
+
+    def density(self) -> float:
+        return float(self.mask.float().mean())
+
+    def _masked_weight(self):
+        return MaskedWeight.apply(self.weight, self.mask, self.config.sr_decay)
+
+    def extra_repr(self) -> str:
+        solver = self.solver_note or "not computed"
+        return (f"{self._shape_repr()}, {self.config.describe()}, kernel={self.kernel}, "
+                f"mask solver={solver}, density={self.density():.3f}")
+
+
+class SparseLinear(_SparseLayer):
+    """``nn.Linear`` with an N:M mask; see the module docstring."""
+
+    def __init__(self, linear: nn.Linear, config: SparsityConfig, mask):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._setup(linear, config, mask)
+
+    def forward(self, x):
+        plan = self._get_plan()
+        # A sparse plan is built for the weight's dtype; other inputs (autocast) run masked.
+        if plan is None or x.dtype != self.weight.dtype:
+            return nn.functional.linear(x, self._masked_weight(), self.bias)
+        return SparseLinearFn.apply(x, self.weight, self.bias, self.mask,
+                                    self.config.sr_decay, plan)
+
+    def _shape_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+class SparseConv(_SparseLayer):
+    """A convolution (Conv1d/2d/3d) masked through its (out, in*k...) view, masked dense GEMMs."""
+
+    _is_conv = True
+
+    def __init__(self, conv: nn.modules.conv._ConvNd, config: SparsityConfig, mask):
+        super().__init__()
+        self._setup(conv, config, mask)
+
+    def forward(self, x):
+        self._get_plan()
+        return self._original._conv_forward(x, self._masked_weight(), self.bias)
+
+    def _shape_repr(self) -> str:
+        o = self._original
+        return (f"{type(o).__name__}({o.in_channels}, {o.out_channels}, "
+                f"kernel_size={o.kernel_size}, stride={o.stride})")

@@ -1,0 +1,114 @@
+"""Two CPU processes (gloo, 127.0.0.1) train under DistributedDataParallel with mask refreshes
+and must end with identical masks and parameters."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.distributed.is_available():
+    pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
+
+WORKER = textwrap.dedent('''
+    import os, sys, warnings
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    import nmopt
+
+    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    warnings.simplefilter("ignore", RuntimeWarning)
+
+    def rank_dependent(tiles, n, saturate):
+        """A solver that disagrees between ranks: only a broadcast can make masks agree."""
+        noise = np.random.default_rng(1000 + rank).random(tiles.shape)
+        return nmopt.backends.get("numpy").greedy(tiles + noise, n)
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
+                             nn.Linear(32, 16))
+
+    def train(solver, sync, steps=5):
+        net = model()
+        cfg = nmopt.SparsityConfig(pattern="4:8", refresh_every=2, solver=solver, sync=sync,
+                                   update="sr-ste")
+        ctrl = nmopt.sparsify_(net, cfg)
+        ddp = nn.parallel.DistributedDataParallel(net)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.2)
+        ctrl.attach(opt)
+        gen = torch.Generator().manual_seed(rank)  # each rank sees different data
+        for _ in range(steps):
+            x = torch.randn(8, 32, generator=gen)
+            opt.zero_grad()
+            ddp(x).pow(2).mean().backward()
+            opt.step()
+        return net, ctrl
+
+    result = {}
+    for solver in (rank_dependent, "auto"):
+        net, ctrl = train(solver, "broadcast")
+        key = "auto" if solver == "auto" else "rank_dependent"
+        result[key] = {
+            "masks": {n: l.mask.clone() for n, l in ctrl.layers.items()},
+            "params": {n: p.detach().clone() for n, p in net.named_parameters()},
+            "refreshes": ctrl.refreshes,
+        }
+    try:
+        train(rank_dependent, "check", steps=2)
+        result["check"] = "no error"
+    except RuntimeError as exc:
+        result["check"] = str(exc)
+    torch.save(result, out)
+    dist.destroy_process_group()
+''')
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_rank_ddp_masks_identical(tmp_path):
+    import nmopt
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    port = str(free_port())
+    outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port, str(outs[r])],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=120)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("DDP workers did not finish within 120 s")
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log
+    r0, r1 = (torch.load(o) for o in outs)
+    for key in ("rank_dependent", "auto"):
+        a, b = r0[key], r1[key]
+        assert a["refreshes"] == b["refreshes"] == 1 + 2  # sparsify_ + steps 2 and 4
+        assert a["masks"].keys() == b["masks"].keys() and len(a["masks"]) == 3
+        for name in a["masks"]:
+            assert torch.equal(a["masks"][name], b["masks"][name]), (key, name)
+            nmopt.check_mask(a["masks"][name], "4:8")
+        for name in a["params"]:
+            assert torch.equal(a["params"][name], b["params"][name]), (key, name)
+    # The rank-dependent solver would disagree; sync="check" must say so on every rank.
+    assert "ranks computed different masks" in r0["check"]
+    assert "ranks computed different masks" in r1["check"]
