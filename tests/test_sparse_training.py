@@ -205,11 +205,18 @@ def test_a_wrong_plan_is_never_used():
 CFFI_REASON = nmopt.backends.status().get("cffi", "not registered")
 
 
+def test_auto_kernel_on_cpu_is_masked_dense_and_says_why():
+    model = nn.Sequential(nn.Linear(64, 32))
+    nmopt.sparsify_(model, nmopt.SparsityConfig(pattern="4:8"))
+    assert model[0].kernel.startswith(kernels.MASKED) and "kernel='cffi'" in model[0].kernel
+
+
 @pytest.mark.skipif(CFFI_REASON is not None, reason=f"cffi backend unavailable: {CFFI_REASON}")
 @pytest.mark.parametrize("transposable", [True, False])
 def test_cffi_kernel_matches_masked_dense(transposable):
     model = nn.Sequential(nn.Linear(64, 32))
-    cfg = nmopt.SparsityConfig(pattern="4:8", transposable=transposable, update="sr-ste")
+    cfg = nmopt.SparsityConfig(pattern="4:8", transposable=transposable, update="sr-ste",
+                               kernel="cffi")
     nmopt.sparsify_(model, cfg)
     layer = model[0]
     assert layer.kernel.startswith(kernels.CFFI), layer.kernel

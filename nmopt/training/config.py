@@ -42,8 +42,10 @@ class SparsityConfig:
         The SR-STE coefficient lambda_W (2e-4 in the SR-STE paper); ignored for "ste".
     kernel : "auto", "masked", "cffi" or "semi-structured"
         GEMM implementation. "auto": semi-structured sparse tensors on CUDA for transposable
-        2:4 in float16/bfloat16, the C backend's compressed sparse matmul for float32 on CPU,
-        masked dense GEMMs otherwise (each layer's ``repr`` says which runs and why).
+        2:4 in float16/bfloat16, masked dense GEMMs otherwise (each layer's ``repr`` says which
+        runs and why). "cffi": the C backend's compressed sparse matmul for float32 on CPU
+        (forward and backward-data); it is opt-in because re-gathering the changing weights into
+        the packed layout every step made a layer step slower than masked dense on 2 cores.
     sync : "broadcast", "check" or "none"
         Under ``torch.distributed``: "broadcast" computes each layer's mask on one rank (layers
         dealt round-robin) and broadcasts it, "check" computes everywhere and raises if ranks

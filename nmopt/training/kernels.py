@@ -245,7 +245,9 @@ def build_plan(config: SparsityConfig, weight, mask, is_conv: bool):
     candidates = []
     if config.kernel in ("auto", "semi-structured"):
         candidates.append((SEMI, semi_structured_unsupported))
-    if config.kernel in ("auto", "cffi"):
+    if config.kernel == "cffi":
+        # Not part of "auto": in bench speed the C kernel's layer step (values re-gathered into
+        # the packed layout every step) was slower than masked dense at every measured shape.
         candidates.append((CFFI, cffi_unsupported))
     for name, unsupported in candidates:
         why = unsupported(config, weight)
@@ -269,6 +271,10 @@ def build_plan(config: SparsityConfig, weight, mask, is_conv: bool):
                       f"({'; '.join(reasons.values())}); using masked dense GEMMs",
                       RuntimeWarning, stacklevel=3)
     # Name the reason of the kernel that belongs to this device.
-    shown = reasons.get(SEMI if weight.device.type == "cuda" else CFFI)
+    if weight.device.type == "cuda" or config.kernel != "auto":
+        shown = reasons.get(SEMI if weight.device.type == "cuda" else CFFI)
+    else:
+        shown = ("CPU: faster than the C sparse matmul for a training step, see "
+                 "benchmarks/results/speed.md; kernel='cffi' selects it")
     shown = shown or next(iter(reasons.values()), "no sparse kernel")
     return None, f"{MASKED} ({shown})"
