@@ -2,9 +2,11 @@
 
 Selection order (:func:`select`): the explicit ``backend=`` argument, then the ``NMOPT_BACKEND``
 environment variable, then the input's array type (torch tensors prefer a backend that lists
-``"torch"`` in ``frameworks``), then ``numpy``. A requested backend that cannot serve falls back
-to ``numpy`` with a warning that says from what and why; an explicit argument that cannot serve
-is an error.
+``"torch"`` in ``frameworks``; numpy arrays prefer the compiled ``cffi`` backend over the
+``numpy`` reference), then any backend the solver can use. A requested backend that cannot
+serve falls back with a warning that says from what and why; an explicit argument that cannot
+serve is an error. When the C extension is missing, numpy inputs are served by ``numpy`` with
+a warning that says why.
 """
 
 from __future__ import annotations
@@ -97,15 +99,35 @@ def select(explicit: str | Backend | None, framework: str = "numpy",
         reason = usable(wanted)
         if reason is None:
             return _instance(wanted), fallbacks
-        msg = f"{ENV_VAR}={wanted!r} cannot serve this call ({reason}); falling back to 'numpy'"
+        # the numpy reference when it can serve the call, else the preferred backend
+        inst = _instance("numpy") if usable("numpy") is None else _preferred(framework, usable)
+        msg = (f"{ENV_VAR}={wanted!r} cannot serve this call ({reason}); "
+               f"falling back to {inst.name!r}")
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
         fallbacks.append(msg)
-        return _instance("numpy"), fallbacks
+        return inst, fallbacks
 
-    for name, cls in _REGISTRY.items():
-        if framework in cls.frameworks and usable(name) is None:
-            return _instance(name), fallbacks
-    return _instance("numpy"), fallbacks
+    inst = _preferred(framework, usable)
+    missing = _instance("cffi").unavailable_reason() if "cffi" in _REGISTRY else None
+    if framework == "numpy" and inst.name == "numpy" and missing is not None:
+        # The C kernels would serve numpy inputs; say once per call site that they are absent.
+        msg = f"{missing}; the numpy backend serves instead (slower)"
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        fallbacks.append(msg)
+    return inst, fallbacks
+
+
+def _preferred(framework: str, usable) -> Backend:
+    """The first usable backend for the input type (the C kernels first, then registry order);
+    else any usable backend, since solvers convert inputs to numpy; else numpy."""
+    order = ["cffi"] * ("cffi" in _REGISTRY) + [name for name in _REGISTRY if name != "cffi"]
+    for name in order:
+        if framework in _REGISTRY[name].frameworks and usable(name) is None:
+            return _instance(name)
+    for name in order:
+        if usable(name) is None:
+            return _instance(name)
+    return _instance("numpy")
 
 
 # Built-in backends register themselves on import; numpy first (the reference).

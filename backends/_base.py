@@ -43,5 +43,21 @@ class Backend:
         """``weights * mask`` in the weights' own type."""
         raise NotImplementedError(f"backend {self.name!r} has no apply_mask kernel")
 
+    def exact(self, tiles: np.ndarray, n: int, saturate: bool = False):
+        """Exact transposable masks with optimal prices: ``(mask, u, v, status)``."""
+        raise NotImplementedError(f"backend {self.name!r} has no exact kernel")
+
+    def pack(self, weights: np.ndarray, mask: np.ndarray, n: int, m: int):
+        """Compress ``weights * mask`` (R, C) into a :class:`nmopt.packed.PackedNM`."""
+        raise NotImplementedError(f"backend {self.name!r} has no pack kernel")
+
+    def unpack(self, packed) -> np.ndarray:
+        """The dense (R, C) matrix back from a :class:`nmopt.packed.PackedNM`."""
+        raise NotImplementedError(f"backend {self.name!r} has no unpack kernel")
+
+    def sparse_matmul(self, x: np.ndarray, packed) -> np.ndarray:
+        """``x @ W.T`` (float32, (B, C) -> (B, R)) from W packed by :meth:`pack`."""
+        raise NotImplementedError(f"backend {self.name!r} has no sparse_matmul kernel")
+
     def __repr__(self) -> str:
         return f"<nmopt backend {self.name!r}>"

@@ -1,1 +1,235 @@
-"""The cffi backend (C kernels on the CPU). Filled in by the C-backend work."""
+"""The cffi backend: the C kernels of ``backends/csrc`` on the CPU.
+
+The compiled module ``nmopt.backends._kernels`` is built by ``pip install`` (cffi API mode);
+calls release the GIL and split tiles (or rows) across ``num_threads`` threads. Every argument
+is checked here, before any C code runs: dtype, shape, contiguity, N and M. The C side checks
+sizes again and reports bad values (NaN, inf) by return code, never by crashing.
+
+Thread count: ``nmopt.backends.get("cffi").num_threads = k``, else the ``NMOPT_NUM_THREADS``
+environment variable, else ``os.cpu_count()``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from nmopt.backends import register
+from nmopt.backends._base import Backend
+from nmopt.packed import PackedNM, check_matmul_args, check_pack_args, first_overfull_group
+from nmopt.patterns import MAX_M
+
+ENV_THREADS = "NMOPT_NUM_THREADS"
+
+_KERNELS = None  # the loaded module
+_MISSING: str | None = None  # or why it could not be loaded
+
+
+def _load():
+    """The compiled module, or raise ImportError with the reason it is unavailable."""
+    global _KERNELS, _MISSING
+    if _KERNELS is None and _MISSING is None:
+        try:
+            from nmopt.backends import _kernels
+        except ImportError as exc:
+            _MISSING = (f"cffi: extension not built: {exc} (reinstall nmopt where a C compiler "
+                        "works; `pip install -v .` shows why the build failed)")
+        else:
+            _KERNELS = _kernels
+    if _KERNELS is None:
+        raise ImportError(_MISSING)
+    return _KERNELS
+
+
+_MESSAGES = {-1: "invalid size, N, M or thread count", -3: "out of memory",
+             -5: "an index is >= M"}
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        msg = _MESSAGES.get(rc, f"error code {rc}")
+        if rc == -3:
+            raise MemoryError(f"{what}: {msg}")
+        raise ValueError(f"{what}: {msg}")
+
+
+def _check_tiles(tiles, n) -> tuple[int, int]:
+    if not isinstance(tiles, np.ndarray):
+        raise TypeError(f"tiles: expected a numpy array, got {type(tiles).__name__}")
+    if tiles.dtype != np.float64:
+        raise TypeError(f"tiles: expected float64, got {tiles.dtype}; pass "
+                        "np.ascontiguousarray(tiles, dtype=np.float64)")
+    if tiles.ndim != 3 or tiles.shape[1] != tiles.shape[2]:
+        raise ValueError(f"tiles: expected shape (T, M, M), got {tiles.shape}")
+    if not tiles.flags.c_contiguous:
+        raise ValueError("tiles: must be C-contiguous; pass np.ascontiguousarray(tiles)")
+    m = tiles.shape[1]
+    if not 1 <= m <= MAX_M:
+        raise ValueError(f"tiles: M must be in 1..{MAX_M}, got M={m}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= m:
+        raise ValueError(f"n: expected an integer in 1..M={m}, got {n!r}")
+    return int(n), m
+
+
+def _bad_scores(tiles: np.ndarray, negative_ok: bool) -> ValueError:
+    """The error for tiles the C code rejected (found again in numpy, only on failure)."""
+    bad = ~np.isfinite(tiles) if negative_ok else ~(np.isfinite(tiles) & (tiles >= 0))
+    where = tuple(int(i) for i in np.argwhere(bad)[0])
+    need = "finite" if negative_ok else "finite and >= 0"
+    return ValueError(f"tiles: scores must be {need}; first bad value {tiles[where]!r} at tile "
+                      f"index {where}")
+
+
+@register
+class CffiBackend(Backend):
+    """C kernels on the CPU, threads across tiles; preferred for numpy inputs when built."""
+
+    name = "cffi"
+    frameworks = ("numpy",)
+
+    def __init__(self) -> None:
+        self._threads: int | None = None
+
+    # -- availability and settings ----------------------------------------------------------
+    def unavailable_reason(self) -> str | None:
+        try:
+            _load()
+        except ImportError as exc:
+            return str(exc)
+        return None
+
+    @property
+    def num_threads(self) -> int:
+        """Threads per call: the value set here, else ``NMOPT_NUM_THREADS``, else the cores."""
+        if self._threads is not None:
+            return self._threads
+        env = os.environ.get(ENV_THREADS, "").strip()
+        if env:
+            try:
+                value = int(env)
+            except ValueError:
+                value = 0
+            if value < 1:
+                raise ValueError(f"{ENV_THREADS}={env!r}: expected a positive integer")
+            return value
+        return os.cpu_count() or 1
+
+    @num_threads.setter
+    def num_threads(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ValueError(f"num_threads: expected a positive integer or None, got {value!r}")
+        self._threads = value
+
+    # -- tile kernels -----------------------------------------------------------------------
+    def greedy(self, tiles, n):
+        n, m = _check_tiles(tiles, n)
+        k = _load()
+        mask = np.empty(tiles.shape, dtype=np.uint8)
+        rc = k.lib.nm_greedy(k.ffi.from_buffer("double[]", tiles), tiles.shape[0], m, n,
+                             k.ffi.from_buffer("uint8_t[]", mask), self.num_threads)
+        if rc == -2:
+            raise _bad_scores(tiles, negative_ok=True)
+        _check(rc, "greedy")
+        return mask.view(np.bool_)
+
+    def rowwise(self, tiles, n):
+        n, m = _check_tiles(tiles, n)
+        k = _load()
+        mask = np.empty(tiles.shape, dtype=np.uint8)
+        rc = k.lib.nm_rowwise(k.ffi.from_buffer("double[]", tiles), tiles.shape[0], m, n,
+                              k.ffi.from_buffer("uint8_t[]", mask), self.num_threads)
+        if rc == -2:
+            raise _bad_scores(tiles, negative_ok=True)
+        _check(rc, "rowwise")
+        return mask.view(np.bool_)
+
+    def exact(self, tiles, n, saturate=False, *, flags: int = 0):
+        """Exact transposable masks (at most N, or exactly N with ``saturate``).
+
+        Returns ``(mask, u, v, status)``: the optimal mask, dual prices whose bound equals the
+        kept score (``nmopt.certificates.tile_bounds``), and per tile 0 (verified), 1 (verified
+        after the cycle-cancelling fallback) or 2 (fallback could not certify: see the C
+        source). ``flags`` are testing hooks (1: force the fallback, 2: force it from a trivial
+        mask).
+        """
+        n, m = _check_tiles(tiles, n)
+        if not isinstance(saturate, (bool, np.bool_)):
+            raise TypeError(f"saturate: expected True or False, got {saturate!r}")
+        k = _load()
+        t = tiles.shape[0]
+        mask = np.empty(tiles.shape, dtype=np.uint8)
+        u = np.empty((t, m))
+        v = np.empty((t, m))
+        status = np.empty(t, dtype=np.int8)
+        rc = k.lib.nm_exact(k.ffi.from_buffer("double[]", tiles), t, m, n, int(bool(saturate)),
+                            int(flags), k.ffi.from_buffer("uint8_t[]", mask),
+                            k.ffi.from_buffer("double[]", u), k.ffi.from_buffer("double[]", v),
+                            k.ffi.from_buffer("int8_t[]", status), self.num_threads)
+        if rc == -2:
+            raise _bad_scores(tiles, negative_ok=False)
+        _check(rc, "exact")
+        return mask.view(np.bool_), u, v, status
+
+    # -- weights ----------------------------------------------------------------------------
+    def apply_mask(self, weights, mask):
+        """``weights * mask``; float32/float64 numpy arrays run in C, others in numpy."""
+        if (not isinstance(weights, np.ndarray) or not isinstance(mask, np.ndarray)
+                or weights.dtype not in (np.float32, np.float64) or mask.dtype != np.bool_
+                or mask.shape != weights.shape):
+            from nmopt.backends import get
+
+            return get("numpy").apply_mask(weights, mask)
+        k = _load()
+        w = np.ascontiguousarray(weights)
+        mk = np.ascontiguousarray(mask)
+        out = np.empty_like(w)
+        fn, ctype = ((k.lib.nm_apply_mask_f32, "float[]") if w.dtype == np.float32
+                     else (k.lib.nm_apply_mask_f64, "double[]"))
+        rc = fn(k.ffi.from_buffer(ctype, w), k.ffi.from_buffer("uint8_t[]", mk.view(np.uint8)),
+                w.size, k.ffi.from_buffer(ctype, out), self.num_threads)
+        _check(rc, "apply_mask")
+        return out
+
+    def pack(self, weights, mask, n, m):
+        w, mk, p = check_pack_args(weights, mask, n, m)
+        k = _load()
+        rows, cols = w.shape
+        width = cols // p.m * p.n
+        values = np.empty((rows, width), dtype=w.dtype)
+        indices = np.empty((rows, width), dtype=np.uint8)
+        rc = k.lib.nm_pack(k.ffi.from_buffer("char[]", w),
+                           k.ffi.from_buffer("uint8_t[]", mk.view(np.uint8)), rows, cols,
+                           w.itemsize, p.n, p.m, k.ffi.from_buffer("char[]", values),
+                           k.ffi.from_buffer("uint8_t[]", indices), self.num_threads)
+        if rc == -4:
+            raise ValueError(first_overfull_group(mk, p))
+        _check(rc, "pack")
+        return PackedNM(values, indices, p.n, p.m, (rows, cols))
+
+    def unpack(self, packed):
+        if not isinstance(packed, PackedNM):
+            raise TypeError(f"packed: expected a PackedNM, got {type(packed).__name__}")
+        k = _load()
+        rows, cols = packed.shape
+        out = np.empty((rows, cols), dtype=packed.dtype)
+        rc = k.lib.nm_unpack(k.ffi.from_buffer("char[]", packed.values),
+                             k.ffi.from_buffer("uint8_t[]", packed.indices), rows, cols,
+                             packed.dtype.itemsize, packed.n, packed.m,
+                             k.ffi.from_buffer("char[]", out), self.num_threads)
+        _check(rc, "unpack")
+        return out
+
+    def sparse_matmul(self, x, packed):
+        x = check_matmul_args(x, packed)
+        k = _load()
+        rows, cols = packed.shape
+        y = np.empty((x.shape[0], rows), dtype=np.float32)
+        rc = k.lib.nm_sparse_matmul_f32(
+            k.ffi.from_buffer("float[]", x), x.shape[0], cols,
+            k.ffi.from_buffer("float[]", packed.values),
+            k.ffi.from_buffer("uint8_t[]", packed.indices), rows, packed.n, packed.m,
+            k.ffi.from_buffer("float[]", y), self.num_threads)
+        _check(rc, "sparse_matmul")
+        return y

@@ -6,6 +6,7 @@ import numpy as np
 
 from nmopt.backends import register
 from nmopt.backends._base import Backend
+from nmopt.packed import PackedNM, check_matmul_args, check_pack_args, first_overfull_group
 
 
 def greedy_order(tiles: np.ndarray) -> np.ndarray:
@@ -48,3 +49,32 @@ class NumpyBackend(Backend):
 
     def apply_mask(self, weights, mask):
         return weights * mask
+
+    def pack(self, weights, mask, n, m):
+        w, mk, p = check_pack_args(weights, mask, n, m)
+        rows, cols = w.shape
+        groups = mk.reshape(rows, cols // p.m, p.m)
+        if (groups.sum(axis=2) > p.n).any():
+            raise ValueError(first_overfull_group(mk, p))
+        # kept positions first (ascending), then the lowest unused ones as padding
+        order = np.argsort(~groups, axis=2, kind="stable")[:, :, : p.n]
+        kept = np.take_along_axis(groups, order, axis=2)
+        vals = np.take_along_axis(w.reshape(groups.shape), order, axis=2)
+        vals = np.where(kept, vals, np.zeros((), w.dtype))
+        width = cols // p.m * p.n
+        return PackedNM(np.ascontiguousarray(vals.reshape(rows, width)),
+                        order.astype(np.uint8).reshape(rows, width), p.n, p.m, (rows, cols))
+
+    def unpack(self, packed):
+        if not isinstance(packed, PackedNM):
+            raise TypeError(f"packed: expected a PackedNM, got {type(packed).__name__}")
+        rows, cols = packed.shape
+        shape = (rows, cols // packed.m, packed.n)
+        out = np.zeros((rows, cols // packed.m, packed.m), dtype=packed.dtype)
+        np.put_along_axis(out, packed.indices.reshape(shape).astype(np.intp),
+                          packed.values.reshape(shape), axis=2)
+        return out.reshape(rows, cols)
+
+    def sparse_matmul(self, x, packed):
+        x = check_matmul_args(x, packed)
+        return x @ self.unpack(packed).T

@@ -81,6 +81,7 @@ def auto(n: int, m: int, *, transposable: bool, saturate: bool, num_tiles: int) 
 
 
 # Built-in solvers, in preference order for "auto".
+from nmopt.solvers import c_exact as _c_exact  # noqa: E402,F401
 from nmopt.solvers import rowwise as _rowwise  # noqa: E402,F401
 from nmopt.solvers import enumeration as _enumeration  # noqa: E402,F401
 from nmopt.solvers import ortools_flow as _ortools_flow  # noqa: E402,F401

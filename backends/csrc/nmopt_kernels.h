@@ -1,0 +1,73 @@
+/* nmopt C kernels: the declarations cffi compiles against (see build_kernels.py).
+ *
+ * Conventions shared by every function:
+ *  - arrays are C-contiguous; sizes are element counts; tiles are (t, m, m) row-major;
+ *  - 1 <= n <= m <= 64 for the tile kernels, 1 <= n <= m <= 255 for the packed format;
+ *  - nthreads >= 1 (values above the work available are clamped);
+ *  - the return value is NM_OK or a negative NM_ERR_* code and never aborts; on an error the
+ *    outputs are unspecified (the Python wrapper raises and discards them).
+ * The cffi cdef reads this file with the preprocessor lines stripped.
+ */
+#ifndef NMOPT_KERNELS_H
+#define NMOPT_KERNELS_H
+
+#include <stdint.h>
+
+enum {
+    NM_OK = 0,
+    NM_ERR_ARG = -1,     /* bad size, n, m, elsize or thread count */
+    NM_ERR_VALUE = -2,   /* a score is NaN, infinite or (exact) negative */
+    NM_ERR_NOMEM = -3,   /* allocation failed */
+    NM_ERR_GROUP = -4,   /* pack: a group keeps more than n */
+    NM_ERR_INDEX = -5    /* unpack: an index >= m */
+};
+
+/* Per-tile status written by nm_exact. */
+enum {
+    NM_TILE_OK = 0,        /* shortest-path solve verified: bound == objective */
+    NM_TILE_FALLBACK = 1,  /* needed the cycle-cancelling fallback, then verified */
+    NM_TILE_UNVERIFIED = 2 /* fallback could not close the gap to NM_FALLBACK_TOL */
+};
+
+/* nm_exact flags (testing hooks). */
+enum {
+    NM_FLAG_FORCE_FALLBACK = 1, /* run the fallback on every tile, from the solved mask */
+    NM_FLAG_COLD_FALLBACK = 2   /* run the fallback on every tile, from a trivial mask */
+};
+
+/* Relative tolerances of the exact kernel's self-check (see nm_exact.c). */
+double nm_gap_tol(void);
+double nm_fallback_tol(void);
+
+/* Transposable greedy; mask (t, m, m) uint8. Any finite scores (NM_ERR_VALUE otherwise). */
+int nm_greedy(const double *tiles, int64_t t, int m, int n, uint8_t *mask, int nthreads);
+
+/* Row-wise top n per tile row (ties: lower index first). Any finite scores. */
+int nm_rowwise(const double *tiles, int64_t t, int m, int n, uint8_t *mask, int nthreads);
+
+/* Exact transposable masks: at most n per tile row and column (saturate = 0) or exactly n
+ * (saturate = 1), maximising the kept score. Scores must be finite and >= 0. Writes the mask,
+ * dual prices u (t, m) and v (t, m) with bound(u, v) == kept score, and a per-tile status. */
+int nm_exact(const double *tiles, int64_t t, int m, int n, int saturate, int flags,
+             uint8_t *mask, double *u, double *v, int8_t *status, int nthreads);
+
+/* out = w * mask (float multiply, as numpy does). */
+int nm_apply_mask_f32(const float *w, const uint8_t *mask, int64_t size, float *out,
+                      int nthreads);
+int nm_apply_mask_f64(const double *w, const uint8_t *mask, int64_t size, double *out,
+                      int nthreads);
+
+/* Compressed N:M: w (rows, cols) with cols % m == 0, elements of elsize bytes (2, 4 or 8).
+ * values (rows, cols/m*n) and indices (rows, cols/m*n): per group the kept positions in
+ * ascending order, then the lowest unused positions with value 0 as padding. */
+int nm_pack(const void *w, const uint8_t *mask, int64_t rows, int64_t cols, int elsize, int n,
+            int m, void *values, uint8_t *indices, int nthreads);
+int nm_unpack(const void *values, const uint8_t *indices, int64_t rows, int64_t cols,
+              int elsize, int n, int m, void *out, int nthreads);
+
+/* y (b, rows) = x (b, cols) @ W^T from W packed as above (float32). */
+int nm_sparse_matmul_f32(const float *x, int64_t b, int64_t cols, const float *values,
+                         const uint8_t *indices, int64_t rows, int n, int m, float *y,
+                         int nthreads);
+
+#endif

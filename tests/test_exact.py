@@ -1,0 +1,201 @@
+"""The C exact solver: optimal masks and optimal prices, checked against OR-Tools min-cost flow,
+brute force on small tiles, and its own certificate recomputed by ``nmopt.dual_bound``."""
+
+from __future__ import annotations
+
+import warnings
+
+import nmopt_test_oracles as oracles
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nmopt
+from nmopt import backends, solvers
+from nmopt._tiles import TileGrid
+from nmopt.certificates import tile_bounds
+
+PATTERNS = [(2, 4), (4, 8), (8, 16), (16, 32), (32, 64), (1, 4), (3, 8), (5, 16)]
+FAMILIES = ["gaussian", "cauchy", "ties", "zero_heavy", "wide_range"]
+
+
+@pytest.fixture(scope="module")
+def cffi():
+    reason = backends.status().get("cffi")
+    if reason is not None:
+        pytest.skip(reason)
+    return backends.get("cffi")
+
+
+@pytest.fixture(scope="module")
+def mcf():
+    if solvers.status().get("mcf") is not None:
+        pytest.skip(solvers.status()["mcf"])
+    return "mcf"
+
+
+def shape_for(m: int) -> tuple[int, int]:
+    """Small matrices (a handful of tiles for large M), one of them not a multiple of M."""
+    return {4: (64, 62), 8: (64, 64), 16: (64, 48), 32: (64, 96), 64: (128, 128)}[m]
+
+
+def per_tile_kept(scores, mask, m):
+    grid = TileGrid(*scores.shape, m)
+    return np.where(grid.to_tiles(mask), grid.to_tiles(scores), 0.0).sum(axis=(1, 2))
+
+
+def check_against_mcf(scores, n, m, saturate, mcf):
+    res = nmopt.find_mask(scores, (n, m), solver="exact", saturate=saturate)
+    mask = oracles.check_result(res, scores, n, m, saturate=saturate)
+    assert res.solver == "exact" and res.backend == "cffi"
+    assert res.optimal and res.gap <= 1e-9
+    # the certificate, recomputed from the prices alone
+    bound = nmopt.dual_bound(scores, (n, m), res.u, res.v, saturate=saturate)
+    assert bound == pytest.approx(res.objective, rel=1e-9, abs=1e-300)
+    ref = nmopt.find_mask(scores, (n, m), solver=mcf, saturate=saturate)
+    # mcf optimises integer costs (<= 2.5e-9 relative per tile, see solvers/_costs.py)
+    assert res.objective == pytest.approx(ref.objective, rel=1e-8, abs=1e-300)
+    ours, theirs = per_tile_kept(scores, mask, m), per_tile_kept(scores, ref.mask, m)
+    assert (ours >= theirs * (1 - 1e-8)).all()
+    return res
+
+
+@pytest.mark.parametrize("saturate", [False, True])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("n", "m"), PATTERNS)
+def test_matches_mcf(cffi, mcf, n, m, family, saturate):
+    rng = np.random.default_rng(hash((n, m, family)) % 2**32)
+    scores = oracles.INPUTS[family](rng, shape_for(m))
+    check_against_mcf(scores, n, m, saturate, mcf)
+
+
+@pytest.mark.parametrize(("shape", "pattern"), [((37, 45), (3, 8)), ((5, 7), (2, 4)),
+                                                ((70, 33), (16, 32)), ((1, 64), (4, 64)),
+                                                ((9, 3, 2, 2), (2, 4))])
+@pytest.mark.parametrize("saturate", [False, True])
+def test_odd_shapes(cffi, mcf, shape, pattern, saturate):
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal(shape)
+    res = nmopt.find_mask(w, pattern, solver="exact", saturate=saturate)
+    assert res.mask.shape == shape and res.optimal
+    ref = nmopt.find_mask(w, pattern, solver=mcf, saturate=saturate)
+    assert res.objective == pytest.approx(ref.objective, rel=1e-8)
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (8, 16), (32, 64)])
+def test_real_weights(cffi, mcf, real_weights, n, m):
+    for _, w in sorted(real_weights.items()):
+        block = np.abs(w[:128, :128].astype(np.float64))
+        for saturate in (False, True):
+            check_against_mcf(block, n, m, saturate, mcf)
+
+
+@pytest.mark.parametrize("saturate", [False, True])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_brute_force_small_tiles(cffi, m, saturate):
+    rng = np.random.default_rng(m)
+    for n in range(1, m + 1):
+        for family in ("gaussian", "ties", "zero_heavy", "wide_range", "all_zeros"):
+            scores = oracles.INPUTS[family](rng, (8 * m, 6 * m))
+            res = nmopt.find_mask(scores, (n, m), solver="exact", saturate=saturate)
+            oracles.check_result(res, scores, n, m, saturate=saturate)
+            best = oracles.brute_force_tile_optima(scores, n, m, saturate)
+            kept = oracles.tile_kept(scores, res.mask, m)
+            np.testing.assert_allclose(kept, best, rtol=1e-12, atol=0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(m=st.integers(1, 4), saturate=st.booleans(), data=st.data())
+def test_hypothesis_tiles_vs_brute_force(cffi, m, saturate, data):
+    n = data.draw(st.integers(1, m))
+    values = st.sampled_from([0.0, 1.0, 1.0, 2.0, 3.0, 1e-300, 5e-324, 1e300, 0.5 + 2**-40,
+                              1.7976931348623157e308])
+    t = data.draw(st.integers(1, 3))
+    tiles = np.array(data.draw(st.lists(values, min_size=t * m * m, max_size=t * m * m)),
+                     dtype=np.float64).reshape(t, m, m)
+    mask, u, v, status = cffi.exact(tiles, n, saturate)
+    assert (status == 0).all()
+    rows, cols = mask.sum(axis=2), mask.sum(axis=1)
+    assert (rows <= n).all() and (cols <= n).all()
+    if saturate:
+        assert (rows == n).all() and (cols == n).all()
+    else:
+        assert (u >= 0).all() and (v >= 0).all()
+    # compare in units of each tile's largest score: sums of scores near DBL_MAX overflow
+    scale = tiles.max(axis=(1, 2), keepdims=True)
+    unit = tiles / np.where(scale > 0, scale, 1.0)
+    kept = np.where(mask, unit, 0.0).sum(axis=(1, 2))
+    best = oracles.brute_force_tile_optima(unit.reshape(t * m, m), n, m, saturate)
+    np.testing.assert_allclose(kept, best, rtol=1e-12, atol=1e-12)
+    s2 = np.where(scale > 0, scale, 1.0)[:, :, 0]
+    np.testing.assert_allclose(tile_bounds(unit, n, u / s2, v / s2), kept, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("flags", [1, 2])
+@pytest.mark.parametrize("saturate", [False, True])
+def test_fallback_path_agrees(cffi, flags, saturate):
+    """The cycle-cancelling fallback (forced here) reaches the same optimum, certified."""
+    rng = np.random.default_rng(7)
+    for n, m in ((2, 4), (3, 8), (5, 12)):
+        for family in ("gaussian", "ties", "wide_range"):
+            tiles = oracles.INPUTS[family](rng, (20, m, m))
+            base = cffi.exact(tiles, n, saturate)
+            mask, u, v, status = cffi.exact(tiles, n, saturate, flags=flags)
+            assert (status == 1).all()
+            kept = np.where(mask, tiles, 0.0).sum(axis=(1, 2))
+            ref = np.where(base[0], tiles, 0.0).sum(axis=(1, 2))
+            np.testing.assert_allclose(kept, ref, rtol=1e-12)
+            np.testing.assert_allclose(tile_bounds(tiles, n, u, v), kept, rtol=1e-10)
+
+
+def test_against_greedy_and_saturate(cffi):
+    rng = np.random.default_rng(8)
+    scores = np.abs(rng.standard_normal((128, 128)))
+    for pattern in ("2:4", "4:8", "16:32"):
+        exact = nmopt.find_mask(scores, pattern, solver="exact")
+        greedy = nmopt.find_mask(scores, pattern, solver="greedy")
+        sat = nmopt.find_mask(scores, pattern, solver="exact", saturate=True)
+        assert exact.objective / 2 <= greedy.objective <= exact.objective
+        assert sat.objective <= exact.objective * (1 + 1e-12)
+        assert greedy.bound >= exact.objective * (1 - 1e-12)  # any valid bound
+
+
+def test_results_are_deterministic(cffi):
+    scores = oracles.INPUTS["ties"](np.random.default_rng(9), (96, 96))
+    a = nmopt.find_mask(scores, "8:16", solver="exact")
+    b = nmopt.find_mask(scores, "8:16", solver="exact")
+    assert np.array_equal(a.mask, b.mask) and np.array_equal(a.u, b.u)
+
+
+def test_solver_registration(cffi):
+    inst = solvers.get("exact")
+    assert inst.exact and inst.backends == ("cffi",) and inst.transposable
+    assert solvers.names()[0] == "exact"
+    for sat in (False, True):
+        assert solvers.auto(4, 8, transposable=True, saturate=sat, num_tiles=1).name == "exact"
+    with pytest.raises(ValueError, match="runs only on \\['cffi'\\]"):
+        nmopt.find_mask(np.ones((8, 8)), "2:4", solver="exact", backend="numpy")
+
+
+def test_unverified_tiles_warn(cffi, monkeypatch):
+    real = cffi.exact
+
+    def flaky(tiles, n, saturate=False, **kw):
+        mask, u, v, status = real(tiles, n, saturate, **kw)
+        status[0] = 2
+        return mask, u, v, status
+
+    monkeypatch.setattr(cffi, "exact", flaky)
+    with pytest.warns(RuntimeWarning, match="1 of 4 tiles could not be certified"):
+        nmopt.find_mask(np.ones((8, 8)), "2:4", solver="exact")
+
+
+def test_bad_scores_rejected_before_c(cffi):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for bad in (np.nan, np.inf, -1.0):
+            w = np.ones((8, 8))
+            w[3, 5] = bad
+            with pytest.raises(ValueError):
+                nmopt.find_mask(w, "2:4", solver="exact", scores=w)
