@@ -14,6 +14,7 @@ deterministic and identical on every device, and their tolerance is the one stat
 from __future__ import annotations
 
 import torch
+
 from nmopt.solvers._costs import COST_BITS
 
 #: Distances at or above this are "unreachable" (far above any path cost, < 2**63 / 4).

@@ -14,10 +14,10 @@ torch is imported only inside the methods, so ``import nmopt`` does not import i
 from __future__ import annotations
 
 import numpy as np
-from nmopt.backends import register
-from nmopt.backends._base import Backend
 
 from nmopt._tiles import TileGrid
+from nmopt.backends import register
+from nmopt.backends._base import Backend
 from nmopt.patterns import parse_pattern
 
 #: Methods :func:`mask_tensor` accepts.
@@ -109,6 +109,7 @@ def mask_tensors(weights, pattern, *, transposable: bool = True, method: str = "
     """:func:`mask_tensor` for several weights at once: the tiles of all weights on the same
     device go through one kernel call, so per-call overhead is paid once (a model refresh)."""
     import torch
+
     from nmopt.backends import _torch_kernels as k
 
     if method not in METHODS:
@@ -178,9 +179,8 @@ class TorchBackend(Backend):
         optimal), 2 otherwise (never expected; the prices still give a valid bound).
         """
         from nmopt.backends._torch_kernels import exact_tiles
-        from nmopt.solvers._costs import integer_costs
-
         from nmopt.certificates import prices_from_mask, tile_bounds
+        from nmopt.solvers._costs import integer_costs
 
         t, m, _ = tiles.shape
         if t == 0:

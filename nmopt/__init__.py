@@ -6,13 +6,13 @@ uses them.
 
 from __future__ import annotations
 
+from nmopt import backends, solvers
 from nmopt.api import find_mask
 from nmopt.certificates import OPTIMALITY_TOL, dual_bound
 from nmopt.diversity import mask_diversity
 from nmopt.masks import check_mask, is_valid_mask
 from nmopt.patterns import Pattern, parse_pattern
 from nmopt.result import MaskResult
-from nmopt import backends, solvers
 
 __version__ = "0.1.0"
 

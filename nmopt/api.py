@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -35,9 +36,15 @@ def _prepare(weights, scores):
     return as_matrix(s, "scores"), kind
 
 
-def _resolve_solver(solver, n, m, transposable, saturate, num_tiles):
+def _resolve_solver(solver, n, m, transposable, saturate, num_tiles, backend):
     if isinstance(solver, str) and solver == "auto":
-        return _solvers.auto(n, m, transposable=transposable, saturate=saturate, num_tiles=num_tiles)
+        # an explicit backend (argument, else NMOPT_BACKEND) narrows the choice of solver
+        wanted = backend if backend is not None else os.environ.get(_backends.ENV_VAR, "").strip()
+        wanted = getattr(wanted, "name", wanted)
+        if wanted not in _backends.names():
+            wanted = None  # unknown names are reported by backend selection
+        return _solvers.auto(n, m, transposable=transposable, saturate=saturate,
+                             num_tiles=num_tiles, backend=wanted)
     inst = _solvers.get(solver)
     if inst.transposable != transposable:
         kind = "transposable" if inst.transposable else "row-wise"
@@ -108,7 +115,7 @@ def _fill_free_slots(grid, tiles, mask_t, n):
     """
     free = ~mask_t & (mask_t.sum(axis=2) < n)[:, :, None] & (mask_t.sum(axis=1) < n)[:, None, :]
     real = grid.to_tiles(np.ones((grid.rows, grid.cols), dtype=bool), fill=False)
-    todo = (free & real & (tiles == 0)).any(axis=(1, 2))
+    todo = (free & real & (tiles == 0)).reshape(len(tiles), -1).any(axis=1)
     if not todo.any():
         return mask_t
     # the greedy visits kept entries (2) first, then real zero scores (1), then the rest (0);
@@ -168,7 +175,7 @@ def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = F
         raise TypeError(f"saturate: expected True or False, got {saturate!r}")
     s, kind = _prepare(weights, scores)
     grid = TileGrid(s.shape[0], s.shape[1], p.m)
-    inst = _resolve_solver(solver, p.n, p.m, transposable, saturate, grid.num_tiles)
+    inst = _resolve_solver(solver, p.n, p.m, transposable, saturate, grid.num_tiles, backend)
     engine, fallbacks = _backends.select(backend, kind.framework, inst.backends)
 
     tiles = grid.to_tiles(s)

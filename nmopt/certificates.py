@@ -32,9 +32,11 @@ OPTIMALITY_TOL = 1e-7
 
 def tile_bounds(tiles: np.ndarray, n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Per-tile dual bound ``B(u, v)`` for tiles (T, M, M) and prices (T, M)."""
-    slack = tiles - u[:, :, None] - v[:, None, :]
+    slack = np.subtract(tiles, u[:, :, None])
+    slack -= v[:, None, :]
     np.maximum(slack, 0.0, out=slack)
-    return n * (u.sum(axis=1) + v.sum(axis=1)) + slack.sum(axis=(1, 2))
+    # summing the flattened tile is several times faster than axis=(1, 2) on tiny axes
+    return n * (u.sum(axis=1) + v.sum(axis=1)) + slack.reshape(len(slack), -1).sum(axis=1)
 
 
 def dual_bound(scores, pattern, u, v=None, *, saturate: bool = False) -> float:

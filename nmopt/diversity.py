@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from functools import lru_cache
+from functools import cache
 from math import comb, prod
 
 from nmopt.patterns import parse_pattern
@@ -23,7 +23,7 @@ def _allocations(counts: tuple[int, ...], k: int, start: int = 0):
             yield (a, *rest)
 
 
-@lru_cache(maxsize=None)
+@cache
 def count_tile_masks(rows: int, cols: int, n: int, at_most: bool) -> int:
     """Number of rows x cols 0/1 matrices with every row and column sum = n (or <= n).
 

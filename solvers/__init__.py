@@ -65,14 +65,21 @@ def get(solver) -> Solver:
     raise TypeError(f"solver: expected a name, a Solver instance or a callable, got {solver!r}")
 
 
-def auto(n: int, m: int, *, transposable: bool, saturate: bool, num_tiles: int) -> Solver:
-    """The preferred available solver for the problem: exact first, in registry order."""
+def auto(n: int, m: int, *, transposable: bool, saturate: bool, num_tiles: int,
+         backend: str | None = None) -> Solver:
+    """The preferred available solver for the problem: exact first, in registry order.
+
+    With ``backend`` (a name the caller asked for), solvers that cannot run on it are skipped.
+    """
     reasons = []
     for name in _REGISTRY:
         inst = _instance(name)
         if inst.transposable != transposable or not inst.exact:
             continue
         why = inst.unavailable_reason() or inst.refuses(n, m, saturate, num_tiles)
+        if why is None and backend is not None and inst.backends is not None \
+                and backend not in inst.backends:
+            why = f"runs only on {list(inst.backends)}, not on backend {backend!r}"
         if why is None:
             return inst
         reasons.append(f"{name}: {why}")
@@ -88,5 +95,6 @@ from nmopt.solvers import ortools_flow as _ortools_flow  # noqa: E402,F401
 from nmopt.solvers import ortools_lp as _ortools_lp  # noqa: E402,F401
 from nmopt.solvers import networkx_flow as _networkx_flow  # noqa: E402,F401
 from nmopt.solvers import greedy as _greedy  # noqa: E402,F401
+from nmopt.solvers import torch_exact as _torch_exact  # noqa: E402,F401
 
 __all__ = ["Solver", "CallableSolver", "register", "names", "status", "available", "get", "auto"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+
 from nmopt.solvers import register
 from nmopt.solvers._base import Solver
 

@@ -230,8 +230,8 @@ def _bound(tile, n, u, v) -> float:
 def lp_tile_optima(scores, n: int, m: int, saturate: bool = False):
     """Per-tile (lower, upper) values of the transposable optimum.
 
-    Each tile is padded to M x M with zero score (exactly N on full tiles only) and solved by HiGHS dual simplex (scaled to
-    max 1). The rounded vertex is re-validated, then polished by negative-cycle cancelling
+    Each tile is padded to M x M with zero score (exactly N on full tiles only) and solved by
+    HiGHS dual simplex (scaled to max 1). The rounded vertex is re-validated, then polished by negative-cycle cancelling
     (exact whatever HiGHS's tolerances did). ``lower`` is the true score of that mask,
     ``upper`` the lower of the closed-form bounds at HiGHS's duals and at the cycle-free
     distances; the optimum lies in between.

@@ -172,7 +172,7 @@ def test_sparse_linear_function_on_a_packed_plan(transposable):
     mask = nmopt.backends.torch_backend.mask_tensor(w, "2:4", transposable=transposable)
     plan = kernels.CffiPlan(fake, cfg, mask)
     assert fake.packed == ([(16, 24), (24, 16)] if transposable else [(16, 24)])
-    for step in range(2):  # the second step sees new values through the same slots
+    for _step in range(2):  # the second step sees new values through the same slots
         x = torch.randn(2, 3, 24, requires_grad=True)
         y = kernels.SparseLinearFn.apply(x, w, b, mask, cfg.sr_decay, plan)
         gy = torch.randn_like(y)
@@ -297,7 +297,6 @@ def test_solver_routing(solver):
 def test_torch_kernel_route_batches_layers(monkeypatch):
     """Without a CPU exact solver, "auto" runs the torch kernel once over every layer's tiles."""
     from nmopt.backends import _torch_kernels
-
     from nmopt.training import refresh
 
     monkeypatch.setattr(refresh, "_cpu_exact_solver", lambda cfg: False)

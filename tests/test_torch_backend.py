@@ -17,9 +17,8 @@ torch = pytest.importorskip("torch")
 
 from nmopt.backends import _torch_kernels as kernels
 from nmopt.backends.torch_backend import mask_tensor
-from nmopt.solvers._costs import integer_costs
-
 from nmopt.certificates import tile_bounds
+from nmopt.solvers._costs import integer_costs
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu

@@ -142,7 +142,8 @@ def _refuse_exactly(w: np.ndarray, p: Pattern) -> str | None:
 def _baselines() -> dict[str, Contender]:
     from nmopt import find_mask
 
-    never = lambda w, p: None
+    def never(w, p):
+        return None
     return {
         "signed-greedy": Contender("signed-greedy", "baseline", "transposable",
                                    _run_signed_greedy, never),

@@ -137,7 +137,7 @@ def refresh_layers(layers: list[tuple[str, _SparseLayer]], sync: str = "broadcas
     dist = torch.distributed
     rank, world, group = info
     mine = _compute_timed(layers, [k for k in range(len(layers)) if k % world == rank])
-    for k, (name, layer) in enumerate(layers):
+    for k, (_name, layer) in enumerate(layers):
         owner = k % world
         src = owner if group is None else dist.get_global_rank(group, owner)
         if owner == rank:
