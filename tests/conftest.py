@@ -27,3 +27,25 @@ def real_weights():
     from safetensors.numpy import load_file
 
     return load_file(str(REAL_WEIGHTS))
+
+
+@pytest.fixture(scope="module")
+def cffi():
+    """The C backend (skips with the reason when the extension is not built)."""
+    from nmopt import backends
+
+    reason = backends.status().get("cffi")
+    if reason is not None:
+        pytest.skip(reason)
+    return backends.get("cffi")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """`make test` runs two pytest workers on two cores: one torch thread each avoids
+    oversubscription (OpenMP spin-waits make small ops many times slower)."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,12 +22,6 @@ PATTERNS = [(1, 1), (1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (3, 8), (5, 7), (8, 
             (7, 33), (32, 64), (64, 64)]
 
 
-@pytest.fixture(scope="module")
-def cffi():
-    reason = backends.status().get("cffi")
-    if reason is not None:
-        pytest.skip(reason)
-    return backends.get("cffi")
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nmopt
-from nmopt import backends, solvers
+from nmopt import solvers
 from nmopt._tiles import TileGrid
 from nmopt.certificates import tile_bounds
 
@@ -20,12 +20,6 @@ PATTERNS = [(2, 4), (4, 8), (8, 16), (16, 32), (32, 64), (1, 4), (3, 8), (5, 16)
 FAMILIES = ["gaussian", "cauchy", "ties", "zero_heavy", "wide_range"]
 
 
-@pytest.fixture(scope="module")
-def cffi():
-    reason = backends.status().get("cffi")
-    if reason is not None:
-        pytest.skip(reason)
-    return backends.get("cffi")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,6 @@ REF = NumpyBackend()
 PATTERNS = [(2, 4), (4, 8), (8, 16), (16, 32), (1, 4), (3, 8), (1, 1), (5, 6), (32, 64)]
 
 
-@pytest.fixture(scope="module")
-def cffi():
-    reason = backends.status().get("cffi")
-    if reason is not None:
-        pytest.skip(reason)
-    return backends.get("cffi")
 
 
 @pytest.fixture(params=["numpy", "cffi"])

@@ -21,14 +21,7 @@ CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (none here)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """`make test` runs two pytest workers on two cores: one torch thread each avoids
-    oversubscription (OpenMP spin-waits make small ops many times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 def mlp(seed=0):

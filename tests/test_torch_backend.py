@@ -26,14 +26,7 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (none here
 PATTERNS = [(1, 4), (2, 4), (3, 4), (2, 5), (3, 8), (4, 8), (5, 8), (8, 16)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """`make test` runs two pytest workers on two cores: one torch thread each avoids
-    oversubscription (OpenMP spin-waits make small ops many times slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
 
 
 def backend():

@@ -148,3 +148,10 @@ def environment() -> dict[str, Any]:
             "machine": platform.machine(), "cpus": os.cpu_count(),
             "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "versions": versions}
+
+
+def add_output_arguments(parser) -> None:
+    """The output options every benchmark shares: ``--json``, ``--markdown``, ``--plot``."""
+    parser.add_argument("--json", metavar="OUT.json", help="write every row as JSON")
+    parser.add_argument("--markdown", metavar="OUT.md", help="write a Markdown report")
+    parser.add_argument("--plot", metavar="OUT.png", help="write a plot (matplotlib)")

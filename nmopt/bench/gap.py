@@ -30,7 +30,7 @@ import numpy as np
 
 from nmopt.bench._contenders import BASELINES, Contender, contender_names, contenders, num_tiles
 from nmopt.bench._gap_report import format_text, write_outputs
-from nmopt.bench._report import environment
+from nmopt.bench._report import add_output_arguments, environment
 from nmopt.patterns import Pattern, parse_pattern
 
 DISTS = ("gaussian", "laplace", "student-t")
@@ -298,9 +298,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT, metavar="S",
                    help="skip a contender whose estimated time on a matrix exceeds S seconds; "
                    f"0 = no limit (default {DEFAULT_TIME_LIMIT:g})")
-    p.add_argument("--json", metavar="OUT.json", help="write every row as JSON")
-    p.add_argument("--markdown", metavar="OUT.md", help="write a Markdown report")
-    p.add_argument("--plot", metavar="OUT.png", help="write a gap-vs-seconds plot")
+    add_output_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
     return p

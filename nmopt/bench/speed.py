@@ -26,7 +26,7 @@ import os
 import statistics
 import time
 
-from nmopt.bench._report import Column, environment, format_table, markdown_table
+from nmopt.bench._report import Column, add_output_arguments, environment, format_table, markdown_table
 
 CPU_SHAPES = ((1, 1024, 4096), (16, 1024, 4096), (256, 1024, 4096), (2048, 1024, 4096),
               (256, 4096, 1024), (2048, 4096, 1024))
@@ -294,8 +294,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cpu-only", action="store_true")
     p.add_argument("--quick", action="store_true", help="one tiny shape (tests, smoke)")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--json", metavar="OUT.json")
-    p.add_argument("--markdown", metavar="OUT.md")
-    p.add_argument("--plot", metavar="OUT.png")
+    add_output_arguments(p)
     p.set_defaults(func=main)
     return p

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from nmopt.bench._report import Column, environment, format_table, markdown_table
+from nmopt.bench._report import Column, add_output_arguments, environment, format_table, markdown_table
 
 VARIANTS = ("dense", "dense-half", "rowwise-2:4", "transposable-2:4", "transposable-4:8",
             "transposable-8:16")
@@ -293,8 +293,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--quick", action="store_true", help="a tiny configuration (tests, smoke)")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--json", metavar="OUT.json")
-    p.add_argument("--markdown", metavar="OUT.md")
-    p.add_argument("--plot", metavar="OUT.png")
+    add_output_arguments(p)
     p.set_defaults(func=main)
     return p
