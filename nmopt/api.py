@@ -20,10 +20,7 @@ from nmopt.result import MaskResult
 def _prepare(weights, scores):
     """Validated float64 2-D scores and the array kind of ``weights``."""
     w, kind = to_float64(weights, "weights")
-    if w.ndim not in (2, 4):
-        as_matrix(w, "weights")  # raises the shape error
-    if w.size == 0:
-        as_matrix(w, "weights")
+    as_matrix(w, "weights")  # rank and emptiness errors name the weights, not the scores
     if scores is None:
         s = np.abs(w)
         check_scores(s, "weights")
