@@ -33,7 +33,7 @@ def _prepare(weights, scores):
     return as_matrix(s, "scores"), kind
 
 
-def _resolve_solver(solver, n, m, transposable, saturate, num_tiles, backend):
+def _resolve_solver(solver, n, m, transposable, saturate, num_tiles, backend, edge_tiles):
     if isinstance(solver, str) and solver == "auto":
         # an explicit backend (argument, else NMOPT_BACKEND) narrows the choice of solver
         wanted = backend if backend is not None else os.environ.get(_backends.ENV_VAR, "").strip()
@@ -41,13 +41,13 @@ def _resolve_solver(solver, n, m, transposable, saturate, num_tiles, backend):
         if wanted not in _backends.names():
             wanted = None  # unknown names are reported by backend selection
         return _solvers.auto(n, m, transposable=transposable, saturate=saturate,
-                             num_tiles=num_tiles, backend=wanted)
+                             num_tiles=num_tiles, backend=wanted, edge_tiles=edge_tiles)
     inst = _solvers.get(solver)
     if inst.transposable != transposable:
         kind = "transposable" if inst.transposable else "row-wise"
         raise ValueError(f"solver {inst.name!r} finds {kind} masks but transposable={transposable}; "
                          "use solver='auto'")
-    why = inst.refuses(n, m, saturate, num_tiles)
+    why = _solvers.refusal(inst, n, m, saturate, num_tiles, edge_tiles)
     if why is not None:
         raise ValueError(f"solver={inst.name!r} cannot solve {n}:{m} here: {why}")
     return inst
@@ -172,7 +172,9 @@ def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = F
         raise TypeError(f"saturate: expected True or False, got {saturate!r}")
     s, kind = _prepare(weights, scores)
     grid = TileGrid(s.shape[0], s.shape[1], p.m)
-    inst = _resolve_solver(solver, p.n, p.m, transposable, saturate, grid.num_tiles, backend)
+    edge_tiles = not grid.full_tiles().all()
+    inst = _resolve_solver(solver, p.n, p.m, transposable, saturate, grid.num_tiles, backend,
+                           edge_tiles)
     engine, fallbacks = _backends.select(backend, kind.framework, inst.backends)
 
     tiles = grid.to_tiles(s)

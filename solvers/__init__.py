@@ -65,8 +65,18 @@ def get(solver) -> Solver:
     raise TypeError(f"solver: expected a name, a Solver instance or a callable, got {solver!r}")
 
 
+def refusal(inst: Solver, n: int, m: int, saturate: bool, num_tiles: int,
+            edge_tiles: bool = False) -> str | None:
+    """Why ``inst`` does not take the problem, or None. With ``saturate`` and ``edge_tiles``
+    the solver must also take the at-most-N problem (edge tiles keep at most N)."""
+    why = inst.refuses(n, m, saturate, num_tiles)
+    if why is None and saturate and edge_tiles:
+        why = inst.refuses(n, m, False, num_tiles)
+    return why
+
+
 def auto(n: int, m: int, *, transposable: bool, saturate: bool, num_tiles: int,
-         backend: str | None = None) -> Solver:
+         backend: str | None = None, edge_tiles: bool = False) -> Solver:
     """The preferred available solver for the problem: exact first, in registry order.
 
     With ``backend`` (a name the caller asked for), solvers that cannot run on it are skipped.
@@ -76,7 +86,7 @@ def auto(n: int, m: int, *, transposable: bool, saturate: bool, num_tiles: int,
         inst = _instance(name)
         if inst.transposable != transposable or not inst.exact:
             continue
-        why = inst.unavailable_reason() or inst.refuses(n, m, saturate, num_tiles)
+        why = inst.unavailable_reason() or refusal(inst, n, m, saturate, num_tiles, edge_tiles)
         if why is None and backend is not None and inst.backends is not None \
                 and backend not in inst.backends:
             why = f"runs only on {list(inst.backends)}, not on backend {backend!r}"
@@ -97,4 +107,4 @@ from nmopt.solvers import networkx_flow as _networkx_flow  # noqa: E402,F401
 from nmopt.solvers import greedy as _greedy  # noqa: E402,F401
 from nmopt.solvers import torch_exact as _torch_exact  # noqa: E402,F401
 
-__all__ = ["Solver", "CallableSolver", "register", "names", "status", "available", "get", "auto"]
+__all__ = ["Solver", "CallableSolver", "register", "names", "status", "available", "get", "auto", "refusal"]

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI (CI=true) explores a fixed set of examples so a run is reproducible; locally hypothesis
+# keeps searching new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 # tests/oracles.py holds the independent oracles; pytest runs with --import-mode=importlib, so
 # tests/ is not on sys.path: register it once here, test modules `import nmopt_test_oracles`.

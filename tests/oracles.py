@@ -411,3 +411,14 @@ def greedy_reference(scores, n: int, m: int) -> np.ndarray:
                 if rs.start + i < rs.stop and cs.start + j < cs.stop:
                     mask[rs.start + i, cs.start + j] = True
     return mask
+
+
+def refused(inst, n: int, m: int, saturate: bool, shape) -> str | None:
+    """Why solver ``inst`` does not take n:m on a matrix of ``shape`` (None: it does).
+
+    With ``saturate`` and edge tiles the solver must also take at most N (edge tiles)."""
+    import nmopt
+
+    tiles = -(-shape[0] // m) * -(-shape[1] // m)
+    edge = shape[0] % m != 0 or shape[1] % m != 0
+    return nmopt.solvers.refusal(inst, n, m, saturate, tiles, edge)

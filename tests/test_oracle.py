@@ -62,7 +62,7 @@ def exact_solver_or_skip(name, n, m, saturate, shape):
     inst = nmopt.solvers.get(name)
     if not inst.exact or not inst.transposable:
         pytest.skip(f"{name!r} is not an exact transposable solver")
-    why = inst.refuses(n, m, saturate, -(-shape[0] // m) * -(-shape[1] // m))
+    why = oracles.refused(inst, n, m, saturate, shape)
     if why is not None:
         pytest.skip(f"{name} refuses {n}:{m} (saturate={saturate}): {why}")
     return inst

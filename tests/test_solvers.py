@@ -66,8 +66,7 @@ def solver_or_skip(name: str):
 
 
 def skip_if_refused(inst, n: int, m: int, saturate: bool, shape) -> None:
-    tiles = -(-shape[0] // m) * -(-shape[1] // m)
-    why = inst.refuses(n, m, saturate, tiles)
+    why = oracles.refused(inst, n, m, saturate, shape)
     if why is not None:
         pytest.skip(f"{inst.name} refuses {n}:{m} (saturate={saturate}): {why}")
 
@@ -153,7 +152,7 @@ def test_saturate(name, case):
 
 def first_pattern(inst, shape, saturate=False) -> tuple[int, int]:
     for n, m in ((2, 4), (4, 8), (8, 16), (1, 4), (16, 32)):
-        if inst.refuses(n, m, saturate, -(-shape[0] // m) * -(-shape[1] // m)) is None:
+        if oracles.refused(inst, n, m, saturate, shape) is None:
             return n, m
     pytest.skip(f"{inst.name} takes none of the round-trip patterns")
 
@@ -319,11 +318,10 @@ def problems(draw):
 
 
 def available_solvers(n, m, saturate, shape, transposable=True):
-    tiles = -(-shape[0] // m) * -(-shape[1] // m)
     out = []
     for name in nmopt.solvers.available():
         inst = nmopt.solvers.get(name)
-        if inst.transposable == transposable and inst.refuses(n, m, saturate, tiles) is None:
+        if inst.transposable == transposable and oracles.refused(inst, n, m, saturate, shape) is None:
             out.append(name)
     return out
 
@@ -358,3 +356,13 @@ def test_property_rowwise(problem):
         oracles.check_result(res, s, n, m, transposable=False)
         if nmopt.solvers.get(name).exact:
             assert res.objective == pytest.approx(oracles.rowwise_optimum(s, n, m), rel=1e-12)
+
+
+def test_saturate_with_edge_tiles_checks_the_at_most_problem_too():
+    """With saturate=True, edge tiles are solved at most N: a solver that refuses that problem
+    (enumerate at 8:8, 2**64 candidate patterns) must be refused up front, not left to run."""
+    w = np.random.default_rng(0).random((9, 13))
+    with pytest.raises(ValueError, match="enumerate"):
+        nmopt.find_mask(w, "8:8", solver="enumerate", saturate=True)
+    res = nmopt.find_mask(w, "8:8", saturate=True)  # auto skips enumerate for the same reason
+    assert res.optimal and res.solver != "enumerate" and res.mask.all()
