@@ -123,27 +123,24 @@ class CffiBackend(Backend):
         self._threads = value
 
     # -- tile kernels -----------------------------------------------------------------------
-    def greedy(self, tiles, n):
+    def _select(self, kernel: str, tiles, n):
+        """Run a mask-only C kernel (greedy or row-wise selection) over all tiles."""
         n, m = _check_tiles(tiles, n)
         k = _load()
         mask = np.empty(tiles.shape, dtype=np.uint8)
-        rc = k.lib.nm_greedy(k.ffi.from_buffer("double[]", tiles), tiles.shape[0], m, n,
-                             k.ffi.from_buffer("uint8_t[]", mask), self.num_threads)
+        rc = getattr(k.lib, f"nm_{kernel}")(k.ffi.from_buffer("double[]", tiles), tiles.shape[0],
+                                            m, n, k.ffi.from_buffer("uint8_t[]", mask),
+                                            self.num_threads)
         if rc == -2:
             raise _bad_scores(tiles, negative_ok=True)
-        _check(rc, "greedy")
+        _check(rc, kernel)
         return mask.view(np.bool_)
 
+    def greedy(self, tiles, n):
+        return self._select("greedy", tiles, n)
+
     def rowwise(self, tiles, n):
-        n, m = _check_tiles(tiles, n)
-        k = _load()
-        mask = np.empty(tiles.shape, dtype=np.uint8)
-        rc = k.lib.nm_rowwise(k.ffi.from_buffer("double[]", tiles), tiles.shape[0], m, n,
-                              k.ffi.from_buffer("uint8_t[]", mask), self.num_threads)
-        if rc == -2:
-            raise _bad_scores(tiles, negative_ok=True)
-        _check(rc, "rowwise")
-        return mask.view(np.bool_)
+        return self._select("rowwise", tiles, n)
 
     def exact(self, tiles, n, saturate=False, *, flags: int = 0):
         """Exact transposable masks (at most N, or exactly N with ``saturate``).
