@@ -42,6 +42,20 @@ def check_scores(scores: np.ndarray, name: str = "scores") -> None:
                          "e.g. pass np.abs(...)")
 
 
+def tile_counts(mask_tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Kept entries per row and per column of every tile of a boolean (T, M, M) array, as
+    uint8 arrays (T, M). Small M adds the M slices (numpy reduces tiny axes slowly)."""
+    t8 = np.ascontiguousarray(mask_tiles, dtype=np.bool_).view(np.uint8)
+    m = t8.shape[-1]
+    if m > 8:
+        return t8.sum(axis=2, dtype=np.uint8), t8.sum(axis=1, dtype=np.uint8)
+    rows, cols = t8[:, :, 0].copy(), t8[:, 0, :].copy()
+    for k in range(1, m):
+        rows += t8[:, :, k]
+        cols += t8[:, k, :]
+    return rows, cols
+
+
 @dataclass(frozen=True)
 class TileGrid:
     """The tile layout of an (rows, cols) matrix for tile size m."""

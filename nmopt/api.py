@@ -10,8 +10,8 @@ import numpy as np
 from nmopt import backends as _backends
 from nmopt import solvers as _solvers
 from nmopt._arrays import to_float64
-from nmopt._tiles import TileGrid, as_matrix, check_scores
-from nmopt.certificates import OPTIMALITY_TOL, tile_bounds
+from nmopt._tiles import TileGrid, as_matrix, check_scores, tile_counts
+from nmopt.certificates import OPTIMALITY_TOL, total_bound
 from nmopt.masks import check_mask
 from nmopt.patterns import parse_pattern
 from nmopt.result import MaskResult
@@ -56,13 +56,13 @@ def _resolve_solver(solver, n, m, transposable, saturate, num_tiles, backend, ed
 def _checked_output(name, grid, tiles, mask_t, u_t, v_t, p, transposable, saturate):
     """Refuse a solver's output that is not a valid mask with finite prices: a wrong mask
     or a wrong "optimal" must never leave find_mask. Negative at-most-N prices are clipped
-    to 0, which keeps the bound valid."""
+    to 0, which keeps the bound valid. Returns the mask, the prices and the tile counts."""
     mask_t = np.asarray(mask_t)
     if mask_t.shape != tiles.shape:
         raise RuntimeError(f"solver {name!r} returned a mask of shape {mask_t.shape}, "
                            f"expected {tiles.shape}")
     mask_t = mask_t.astype(bool)
-    rows, cols = mask_t.sum(axis=2), mask_t.sum(axis=1)
+    rows, cols = tile_counts(mask_t)
     if (rows > p.n).any() or (transposable and (cols > p.n).any()):
         try:  # over N somewhere in the padded tiles: does it survive cropping the padding?
             check_mask(grid.from_tiles(mask_t), p, transposable)
@@ -82,7 +82,7 @@ def _checked_output(name, grid, tiles, mask_t, u_t, v_t, p, transposable, satura
         raise RuntimeError(f"solver {name!r} returned prices that are not finite")
     if not saturate:
         u_t, v_t = np.maximum(u_t, 0.0), np.maximum(v_t, 0.0)
-    return mask_t, u_t, v_t
+    return mask_t, u_t, v_t, (rows, cols)
 
 
 def _solve(inst, grid, tiles, n, saturate, engine):
@@ -103,27 +103,35 @@ def _solve(inst, grid, tiles, n, saturate, engine):
     return mask, u, v
 
 
-def _fill_free_slots(grid, tiles, mask_t, n):
+def _fill_free_slots(grid, tiles, mask_t, n, counts):
     """Keep zero-score entries wherever a row and a column of a tile both still have room.
 
     This changes neither the objective nor the certificate (a short row or column has price 0
     in an optimal certificate), and after an exact solve only zero scores can sit in such
     slots; the mask becomes maximal, so the deficit no longer depends on which optimal mask a
     solver happened to return (with N = M and zero weights the mask is dense). Entries are
-    filled in row-major order; positive scores and padding are never added.
+    filled in row-major order; positive scores and padding are never added. Returns the mask
+    and its tile counts.
     """
-    free = ~mask_t & (mask_t.sum(axis=2) < n)[:, :, None] & (mask_t.sum(axis=1) < n)[:, None, :]
-    real = grid.to_tiles(np.ones((grid.rows, grid.cols), dtype=bool), fill=False)
-    todo = (free & real & (tiles == 0)).reshape(len(tiles), -1).any(axis=1)
-    if not todo.any():
-        return mask_t
+    rows, cols = counts
+    # only a tile with a short row and a short column can have a free slot
+    cand = np.flatnonzero((rows < n).any(axis=1) & (cols < n).any(axis=1))
+    if cand.size:
+        sub = mask_t[cand]
+        real = grid.to_tiles(np.ones((grid.rows, grid.cols), dtype=bool), fill=False)[cand]
+        zero = real & (tiles[cand] == 0)
+        free = ~sub & (rows[cand] < n)[:, :, None] & (cols[cand] < n)[:, None, :]
+        hit = (free & zero).reshape(len(cand), -1).any(axis=1)
+        cand, sub, zero = cand[hit], sub[hit], zero[hit]
+    if not cand.size:
+        return mask_t, counts
     # the greedy visits kept entries (2) first, then real zero scores (1), then the rest (0);
     # dropping the rest afterwards leaves exactly the greedy completion by zero scores
-    zero = real[todo] & (tiles[todo] == 0)
-    priority = np.where(mask_t[todo], 2.0, zero.astype(np.float64))
-    mask_t = mask_t.copy()
-    mask_t[todo] = _backends.get("numpy").greedy(priority, n) & (mask_t[todo] | zero)
-    return mask_t
+    priority = np.where(sub, 2.0, zero.astype(np.float64))
+    mask_t, rows, cols = mask_t.copy(), rows.copy(), cols.copy()
+    mask_t[cand] = _backends.get("numpy").greedy(priority, n) & (sub | zero)
+    rows[cand], cols[cand] = tile_counts(mask_t[cand])
+    return mask_t, (rows, cols)
 
 
 def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = False,
@@ -181,27 +189,26 @@ def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = F
 
     tiles = grid.to_tiles(s)
     mask_t, u_t, v_t = _solve(inst, grid, tiles, p.n, bool(saturate), engine)
-    mask_t, u_t, v_t = _checked_output(inst.name, grid, tiles, mask_t, u_t, v_t, p,
-                                       transposable, saturate)
+    mask_t, u_t, v_t, counts = _checked_output(inst.name, grid, tiles, mask_t, u_t, v_t, p,
+                                               transposable, saturate)
     if transposable:
-        mask_t = _fill_free_slots(grid, tiles, mask_t, p.n)
+        mask_t, counts = _fill_free_slots(grid, tiles, mask_t, p.n, counts)
     # The bound is computed from the prices exactly as returned (padded rows and columns
     # dropped), so dual_bound(scores, pattern, res.u, res.v) reproduces it.
     big_u, big_v = grid.prices_to_matrices(u_t, v_t)
     u_t, v_t = grid.matrices_to_prices(big_u, big_v)
 
-    kept = np.where(mask_t, tiles, 0.0)
-    objective = float(kept.sum())
-    bound = float(tile_bounds(tiles, p.n, u_t, v_t).sum())
+    objective = float(tiles.ravel() @ mask_t.ravel().astype(np.float64))
+    bound = total_bound(tiles, p.n, u_t, v_t)
     if bound < objective * (1 - 1e-9):  # impossible for a valid mask and valid prices
         raise RuntimeError(f"solver {inst.name!r} returned prices whose bound {bound!r} is below "
                            f"its objective {objective!r}; this is a bug in the solver")
     bound = max(bound, objective)  # rounding of two different float64 sums
     gap = (bound - objective) / bound if bound > 0 else 0.0
     full = grid.full_tiles()
-    short = (mask_t.sum(axis=2) < p.n).sum(axis=1)
+    short = (counts[0] < p.n).sum(axis=1)
     if transposable:
-        short = short + (mask_t.sum(axis=1) < p.n).sum(axis=1)
+        short = short + (counts[1] < p.n).sum(axis=1)
     mask = kind.bool_array(grid.from_tiles(mask_t))
     return MaskResult(
         mask=mask, objective=objective, bound=bound, gap=gap, optimal=gap <= OPTIMALITY_TOL,

@@ -39,6 +39,14 @@ def tile_bounds(tiles: np.ndarray, n: int, u: np.ndarray, v: np.ndarray) -> np.n
     return n * (u.sum(axis=1) + v.sum(axis=1)) + slack.reshape(len(slack), -1).sum(axis=1)
 
 
+def total_bound(tiles: np.ndarray, n: int, u: np.ndarray, v: np.ndarray) -> float:
+    """``tile_bounds(...).sum()`` without the per-tile sums (faster on small tiles)."""
+    slack = np.subtract(tiles, u[:, :, None])
+    slack -= v[:, None, :]
+    np.maximum(slack, 0.0, out=slack)
+    return float(n * (u.sum() + v.sum()) + slack.sum())
+
+
 def dual_bound(scores, pattern, u, v=None, *, saturate: bool = False) -> float:
     """Weak-duality upper bound on the best kept score of any valid transposable mask.
 
@@ -84,7 +92,7 @@ def dual_bound(scores, pattern, u, v=None, *, saturate: bool = False) -> float:
     if saturate and ((tu[edge] < 0).any() or (tv[edge] < 0).any()):
         raise ValueError("u, v: prices of edge tiles (cut by the matrix border) must be >= 0: "
                          "exactly N applies to full tiles only, edge tiles keep at most N")
-    return float(tile_bounds(grid.to_tiles(s), p.n, tu, tv).sum())
+    return total_bound(grid.to_tiles(s), p.n, tu, tv)
 
 
 def prices_from_mask(tiles: np.ndarray, mask: np.ndarray, n: int,

@@ -104,42 +104,8 @@ def _check_outputs(args) -> None:
                              "exist")
 
 
-def prune_layer_columns():
-    """Columns of the ``nmopt prune`` table."""
-    from nmopt.bench._report import Column
-
-    return [
-        Column("name", "layer", align="<"),
-        Column("shape", "shape", lambda s: "x".join(map(str, s)), align="<"),
-        Column("kept_fraction", "kept score", lambda v: f"{100 * v:.3f}%"),
-        Column("density", "kept w", lambda v: f"{100 * v:.2f}%"),
-        Column("gap", "gap", lambda g: f"{g:.1e}"), Column("deficit", "deficit"),
-        Column("solver", "solver", align="<"), Column("seconds", "seconds", "{:.3f}"),
-    ]
-
-
-def print_prune_report(report: dict, out=None) -> None:
-    """The per-layer table and totals of a prune report."""
-    from nmopt.bench._report import format_table
-
-    out = out or sys.stdout
-    rows = [dict(r, density=r["kept_weights"] / r["weights"]) for r in report["layers"]]
-    t = report["totals"]
-    rows.append({"name": f"total ({t['layers']} layers)", "shape": (f"{t['weights']} w",),
-                 "kept_fraction": t["kept_fraction"], "density": t["kept_weights"] / t["weights"],
-                 "gap": t["gap"], "deficit": t["deficit"], "seconds": t["seconds"]})
-    kind = "transposable" if report["transposable"] else "row-wise"
-    print(f"{report['pattern']} {kind}{', exactly N' if report['saturate'] else ''} masks for "
-          f"{t['layers']} layers of {report['input']}", file=out)
-    print(format_table(rows, prune_layer_columns()), file=out)
-    copied = report["copied"]
-    print(f"copied unchanged: {len(copied)} tensors" + (
-        f" ({', '.join(c['name'] for c in copied[:4])}{', ...' if len(copied) > 4 else ''}; "
-        "reasons in the report)" if copied else ""), file=out)
-
-
 def cmd_prune(args) -> int:
-    from nmopt.prune import prune_file
+    from nmopt.prune import print_report, prune_file
 
     _check_outputs(args)
     _, report = prune_file(
@@ -147,7 +113,7 @@ def cmd_prune(args) -> int:
         transposable=not args.row_wise, saturate=args.saturate, solver=args.solver,
         backend=args.backend, include=args.include, exclude=args.exclude,
         progress=False if args.no_progress else None)
-    print_prune_report(report)
+    print_report(report)
     for path, what in ((args.out, "pruned checkpoint"), (args.masks, "masks"),
                        (args.report, "report")):
         if path:
@@ -224,82 +190,10 @@ def cmd_backends(args) -> int:
 
 # -- demo ------------------------------------------------------------------------------------
 
-DEMO_SIZES = ((512, 512), (1024, 1024))
-DEMO_PATTERN = "4:8"
-DEMO_TIME_LIMIT = 10.0
-
-
-def demo_state_dict(seed: int = 0) -> dict:
-    """A small seeded checkpoint: Linear and Conv weights with biases, a LayerNorm, a BatchNorm
-    (with its int64 counter), an embedding, a float16 layer and shapes that are not multiples
-    of 8."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-
-    def weight(*shape, dtype=np.float32):
-        fan_in = int(np.prod(shape[1:]))
-        return (rng.standard_t(4, size=shape) / np.sqrt(fan_in)).astype(dtype)
-
-    def zeros(*shape):
-        return np.zeros(shape, dtype=np.float32)
-
-    return {
-        "embed.weight": weight(1000, 128),
-        "stem.conv.weight": weight(32, 3, 3, 3), "stem.conv.bias": zeros(32),
-        "stem.bn.weight": np.ones(32, np.float32), "stem.bn.bias": zeros(32),
-        "stem.bn.running_mean": zeros(32), "stem.bn.running_var": np.ones(32, np.float32),
-        "stem.bn.num_batches_tracked": np.array(0, dtype=np.int64),
-        "blocks.0.norm.weight": np.ones(128, np.float32), "blocks.0.norm.bias": zeros(128),
-        "blocks.0.attn.qkv.weight": weight(384, 128), "blocks.0.attn.qkv.bias": zeros(384),
-        "blocks.0.attn.proj.weight": weight(128, 128), "blocks.0.attn.proj.bias": zeros(128),
-        "blocks.0.mlp.fc1.weight": weight(512, 128, dtype=np.float16),
-        "blocks.0.mlp.fc1.bias": zeros(512),
-        "blocks.0.mlp.fc2.weight": weight(128, 512), "blocks.0.mlp.fc2.bias": zeros(128),
-        "head.weight": weight(10, 128), "head.bias": zeros(10),
-    }
-
-
 def cmd_demo(args) -> int:
-    import time
+    from nmopt.demo import run_demo
 
-    from nmopt.bench import gap
-    from nmopt.checkpoint import save
-    from nmopt.prune import prune_file, verify_pruned
-
-    start = time.perf_counter()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"bench JSON": out / "gap.json", "bench Markdown": out / "gap.md",
-             "bench plot": out / "gap.png", "demo checkpoint": out / "demo-model.safetensors",
-             "pruned checkpoint": out / "demo-model-4of8.safetensors",
-             "masks": out / "demo-masks-4of8.safetensors",
-             "prune report": out / "demo-prune-report.json"}
-    sizes = ", ".join(f"{r}x{c}" for r, c in DEMO_SIZES)
-    print(f"[1/3] solver-quality benchmark: Gaussian {sizes}, "
-          f"{' '.join(gap.DEFAULT_PATTERNS)}, every solver and baseline", flush=True)
-    result = gap.run_gap(gap.synthetic_matrices(["gaussian"], DEMO_SIZES),
-                         gap.DEFAULT_PATTERNS, time_limit=args.time_limit or None)
-    gap.write_outputs(result, files["bench JSON"], files["bench Markdown"], files["bench plot"])
-    print(gap.format_text(result, details=False))
-    print(f"(every run, skipped ones with the reason: {files['bench Markdown']})")
-
-    print(f"\n[2/3] prune a generated checkpoint with {DEMO_PATTERN} transposable masks",
-          flush=True)
-    save(demo_state_dict(), files["demo checkpoint"])
-    _, report = prune_file(files["demo checkpoint"], files["pruned checkpoint"], DEMO_PATTERN,
-                           masks_path=files["masks"], report_path=files["prune report"])
-    print_prune_report(report)
-
-    print("\n[3/3] re-validate the written masks and weights, tile by tile", flush=True)
-    for line in verify_pruned(files["demo checkpoint"], files["pruned checkpoint"], files["masks"],
-                           report):
-        print(f"  ok  {line}")
-
-    print(f"\ndone in {time.perf_counter() - start:.0f} s; outputs:")
-    width = max(map(len, files))
-    for what, path in files.items():
-        print(f"  {what:<{width}}  {path}")
+    run_demo(Path(args.out), time_limit=args.time_limit or None)
     return 0
 
 
@@ -372,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "its own files in --out.")
     m.add_argument("--out", default="nmopt-demo", metavar="DIR",
                    help="output directory (default: nmopt-demo)")
-    m.add_argument("--time-limit", type=float, default=DEMO_TIME_LIMIT, metavar="S",
-                   help=f"per-run time limit of the benchmark (default {DEMO_TIME_LIMIT:g})")
+    m.add_argument("--time-limit", type=float, default=10.0, metavar="S",
+                   help="per-run time limit of the benchmark (default 10, 0: none)")
     m.set_defaults(func=cmd_demo)
     parser.set_defaults(func=lambda args: _missing(parser))
     return parser

@@ -12,6 +12,7 @@ integer tensor is a count or an index, not a weight.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -322,3 +323,37 @@ def verify_pruned(original, pruned, masks, report: dict) -> list[str]:
                      f"{'transposable' if transposable else 'row-wise'} in every tile, "
                      f"weights = original * mask, kept score matches{check}")
     return lines
+
+
+def report_columns():
+    """Columns of the per-layer table of a prune report."""
+    from nmopt.bench._report import Column
+
+    return [
+        Column("name", "layer", align="<"),
+        Column("shape", "shape", lambda s: "x".join(map(str, s)), align="<"),
+        Column("kept_fraction", "kept score", lambda v: f"{100 * v:.3f}%"),
+        Column("density", "kept w", lambda v: f"{100 * v:.2f}%"),
+        Column("gap", "gap", lambda g: f"{g:.1e}"), Column("deficit", "deficit"),
+        Column("solver", "solver", align="<"), Column("seconds", "seconds", "{:.3f}"),
+    ]
+
+
+def print_report(report: dict, out=None) -> None:
+    """The per-layer table and totals of a prune report."""
+    from nmopt.bench._report import format_table
+
+    out = out or sys.stdout
+    rows = [dict(r, density=r["kept_weights"] / r["weights"]) for r in report["layers"]]
+    t = report["totals"]
+    rows.append({"name": f"total ({t['layers']} layers)", "shape": (f"{t['weights']} w",),
+                 "kept_fraction": t["kept_fraction"], "density": t["kept_weights"] / t["weights"],
+                 "gap": t["gap"], "deficit": t["deficit"], "seconds": t["seconds"]})
+    kind = "transposable" if report["transposable"] else "row-wise"
+    print(f"{report['pattern']} {kind}{', exactly N' if report['saturate'] else ''} masks for "
+          f"{t['layers']} layers of {report['input']}", file=out)
+    print(format_table(rows, report_columns()), file=out)
+    copied = report["copied"]
+    print(f"copied unchanged: {len(copied)} tensors" + (
+        f" ({', '.join(c['name'] for c in copied[:4])}{', ...' if len(copied) > 4 else ''}; "
+        "reasons in the report)" if copied else ""), file=out)

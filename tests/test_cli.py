@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 import nmopt
-from nmopt import cli
 from nmopt.cli import main
 
 torch = pytest.importorskip("torch")
@@ -275,10 +274,12 @@ def test_bench_registry_skips_missing_and_propagates_other_errors(monkeypatch):
 
 
 def test_demo_small(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "DEMO_SIZES", ((64, 64),))
-    full = cli.demo_state_dict
+    from nmopt import demo
+
+    monkeypatch.setattr(demo, "DEMO_SIZES", ((64, 64),))
+    full = demo.demo_state_dict
     # the same tensors, cut to a few rows, so that the test stays fast
-    monkeypatch.setattr(cli, "demo_state_dict", lambda seed=0: {
+    monkeypatch.setattr(demo, "demo_state_dict", lambda seed=0: {
         k: (v[:16] if v.ndim >= 2 else v) for k, v in full(seed).items()})
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
