@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nmopt
-from nmopt.certificates import descent_prices, prices_from_mask, tile_bounds
+from nmopt._tiles import tile_counts
+from nmopt.certificates import descent_prices, prices_from_mask, tile_bounds, total_bound
 
 
 @st.composite
@@ -156,3 +157,18 @@ def test_tolerance_is_stated():
 
     assert nmopt.OPTIMALITY_TOL == 1e-7
     assert "weak duality" in certificates.__doc__
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 9, 16, 64])
+def test_tile_counts_and_total_bound_match_the_plain_sums(m):
+    """The fast paths find_mask uses (slice sums for small M, one total for the bound) agree
+    with the per-tile numpy reductions they replace."""
+    rng = np.random.default_rng(m)
+    tiles = rng.random((37, m, m)) * (rng.random((37, m, m)) < 0.7)
+    mask = rng.random((37, m, m)) < 0.5
+    rows, cols = tile_counts(mask)
+    assert np.array_equal(rows, mask.sum(axis=2)) and np.array_equal(cols, mask.sum(axis=1))
+    u, v = rng.random((37, m)), rng.random((37, m))
+    n = max(1, m // 2)
+    assert total_bound(tiles, n, u, v) == pytest.approx(tile_bounds(tiles, n, u, v).sum(),
+                                                        rel=1e-12)

@@ -182,8 +182,14 @@ static inline __attribute__((always_inline)) void warm_start(tile_t *t)
                 rank -= vload_d(t->sT + k * mp + i0) > sj;
             const nm_vi keep = (rank < n) & valid;
             next = vblend_d(rank == n, sj, next);
-            for (int q = 0; q < NM_W && i0 + q < m; q++)
-                t->x[(i0 + q) * mp + j] = (uint8_t)(keep[q] & 1);
+            uint8_t *xj = t->x + i0 * mp + j;
+            if (i0 + NM_W <= m) { /* a full block of rows */
+                for (int q = 0; q < NM_W; q++)
+                    xj[q * mp] = (uint8_t)(keep[q] & 1);
+            } else {
+                for (int q = 0; q < m - i0; q++)
+                    xj[q * mp] = (uint8_t)(keep[q] & 1);
+            }
             /* column j -> rows: +s where kept; +inf elsewhere and on padding lanes */
             const nm_vd back = vblend_d(keep, sj, inf);
             memcpy(t->cost + NODE_COL(m, j) * st + NODE_ROW(i0), &back, sizeof back);
@@ -201,8 +207,9 @@ static inline __attribute__((always_inline)) void warm_start(tile_t *t)
             const nm_vd f = vblend_d(keep, inf, -vload_d(t->s + i * mp + j0));
             memcpy(fwd + j0, &f, sizeof f);
         }
-        t->rdeg[i] = n;
-        set_row_arcs(t, i);
+        t->rdeg[i] = n; /* full: S -> row absent, row -> S open (set_row_arcs, unrolled) */
+        t->cost[NODE_S(m) * st + NODE_ROW(i)] = HUGE_VAL;
+        t->cost[NODE_ROW(i) * st + NODE_S(m)] = 0.0;
     }
     for (int j = 0; j < m; j++) {
         t->cflow[j] = t->cdeg[j] < n ? t->cdeg[j] : n;
@@ -350,9 +357,12 @@ static inline __attribute__((always_inline)) int64_t frontier_min(const frontier
 static inline __attribute__((always_inline)) int augment(tile_t *t, int src)
 {
     const int m = t->m, st = t->stride;
-    const double dT = t->dist[NODE_T];
-    for (int a = 0; a < st; a++)
-        t->pot[a] += t->dist[a] < dT ? t->dist[a] : dT;
+    const nm_vd dT = (nm_vd){0} + t->dist[NODE_T];
+    for (int a = 0; a < st; a += NM_W) {
+        const nm_vd d = vload_d(t->dist + a);
+        const nm_vd p = vload_d(t->pot + a) + vblend_d(d < dT, d, dT);
+        memcpy(t->pot + a, &p, sizeof p);
+    }
     int b = NODE_T, steps = 0;
     while (b != src) {
         const int a = (int)t->prev[b];
@@ -435,12 +445,15 @@ static inline __attribute__((always_inline)) int verified(const tile_t *t, const
 {
     const int m = t->m, n = t->n, mp = t->mp;
     double vpad[NM_MAX_M] A64;
-    double bound = 0.0;
-    for (int j = 0; j < mp; j++) {
-        if (j < m && (!isfinite(u[j]) || !isfinite(v[j])))
-            return 0;
-        vpad[j] = j < m ? v[j] : HUGE_VAL; /* padding lanes: no slack */
+    double bound = 0.0, fin = 0.0;
+    for (int j = 0; j < m; j++) {
+        fin += (u[j] - u[j]) + (v[j] - v[j]); /* 0, or NaN if any price is inf or NaN */
+        vpad[j] = v[j];
     }
+    if (fin != 0.0)
+        return 0;
+    for (int j = m; j < mp; j++)
+        vpad[j] = HUGE_VAL; /* padding lanes: no slack */
     for (int i = 0; i < m; i++)
         bound += n * u[i] + n * v[i];
     const nm_vd zero = {0};
@@ -582,16 +595,50 @@ typedef struct {
     int err;
 } exact_ctx;
 
+/* 2^k as a double, for -1022 <= k <= 1023 (exact, no libm call). */
+static inline double pow2(int k)
+{
+    const uint64_t bits = (uint64_t)(k + 1023) << 52;
+    double d;
+    memcpy(&d, &bits, sizeof d);
+    return d;
+}
+
+/* The binary exponent e of x > 0 as frexp gives it (x = f * 2^e, f in [0.5, 1)). */
+static inline int exponent_of(double x)
+{
+    uint64_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    const int biased = (int)((bits >> 52) & 0x7ff);
+    if (biased == 0) { /* subnormal */
+        int e;
+        frexp(x, &e);
+        return e;
+    }
+    return biased - 1022;
+}
+
 /* Read, check and scale one tile into t->s / t->sT. Returns the binary exponent e of the
  * scale (scores were multiplied by 2^-e), or INT32_MIN for an all-zero tile. */
 static inline __attribute__((always_inline)) int load_tile(tile_t *t, const double *s, int *err)
 {
-    const int m = t->m, mp = t->mp;
+    const int m = t->m, mp = t->mp, mm = m * m;
+    const nm_vd zero = {0}, big = zero + DBL_MAX;
+    nm_vd vmx = zero;
+    nm_vi vbad = {0};
+    int a = 0;
+    for (; a + NM_W <= mm; a += NM_W) {
+        const nm_vd x = vload_d(s + a);
+        vbad |= ~(x >= zero) | (x > big); /* NaN fails the first test */
+        vmx = vblend_d(x > vmx, x, vmx);
+    }
     double mx = 0.0;
-    int bad = 0;
-    for (int a = 0; a < m * m; a++) {
+    int bad = hsum_i(vbad) != 0;
+    for (int q = 0; q < NM_W; q++)
+        mx = vmx[q] > mx ? vmx[q] : mx;
+    for (; a < mm; a++) {
         const double sa = s[a];
-        bad |= !(sa >= 0.0) | (sa > DBL_MAX); /* NaN fails the first test */
+        bad |= !(sa >= 0.0) | (sa > DBL_MAX);
         mx = sa > mx ? sa : mx;
     }
     if (bad) {
@@ -600,10 +647,19 @@ static inline __attribute__((always_inline)) int load_tile(tile_t *t, const doub
     }
     if (mx == 0.0)
         return INT32_MIN;
-    int e;
-    frexp(mx, &e);
+    const int e = exponent_of(mx);
     const int fast = e > -1000 && e < 1000; /* 2^-e is a normal double */
-    const double f = fast ? ldexp(1.0, -e) : 0.0;
+    const double f = fast ? pow2(-e) : 0.0;
+    if (fast && m % NM_W == 0) { /* whole vectors, each also scattered into the transpose */
+        for (int i = 0; i < m; i++)
+            for (int j0 = 0; j0 < m; j0 += NM_W) {
+                const nm_vd x = vload_d(s + i * m + j0) * f;
+                memcpy(t->s + i * mp + j0, &x, sizeof x);
+                for (int q = 0; q < NM_W; q++)
+                    t->sT[(j0 + q) * mp + i] = x[q];
+            }
+        return e;
+    }
     for (int i = 0; i < m; i++)
         for (int j = 0; j < m; j++) {
             const double v = fast ? s[i * m + j] * f : ldexp(s[i * m + j], -e);
@@ -653,7 +709,7 @@ static inline __attribute__((always_inline)) void finish_tile(tile_t *t, const e
             }
         }
         const int fast = e > -1000 && e < 1000;
-        const double f = fast ? ldexp(1.0, e) : 0.0;
+        const double f = fast ? pow2(e) : 0.0;
         for (int i = 0; i < m; i++) {
             u[i] = fast ? u[i] * f : ldexp(u[i], e);
             v[i] = fast ? v[i] * f : ldexp(v[i], e);
@@ -721,9 +777,11 @@ static inline __attribute__((always_inline)) void slot_step(slot_t *sl, const ex
             return;
         }
         sl->src = NODE_COL(m, sl->col);
-        for (int b = 0; b < t->stride; b++) {
-            t->dist[b] = HUGE_VAL;
-            t->done[b] = 0;
+        const nm_vd inf = (nm_vd){0} + HUGE_VAL;
+        const nm_vi none = {0};
+        for (int b = 0; b < t->stride; b += NM_W) {
+            memcpy(t->dist + b, &inf, sizeof inf);
+            memcpy(t->done + b, &none, sizeof none);
         }
         t->dist[sl->src] = 0.0;
         t->prev[sl->src] = -1;
