@@ -47,6 +47,20 @@ def test_bench_train_quick(tmp_path, capsys):
     assert "transposable-4:8" in capsys.readouterr().out
 
 
+def test_bench_train_jobs_give_the_same_rows(tmp_path):
+    """Variants trained in worker processes (--jobs 2) end where a sequential run ends."""
+    from nmopt.bench import train
+
+    def rows(jobs):
+        out = tmp_path / f"jobs{jobs}.json"
+        args = parse(train, ["train", "--quick", "--quiet", "--threads", "1", "--jobs", str(jobs),
+                             "--variants", "dense,transposable-2:4", "--json", str(out)])
+        assert args.func(args) == 0
+        return {r["variant"]: r["val_loss"] for r in json.loads(out.read_text())["rows"]}
+
+    assert rows(2) == rows(1)
+
+
 def test_bench_train_rejects_unknown_variant(capsys):
     from nmopt.bench import train
 
