@@ -204,16 +204,12 @@ def _run_variants(data, args) -> list[dict]:
     if args.jobs <= 1 or len(args.variants) <= 1:
         return [report(_timed_variant(v, data, args)) for v in args.variants]
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-    with ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_init_worker,
-                             initargs=(args.threads,)) as pool:
-        futures = {pool.submit(_timed_variant, v, data, args): v for v in args.variants}
-        done = {}
-        for fut in as_completed(futures):
-            done[futures[fut]] = report(fut.result())
-    return [done[v] for v in args.variants]
+    # Pool.__exit__ terminates the workers, also on an interrupt: none is left running
+    with ctx.Pool(args.jobs, initializer=_init_worker, initargs=(args.threads,)) as pool:
+        pending = [pool.apply_async(_timed_variant, (v, data, args)) for v in args.variants]
+        return [report(p.get()) for p in pending]
 
 
 def run(args) -> dict:
