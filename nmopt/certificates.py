@@ -30,21 +30,23 @@ from nmopt.patterns import parse_pattern
 OPTIMALITY_TOL = 1e-7
 
 
-def tile_bounds(tiles: np.ndarray, n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Per-tile dual bound ``B(u, v)`` for tiles (T, M, M) and prices (T, M)."""
+def _slack(tiles: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``max(0, s_ij - u_i - v_j)`` for tiles (T, M, M) and prices (T, M)."""
     slack = np.subtract(tiles, u[:, :, None])
     slack -= v[:, None, :]
-    np.maximum(slack, 0.0, out=slack)
+    return np.maximum(slack, 0.0, out=slack)
+
+
+def tile_bounds(tiles: np.ndarray, n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Per-tile dual bound ``B(u, v)`` for tiles (T, M, M) and prices (T, M)."""
+    slack = _slack(tiles, u, v)
     # summing the flattened tile is several times faster than axis=(1, 2) on tiny axes
     return n * (u.sum(axis=1) + v.sum(axis=1)) + slack.reshape(len(slack), -1).sum(axis=1)
 
 
 def total_bound(tiles: np.ndarray, n: int, u: np.ndarray, v: np.ndarray) -> float:
     """``tile_bounds(...).sum()`` without the per-tile sums (faster on small tiles)."""
-    slack = np.subtract(tiles, u[:, :, None])
-    slack -= v[:, None, :]
-    np.maximum(slack, 0.0, out=slack)
-    return float(n * (u.sum() + v.sum()) + slack.sum())
+    return float(n * (u.sum() + v.sum()) + _slack(tiles, u, v).sum())
 
 
 def dual_bound(scores, pattern, u, v=None, *, saturate: bool = False) -> float:
