@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from nmopt._arrays import to_float64
-from nmopt._tiles import TileGrid, as_matrix, check_scores
+from nmopt._tiles import TileGrid, as_matrix, check_scores, tile_counts
 from nmopt.patterns import parse_pattern
 
 #: Relative gap under which a result counts as certified optimal. Exact solvers reach it because
@@ -115,8 +115,8 @@ def prices_from_mask(tiles: np.ndarray, mask: np.ndarray, n: int,
         return u, v
     w_keep = np.where(mask, tiles, np.inf)  # col j -> row i, kept entries
     w_drop = np.where(mask, np.inf, -tiles)  # row i -> col j, dropped entries
-    row_short = mask.sum(axis=2) < n
-    col_short = mask.sum(axis=1) < n
+    rows, cols = tile_counts(mask)
+    row_short, col_short = rows < n, cols < n
     d_row = np.zeros((t, m))
     d_col = np.zeros((t, m))
     d_z = np.zeros(t)

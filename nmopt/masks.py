@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from nmopt._arrays import as_bool_numpy
-from nmopt._tiles import TileGrid, as_matrix
+from nmopt._tiles import TileGrid, as_matrix, tile_counts
 from nmopt.patterns import parse_pattern
 
 
@@ -22,9 +22,10 @@ def check_mask(mask, pattern, transposable: bool = True) -> None:
     arr = as_matrix(as_bool_numpy(mask, "mask"), "mask")
     grid = TileGrid(arr.shape[0], arr.shape[1], p.m)
     tiles = grid.to_tiles(arr, fill=False)
-    row_counts = tiles.sum(axis=2)
+    row_counts, col_counts = tile_counts(tiles)
     bad_rows = np.argwhere(row_counts > p.n)
-    col_counts = tiles.sum(axis=1) if transposable else np.zeros_like(row_counts)
+    if not transposable:
+        col_counts = np.zeros_like(row_counts)
     bad_cols = np.argwhere(col_counts > p.n)
     if bad_rows.size == 0 and bad_cols.size == 0:
         return

@@ -186,14 +186,21 @@ static int check_tile_args(const double *tiles, int64_t t, int m, int n, const v
     return NM_OK;
 }
 
-int nm_greedy(const double *tiles, int64_t t, int m, int n, uint8_t *mask, int nthreads)
+/* Check the arguments, then run a selection task over the tiles on nthreads threads. */
+static int run_select(nm_task_fn task, const double *tiles, int64_t t, int m, int n,
+                      uint8_t *mask, int nthreads)
 {
     int rc = check_tile_args(tiles, t, m, n, mask, nthreads);
     if (rc != NM_OK || t == 0)
         return rc;
     sel_ctx c = {tiles, m, n, mask, 0};
-    nm_parallel_for(nthreads, t, nm_grain(t, nthreads, 8, 1), greedy_task, &c);
+    nm_parallel_for(nthreads, t, nm_grain(t, nthreads, 8, 1), task, &c);
     return c.err;
+}
+
+int nm_greedy(const double *tiles, int64_t t, int m, int n, uint8_t *mask, int nthreads)
+{
+    return run_select(greedy_task, tiles, t, m, n, mask, nthreads);
 }
 
 NM_SIMD_CLONES static void rowwise_task(void *vctx, int64_t lo, int64_t hi)
@@ -216,10 +223,5 @@ NM_SIMD_CLONES static void rowwise_task(void *vctx, int64_t lo, int64_t hi)
 
 int nm_rowwise(const double *tiles, int64_t t, int m, int n, uint8_t *mask, int nthreads)
 {
-    int rc = check_tile_args(tiles, t, m, n, mask, nthreads);
-    if (rc != NM_OK || t == 0)
-        return rc;
-    sel_ctx c = {tiles, m, n, mask, 0};
-    nm_parallel_for(nthreads, t, nm_grain(t, nthreads, 8, 1), rowwise_task, &c);
-    return c.err;
+    return run_select(rowwise_task, tiles, t, m, n, mask, nthreads);
 }
