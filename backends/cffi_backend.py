@@ -147,9 +147,10 @@ class CffiBackend(Backend):
 
         Returns ``(mask, u, v, status)``: the optimal mask, dual prices whose bound equals the
         kept score (``nmopt.certificates.tile_bounds``), and per tile 0 (verified), 1 (verified
-        after the cycle-cancelling fallback) or 2 (fallback could not certify: see the C
-        source). ``flags`` are testing hooks (1: force the fallback, 2: force it from a trivial
-        mask).
+        after a fallback: cycle cancelling, or the general path for an M = 4 tile) or 2
+        (the fallback could not certify: see the C source). ``flags`` are testing hooks (1:
+        force the fallback, 2: force it from a trivial mask, 4: solve M = 4 tiles on the
+        general path instead of their register path).
         """
         n, m = _check_tiles(tiles, n)
         if not isinstance(saturate, (bool, np.bool_)):

@@ -206,8 +206,8 @@ def markdown(rec: dict) -> str:
                    f"{r['find_mask_greedy']['median']:.2f} | {r['exact_gap']:.1e} | "
                    f"{100 * r['greedy_loss']:.2f}% |")
     out += ["", "`gap`: (bound - kept) / bound from the exact kernel's own prices; `greedy loss`: "
-            "kept score the greedy gives up against the optimum. Tiles that needed the "
-            "cycle-cancelling fallback: "
+            "kept score the greedy gives up against the optimum. Tiles that needed a fallback "
+            "(cycle cancelling; for 4x4 tiles, the general path): "
             + ", ".join(f"{r['pattern']} {r['exact_fallback_tiles']}" for r in rec["masks"])
             + "; uncertified tiles: "
             + ", ".join(f"{r['pattern']} {r['exact_unverified_tiles']}" for r in rec["masks"])

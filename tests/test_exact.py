@@ -126,6 +126,28 @@ def test_hypothesis_tiles_vs_brute_force(cffi, m, saturate, data):
     np.testing.assert_allclose(tile_bounds(unit, n, u / s2, v / s2), kept, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("saturate", [False, True])
+def test_m4_register_path_matches_general_path(cffi, saturate):
+    """M = 4 tiles have their own register-resident solver; flag 4 sends them through the
+    general path instead, which serves as its oracle here (same optimum, both certified)."""
+    rng = np.random.default_rng(11)
+    for family in FAMILIES + ["all_zeros"]:
+        tiles = oracles.INPUTS[family](rng, (300, 4, 4))
+        for n in range(1, 5):
+            kept = []
+            for flags in (0, 4):
+                mask, u, v, status = cffi.exact(tiles, n, saturate, flags=flags)
+                assert (status == 0).all()
+                rows, cols = mask.sum(axis=2), mask.sum(axis=1)
+                assert (rows <= n).all() and (cols <= n).all()
+                if saturate:
+                    assert (rows == n).all() and (cols == n).all()
+                kept.append(np.where(mask, tiles, 0.0).sum(axis=(1, 2)))
+                np.testing.assert_allclose(tile_bounds(tiles, n, u, v), kept[-1], rtol=1e-10,
+                                           atol=1e-300)
+            np.testing.assert_allclose(kept[0], kept[1], rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("flags", [1, 2])
 @pytest.mark.parametrize("saturate", [False, True])
 def test_fallback_path_agrees(cffi, flags, saturate):

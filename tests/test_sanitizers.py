@@ -53,7 +53,7 @@ for m in list(range(1, 17)) + [23, 31, 32, 33, 47, 63, 64]:
             b.num_threads = int(rng.integers(1, 4))
             g = b.greedy(s, n); r = b.rowwise(s, n)
             for sat in (False, True):
-                for flags in ((0, 1, 2) if m <= 12 else (0,)):
+                for flags in ((0, 1, 2, 4) if m <= 12 else (0,)):
                     mask, u, v, st = b.exact(s, n, sat, flags=flags)
                     assert (mask.sum(2) <= n).all() and (mask.sum(1) <= n).all()
                     checked += 1

@@ -25,14 +25,16 @@ enum {
 /* Per-tile status written by nm_exact. */
 enum {
     NM_TILE_OK = 0,        /* shortest-path solve verified: bound == objective */
-    NM_TILE_FALLBACK = 1,  /* needed the cycle-cancelling fallback, then verified */
+    NM_TILE_FALLBACK = 1,  /* needed a fallback, then verified: cycle cancelling, or for
+                            * M = 4 the general path when the register path fails */
     NM_TILE_UNVERIFIED = 2 /* fallback could not close the gap to NM_FALLBACK_TOL */
 };
 
 /* nm_exact flags (testing hooks). */
 enum {
     NM_FLAG_FORCE_FALLBACK = 1, /* run the fallback on every tile, from the solved mask */
-    NM_FLAG_COLD_FALLBACK = 2   /* run the fallback on every tile, from a trivial mask */
+    NM_FLAG_COLD_FALLBACK = 2,  /* run the fallback on every tile, from a trivial mask */
+    NM_FLAG_GENERAL_PATH = 4    /* M = 4: skip the register path, solve as for any M */
 };
 
 /* Relative tolerances of the exact kernel's self-check (see nm_exact.c). */
