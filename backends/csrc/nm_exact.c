@@ -733,6 +733,7 @@ static inline __attribute__((always_inline)) void finish_tile(tile_t *t, const e
  * tile this path does not certify, an all-zero tile and a tile whose scale is not a normal
  * power of two go through the general path (and its fallback) instead. */
 #define Q4_S 4 /* predecessor code of S (rows and columns: 0..3, the source column: -1) */
+_Static_assert(NM_W == 4, "the M = 4 path holds one tile row per vector");
 
 typedef struct {
     nm_vd s[4], sT[4];       /* scaled scores by row, and by column (sT[j][i] = s[i][j]) */
