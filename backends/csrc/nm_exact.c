@@ -125,6 +125,11 @@ static inline __attribute__((always_inline)) nm_vd vblend_d(nm_vi mask, nm_vd a,
     return (nm_vd)((mask & (nm_vi)a) | (~mask & (nm_vi)b));
 }
 
+static inline __attribute__((always_inline)) nm_vi vblend_i(nm_vi mask, nm_vi a, nm_vi b)
+{
+    return (mask & a) | (~mask & b);
+}
+
 static inline __attribute__((always_inline)) double hsum(nm_vd v)
 {
     double s = 0.0;
@@ -230,10 +235,10 @@ static inline __attribute__((always_inline)) int64_t lanes_min(nm_vi key, nm_vi 
     nm_vi k = (key & ~((nm_vi){0} + (NM_W - 1))) | LANE;
     nm_vi o = __builtin_shuffle(k, (nm_vi){2, 3, 0, 1});
     nm_vi lt = k < o;
-    k = (lt & k) | (~lt & o);
+    k = vblend_i(lt, k, o);
     o = __builtin_shuffle(k, (nm_vi){1, 0, 3, 2});
     lt = k < o;
-    k = (lt & k) | (~lt & o);
+    k = vblend_i(lt, k, o);
     const int64_t lane = k[0] & (NM_W - 1);
     *at = where[lane];
     return key[lane];
@@ -244,7 +249,7 @@ static inline __attribute__((always_inline)) int64_t lanes_min(nm_vi key, nm_vi 
     do {                                                                                      \
         const nm_vi lt_ = (KEY) < (B);                                                        \
         B = vblend_d(lt_, KEY, B);                                                            \
-        W = (lt_ & (IDX)) | (~lt_ & (W));                                                     \
+        W = vblend_i(lt_, IDX, W);                                                            \
     } while (0)
 
 /* Relax the block of nodes [q, q + NM_W) from node a (distance da, potential pa) through the
@@ -260,7 +265,7 @@ static inline __attribute__((always_inline)) nm_vd relax_block(tile_t *t, const 
     const nm_vd old = vload_d(t->dist + q);
     const nm_vi lt = c < old;
     const nm_vd nd = vblend_d(lt, c, old);
-    const nm_vi np = (lt & av) | (~lt & vload_i(t->prev + q));
+    const nm_vi np = vblend_i(lt, av, vload_i(t->prev + q));
     memcpy(t->dist + q, &nd, sizeof nd);
     memcpy(t->prev + q, &np, sizeof np);
     return vblend_d(vload_i(t->done + q), inf, nd);
@@ -346,7 +351,7 @@ static inline __attribute__((always_inline)) void settle(tile_t *t, int64_t a, f
     }
     const nm_vi lt = bb < ba;
     f->best = vblend_d(lt, bb, ba);
-    f->where = (lt & wb) | (~lt & wa);
+    f->where = vblend_i(lt, wb, wa);
 }
 
 /* The least unsettled node (its key as bits; >= INF_BITS: none is left). */
@@ -754,11 +759,6 @@ static inline __attribute__((always_inline)) void q4_transpose(const nm_vi *r, n
     c[1] = __builtin_shuffle(t1, t3, (nm_vi){0, 1, 4, 5});
     c[2] = __builtin_shuffle(t0, t2, (nm_vi){2, 3, 6, 7});
     c[3] = __builtin_shuffle(t1, t3, (nm_vi){2, 3, 6, 7});
-}
-
-static inline __attribute__((always_inline)) nm_vi vblend_i(nm_vi mask, nm_vi a, nm_vi b)
-{
-    return (mask & a) | (~mask & b);
 }
 
 static inline __attribute__((always_inline)) nm_vd vmax0(nm_vd r)
