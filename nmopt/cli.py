@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import nmopt
+from nmopt.demo import DEMO_TIME_LIMIT
 from nmopt.patterns import parse_pattern
 
 
@@ -266,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "its own files in --out.")
     m.add_argument("--out", default="nmopt-demo", metavar="DIR",
                    help="output directory (default: nmopt-demo)")
-    m.add_argument("--time-limit", type=float, default=10.0, metavar="S",
-                   help="per-run time limit of the benchmark (default 10, 0: none)")
+    m.add_argument("--time-limit", type=float, default=DEMO_TIME_LIMIT, metavar="S",
+                   help=f"per-run time limit of the benchmark (default {DEMO_TIME_LIMIT:g}, "
+                   "0: none)")
     m.set_defaults(func=cmd_demo)
     parser.set_defaults(func=lambda args: _missing(parser))
     return parser

@@ -10,6 +10,7 @@ import numpy as np
 
 DEMO_SIZES = ((512, 512), (1024, 1024))
 DEMO_PATTERN = "4:8"
+DEMO_TIME_LIMIT = 10.0  # seconds per benchmark run
 
 
 def demo_state_dict(seed: int = 0) -> dict:
@@ -41,7 +42,7 @@ def demo_state_dict(seed: int = 0) -> dict:
     }
 
 
-def run_demo(out: Path, time_limit: float | None = 10.0) -> None:
+def run_demo(out: Path, time_limit: float | None = DEMO_TIME_LIMIT) -> None:
     """Write the benchmark, the demo checkpoint, its pruned copy, masks and report under ``out``."""
     from nmopt.bench import gap
     from nmopt.checkpoint import save

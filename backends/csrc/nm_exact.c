@@ -626,11 +626,12 @@ static inline int exponent_of(double x)
     return biased - 1022;
 }
 
-/* Read, check and scale one tile into t->s / t->sT. Returns the binary exponent e of the
- * scale (scores were multiplied by 2^-e), or INT32_MIN for an all-zero tile. */
-static inline __attribute__((always_inline)) int load_tile(tile_t *t, const double *s, int *err)
+/* 2^-e and 2^e are normal doubles: the tile is scaled by a multiplication (else ldexp). */
+#define NORMAL_SCALE(e) ((e) > -1000 && (e) < 1000)
+
+/* Scan mm scores: 1 if one is NaN, infinite or negative, else 0 with the largest in *mx. */
+static inline __attribute__((always_inline)) int scan_scores(const double *s, int mm, double *mx)
 {
-    const int m = t->m, mp = t->mp, mm = m * m;
     const nm_vd zero = {0}, big = zero + DBL_MAX;
     nm_vd vmx = zero;
     nm_vi vbad = {0};
@@ -640,23 +641,33 @@ static inline __attribute__((always_inline)) int load_tile(tile_t *t, const doub
         vbad |= ~(x >= zero) | (x > big); /* NaN fails the first test */
         vmx = vblend_d(x > vmx, x, vmx);
     }
-    double mx = 0.0;
+    double best = 0.0;
     int bad = hsum_i(vbad) != 0;
     for (int q = 0; q < NM_W; q++)
-        mx = vmx[q] > mx ? vmx[q] : mx;
+        best = vmx[q] > best ? vmx[q] : best;
     for (; a < mm; a++) {
         const double sa = s[a];
         bad |= !(sa >= 0.0) | (sa > DBL_MAX);
-        mx = sa > mx ? sa : mx;
+        best = sa > best ? sa : best;
     }
-    if (bad) {
+    *mx = best;
+    return bad;
+}
+
+/* Read, check and scale one tile into t->s / t->sT. Returns the binary exponent e of the
+ * scale (scores were multiplied by 2^-e), or INT32_MIN for an all-zero tile. */
+static inline __attribute__((always_inline)) int load_tile(tile_t *t, const double *s, int *err)
+{
+    const int m = t->m, mp = t->mp;
+    double mx;
+    if (scan_scores(s, m * m, &mx)) {
         *err = NM_ERR_VALUE;
         return 0;
     }
     if (mx == 0.0)
         return INT32_MIN;
     const int e = exponent_of(mx);
-    const int fast = e > -1000 && e < 1000; /* 2^-e is a normal double */
+    const int fast = NORMAL_SCALE(e);
     const double f = fast ? pow2(-e) : 0.0;
     if (fast && m % NM_W == 0) { /* whole vectors, each also scattered into the transpose */
         for (int i = 0; i < m; i++)
@@ -716,7 +727,7 @@ static inline __attribute__((always_inline)) void finish_tile(tile_t *t, const e
                     u[i] = v[i] = t->sat ? 0.0 : 1.0;
             }
         }
-        const int fast = e > -1000 && e < 1000;
+        const int fast = NORMAL_SCALE(e);
         const double f = fast ? pow2(e) : 0.0;
         for (int i = 0; i < m; i++) {
             u[i] = fast ? u[i] * f : ldexp(u[i], e);
@@ -943,28 +954,19 @@ enum { Q4_SKIPPED, Q4_SOLVED, Q4_UNCERTIFIED };
 static inline __attribute__((always_inline)) int q4_tile(const exact_ctx *c, int64_t k)
 {
     const double *src = c->tiles + k * 16;
-    const nm_vd zero = {0}, big = zero + DBL_MAX;
-    q4_t q;
-    nm_vi bad = {0};
-    nm_vd vmx = zero;
-    for (int i = 0; i < 4; i++) {
-        q.s[i] = vload_d(src + 4 * i);
-        bad |= ~(q.s[i] >= zero) | (q.s[i] > big); /* NaN fails the first test */
-        vmx = vblend_d(q.s[i] > vmx, q.s[i], vmx);
-    }
-    if (hsum_i(bad) != 0)
+    const nm_vd zero = {0};
+    double mx;
+    if (scan_scores(src, 16, &mx))
         return NM_ERR_VALUE;
-    double mx = 0.0;
-    for (int l = 0; l < 4; l++)
-        mx = vmx[l] > mx ? vmx[l] : mx;
     if (mx == 0.0)
         return Q4_SKIPPED;
     const int e = exponent_of(mx);
-    if (!(e > -1000 && e < 1000))
+    if (!NORMAL_SCALE(e))
         return Q4_SKIPPED;
     const double f = pow2(-e);
+    q4_t q;
     for (int i = 0; i < 4; i++)
-        q.s[i] *= f;
+        q.s[i] = vload_d(src + 4 * i) * f;
     const nm_vi rows[4] = {(nm_vi)q.s[0], (nm_vi)q.s[1], (nm_vi)q.s[2], (nm_vi)q.s[3]};
     nm_vi cols_bits[4];
     q4_transpose(rows, cols_bits);

@@ -43,7 +43,7 @@ class SparsityConfig:
         paper's, tuned for SGD. It is added to the gradient, so Adam-type optimizers normalise
         it away at that size: with AdamW, 0.02 to 0.3 worked best in ``nmopt bench train``
         (4:8 validation loss +5.4% from dense against +8.2% with 2e-4, d=128, 600 steps; see
-        ``benchmarks/results/train.md``).
+        ``benchmarks/README.md``).
     kernel : "auto", "masked", "cffi" or "semi-structured"
         GEMM implementation. "auto": semi-structured sparse tensors on CUDA for transposable
         2:4 in float16/bfloat16, masked dense GEMMs otherwise (each layer's ``repr`` says which
