@@ -1,5 +1,6 @@
-"""Two CPU processes (gloo, 127.0.0.1) train under DistributedDataParallel with mask refreshes
-and must end with identical masks and parameters."""
+"""Two processes train under DistributedDataParallel with mask refreshes and must end with
+identical masks and parameters: on the CPU with gloo (127.0.0.1), and with NCCL on two GPUs
+where a machine has them (marked ``gpu``)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ WORKER = textwrap.dedent('''
     from torch import nn
     import nmopt
 
-    rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    rank, world, port, out, backend = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:6]
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     warnings.simplefilter("ignore", RuntimeWarning)
 
@@ -39,16 +43,17 @@ WORKER = textwrap.dedent('''
                              nn.Linear(32, 16))
 
     def train(solver, sync, steps=5):
-        net = model()
+        net = model().to(device)
         cfg = nmopt.SparsityConfig(pattern="4:8", refresh_every=2, solver=solver, sync=sync,
                                    update="sr-ste")
         ctrl = nmopt.sparsify_(net, cfg)
-        ddp = nn.parallel.DistributedDataParallel(net)
+        ddp = nn.parallel.DistributedDataParallel(
+            net, device_ids=[rank] if device.type == "cuda" else None)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.2)
         ctrl.attach(opt)
         gen = torch.Generator().manual_seed(rank)  # each rank sees different data
         for _ in range(steps):
-            x = torch.randn(8, 32, generator=gen)
+            x = torch.randn(8, 32, generator=gen).to(device)
             opt.zero_grad()
             ddp(x).pow(2).mean().backward()
             opt.step()
@@ -59,8 +64,9 @@ WORKER = textwrap.dedent('''
         net, ctrl = train(solver, "broadcast")
         key = "auto" if solver == "auto" else "rank_dependent"
         result[key] = {
-            "masks": {n: l.mask.clone() for n, l in ctrl.layers.items()},
-            "params": {n: p.detach().clone() for n, p in net.named_parameters()},
+            "masks": {n: l.mask.cpu() for n, l in ctrl.layers.items()},
+            "params": {n: p.detach().cpu() for n, p in net.named_parameters()},
+            "devices": sorted({str(l.mask.device) for l in ctrl.layers.values()}),
             "refreshes": ctrl.refreshes,
         }
     try:
@@ -79,14 +85,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_rank_ddp_masks_identical(tmp_path):
+TWO_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2 \
+    and torch.distributed.is_nccl_available()
+
+
+@pytest.mark.parametrize("backend", [
+    "gloo",
+    pytest.param("nccl", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not TWO_GPUS, reason="NCCL with two ranks needs two CUDA devices (none here)")]),
+])
+def test_two_rank_ddp_masks_identical(tmp_path, backend):
     import nmopt
 
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     port = str(free_port())
     outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port, str(outs[r])],
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port, str(outs[r]),
+                               backend],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(2)]
     logs = []
@@ -103,6 +119,8 @@ def test_two_rank_ddp_masks_identical(tmp_path):
     for key in ("rank_dependent", "auto"):
         a, b = r0[key], r1[key]
         assert a["refreshes"] == b["refreshes"] == 1 + 2  # sparsify_ + steps 2 and 4
+        devices = ("cpu", "cpu") if backend == "gloo" else ("cuda:0", "cuda:1")
+        assert (a["devices"], b["devices"]) == ([devices[0]], [devices[1]])  # masks stay there
         assert a["masks"].keys() == b["masks"].keys() and len(a["masks"]) == 3
         for name in a["masks"]:
             assert torch.equal(a["masks"][name], b["masks"][name]), (key, name)
