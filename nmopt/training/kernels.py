@@ -129,35 +129,55 @@ class CffiPlan:
 
 
 class SemiStructuredPlan:
-    """PyTorch semi-structured 2:4 tensors on CUDA (float16/bfloat16).
+    """PyTorch semi-structured 2:4 tensors on CUDA (float16/bfloat16): W*mask for the forward
+    GEMM and (W*mask)^T for backward-data, both valid 2:4 because the mask is transposable.
 
-    Preferred mode: the CUTLASS layout, whose metadata for W and W^T is computed once per mask
-    (``prune_dense_static_sort`` of the 0/1 mask, which keeps every entry of a valid
-    transposable 2:4 mask) and whose values are repacked each step by
-    ``torch._sparse_semi_structured_apply``. If that is unavailable or does not reproduce the
-    mask, both W*mask and (W*mask)^T are compressed in full each step.
+    Three ways to pack them each step (``MODES``; :func:`semi_structured_plan` takes the first
+    that builds and passes its probe on the device at hand):
+
+    - ``cusparselt-tile``: one ``torch._sparse_semi_structured_tile`` call on W*mask with the
+      largest-|value| greedy packs W and W^T for cuSPARSELt. Exact for a transposable 2:4 mask:
+      a 4x4 tile of W*mask has at most 2 non-zeros per row and column, and the greedy keeps
+      every one of them before any zero.
+    - ``cutlass-values``: the CUTLASS pattern (metadata of W and W^T) is built once per mask
+      from the 0/1 mask and kept only if it reproduces the mask; each step repacks the values
+      (``torch._sparse_semi_structured_apply``). PyTorch's CUTLASS sparse GEMM runs on compute
+      capability 8.x only.
+    - ``full``: ``to_sparse_semi_structured`` of W*mask and of its transpose every step
+      (PyTorch's default backend).
     """
 
     name = SEMI
+    MODES = {
+        "cusparselt-tile": "cuSPARSELt, W and W^T packed by one tile kernel per step",
+        "cutlass-values": "CUTLASS, values-only repack per step",
+        "full": "full repack (to_sparse_semi_structured of W*mask and its transpose)",
+    }
 
-    def __init__(self, mask, dtype):
-        self.mode = "full repack (to_sparse_semi_structured of W*mask and its transpose)"
-        self.pattern = None
-        try:
+    def __init__(self, mask, dtype, mode: str):
+        if mode not in self.MODES:
+            raise ValueError(f"mode: expected one of {tuple(self.MODES)}, got {mode!r}")
+        self.key, self.mode, self.pattern = mode, self.MODES[mode], None
+        if mode == "cusparselt-tile" and not torch.backends.cusparselt.is_available():
+            raise RuntimeError("this PyTorch has no cuSPARSELt")
+        if mode == "cutlass-values":
             cls = torch.sparse.SparseSemiStructuredTensorCUTLASS
             ones = mask.to(dtype).contiguous()
             pattern = cls.prune_dense_static_sort(ones)
             kept = torch._sparse_semi_structured_apply_dense(
                 ones, pattern.compressed_swizzled_bitmask)
-            if torch.equal(kept != 0, mask):
-                self.pattern = pattern
-                self.mode = "CUTLASS, values-only repack per step"
-        except (RuntimeError, AttributeError, NotImplementedError):
-            pass
+            if not torch.equal(kept != 0, mask):
+                raise RuntimeError("the CUTLASS pattern built from the mask does not keep "
+                                   "exactly the mask")
+            self.pattern = pattern
 
     def pack(self, weight, mask):
+        """``(sparse W carrying W^T, None)`` or ``(sparse W, sparse W^T)`` for this step."""
         wm = (weight.detach() * mask).contiguous()
-        if self.pattern is not None:
+        if self.key == "cusparselt-tile":
+            cls = torch.sparse.SparseSemiStructuredTensorCUSPARSELT
+            return cls.prune_dense_static_sort(wm, algorithm="largest_abs_values_greedy"), None
+        if self.key == "cutlass-values":
             p = self.pattern
             packed, packed_t = torch._sparse_semi_structured_apply(
                 wm, p.compressed_swizzled_bitmask)
@@ -171,9 +191,31 @@ class SemiStructuredPlan:
         return torch.nn.functional.linear(x2.contiguous(), packs[0])
 
     def backward_data(self, gy2, packs, weight, mask):
-        if packs[1] is None:  # CUTLASS tensor carries W^T too: dY @ W uses packed_t
+        if packs[1] is None:  # the tensor carries W^T too: dY @ W runs on it
             return torch.mm(gy2.contiguous(), packs[0])
         return torch.nn.functional.linear(gy2.contiguous(), packs[1])
+
+
+def semi_structured_plan(weight, mask):
+    """The first :class:`SemiStructuredPlan` mode that builds and agrees with masked dense on a
+    probe: ``(plan, reasons the modes before it failed)``, or ``(None, every reason)``."""
+    failed = []
+    for mode in SemiStructuredPlan.MODES:
+        try:
+            plan = SemiStructuredPlan(mask, weight.dtype, mode)
+        except (RuntimeError, ValueError, AttributeError, NotImplementedError, TypeError) as exc:
+            failed.append(f"{mode}: {type(exc).__name__}: {_first_line(exc)}")
+            continue
+        why = _probe(plan, weight, mask)
+        if why is None:
+            return plan, failed
+        failed.append(f"{mode}: {why}")
+    return None, failed
+
+
+def _first_line(exc, limit: int = 160) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def semi_structured_unsupported(config: SparsityConfig, weight) -> str | None:
@@ -222,7 +264,7 @@ def _probe(plan, weight, mask) -> str | None:
         packs = plan.pack(weight, mask)
         got = (plan.forward(x, packs).float(), plan.backward_data(gy, packs, weight, mask).float())
     except (RuntimeError, ValueError, NotImplementedError, TypeError) as exc:
-        return f"{plan.name} failed its self-check: {type(exc).__name__}: {exc}"
+        return f"{plan.name} failed its self-check: {type(exc).__name__}: {_first_line(exc)}"
     want = ((x @ wm.t()).float(), (gy @ wm).float())
     tol = 1e-4 if weight.dtype == torch.float32 else 2e-2
     for label, g, w in zip(("forward", "backward-data"), got, want):
@@ -230,6 +272,21 @@ def _probe(plan, weight, mask) -> str | None:
         if g.shape != w.shape or not bool(((g - w).abs().max() / scale) <= tol):
             return f"{plan.name} {label} disagrees with masked dense on a probe input"
     return None
+
+
+def _checked_plan(name: str, config: SparsityConfig, weight, mask):
+    """``(plan, detail for the description)`` if kernel ``name`` passes its probe on this
+    layer, else ``(None, why not)``."""
+    if name == SEMI:
+        plan, failed = semi_structured_plan(weight, mask)
+        if plan is None:
+            return None, f"{SEMI}: no mode passed its self-check ({'; '.join(failed)})"
+        return plan, f" ({plan.mode}" + (f"; not used: {'; '.join(failed)})" if failed else ")")
+    from nmopt import backends
+
+    plan = CffiPlan(backends.get("cffi"), config, mask)
+    why = _probe(plan, weight, mask)
+    return (plan, "") if why is None else (None, why)
 
 
 def build_plan(config: SparsityConfig, weight, mask, is_conv: bool):
@@ -252,17 +309,11 @@ def build_plan(config: SparsityConfig, weight, mask, is_conv: bool):
     for name, unsupported in candidates:
         why = unsupported(config, weight)
         if why is None:
-            if name == SEMI:
-                plan = SemiStructuredPlan(mask, weight.dtype)
-            else:
-                from nmopt import backends
-
-                plan = CffiPlan(backends.get("cffi"), config, mask)
-            why = _probe(plan, weight, mask)
-            if why is None:
-                detail = f" ({plan.mode})" if name == SEMI else ""
+            plan, detail = _checked_plan(name, config, weight, mask)
+            if plan is not None:
                 bwd = "" if config.transposable else ", backward-data masked dense"
                 return plan, f"{name}{detail}{bwd}"
+            why = detail
             warnings.warn(f"nmopt: {why}; this layer falls back to masked dense GEMMs",
                           RuntimeWarning, stacklevel=3)
         reasons[name] = why
