@@ -35,7 +35,7 @@ if not (hasattr(SPARSE, "SparseSemiStructuredTensorCUTLASS")
         and all(hasattr(torch, k) for k in KERNELS)):
     pytest.skip("this PyTorch has no semi-structured sparse tensors", allow_module_level=True)
 
-SM8X_ONLY = "_sparse_semi_structured_mm : Supported only on GPUs with compute capability 8.x"
+SM8X_ONLY = "sparse_semi_structured_mad_op : Supported only on GPUs with compute capability 8.x"
 
 
 class FakeKernels:
