@@ -43,6 +43,9 @@ def test_bench_train_quick(tmp_path, capsys):
     sparse = rows["transposable-4:8"]
     assert sparse["refreshes"] == 1 + 6 // 3 and 0.45 < sparse["density"] <= 0.5
     assert "standard-library" in out["md"].read_text()
+    s = result["settings"]  # 6 steps of batch 4, context 32, over 90% of 64 000 bytes
+    assert s["passes"] == pytest.approx(6 * 4 * 32 / s["train_chars"]) and s["passes"] < 1
+    assert f"({s['passes']:.2f} passes over the training text)" in out["md"].read_text()
     assert out["png"].stat().st_size > 1000
     assert "transposable-4:8" in capsys.readouterr().out
 
@@ -67,6 +70,16 @@ def test_bench_train_rejects_unknown_variant(capsys):
     args = parse(train, ["train", "--quick", "--variants", "dense,sparse-3:7"])
     assert args.func(args) == 2
     assert "sparse-3:7" in capsys.readouterr().err
+
+
+def test_load_corpus_stops_at_what_the_standard_library_holds():
+    """A request beyond the corpus gets all of it (and ``run`` says so), never an error."""
+    from nmopt.bench import train
+
+    small, _ = train.load_corpus(50_000)
+    everything, files = train.load_corpus(10**12)
+    assert len(small) == 50_000 and everything.startswith(small)
+    assert 50_000 < len(everything) < 10**12 and len(files) > 10
 
 
 def test_bench_speed_quick(tmp_path):

@@ -218,6 +218,9 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     text, files = load_corpus(args.corpus_bytes)
+    if len(text) < args.corpus_bytes and not args.quiet:
+        print(f"note: --corpus-bytes {args.corpus_bytes}: the standard library's top-level .py "
+              f"files hold only {len(text)} bytes; using all of them", file=sys.stderr)
     ids = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
     cut = int(0.9 * ids.numel())
     rows = _run_variants((ids[:cut], ids[cut:]), args)
@@ -229,8 +232,15 @@ def run(args) -> dict:
     settings = {k: getattr(args, k) for k in keys}
     settings["half_width"] = half_width(args.d_model)
     settings.update(corpus_files=len(files), corpus_first=files[0], corpus_last=files[-1],
-                    threads=torch.get_num_threads(), train_chars=cut, val_chars=ids.numel() - cut)
+                    threads=torch.get_num_threads(), train_chars=cut, val_chars=ids.numel() - cut,
+                    passes=args.steps * args.batch_size * args.context / cut)
     return {"benchmark": "train", "settings": settings, "rows": rows, "environment": environment()}
+
+
+def _passes(settings: dict) -> str:
+    """How often the training text is seen (records written before it was saved have none)."""
+    passes = settings.get("passes")
+    return "" if passes is None else f" ({passes:.2f} passes over the training text)"
 
 
 def format_markdown(result: dict) -> str:
@@ -258,7 +268,7 @@ def format_markdown(result: dict) -> str:
         (f"Character-level transformer ({s['layers']} layers, d={s['d_model']}, context "
          f"{s['context']}) on {s['corpus_files']} standard-library files "
          f"({s['train_chars']} training / {s['val_chars']} validation bytes); {s['steps']} steps "
-         f"of batch {s['batch_size']}, AdamW lr {s['lr']} (weight decay "
+         f"of batch {s['batch_size']}{_passes(s)}, AdamW lr {s['lr']} (weight decay "
          f"{s.get('weight_decay', 0.0):g}), seed {s['seed']}, {s['threads']} torch threads per "
          f"variant, {s.get('jobs', 1)} variant(s) at a time. Sparse variants: SR-STE (decay "
          f"{s['decay']}), exact masks refreshed every {s['refresh_every']} steps. Step time "
