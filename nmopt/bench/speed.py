@@ -16,7 +16,9 @@ Kernels:
 - CUDA (code path present, measured only where a GPU is available): ViT-L MLP shapes
   (13 008 tokens, 1024 <-> 4096, bfloat16), dense cuBLAS vs PyTorch semi-structured 2:4 for the
   forward and backward-data GEMMs and for the layer step with transposable 2:4 *including*
-  the per-step repacking of the values (ideal 1.5x for the layer: two of three GEMMs sparse).
+  the per-step repacking of the values (ideal 1.5x for the layer: two of three GEMMs sparse),
+  in the packing mode a sparse layer picks on that device (cuSPARSELt, CUTLASS or full
+  repack; the notes say which and why).
 """
 
 from __future__ import annotations
