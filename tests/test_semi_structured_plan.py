@@ -83,15 +83,19 @@ class FakeKernels:
         keep = keep.transpose(1, 2).reshape(r, c)
         if self.drop:
             keep[0, int(keep[0].nonzero()[0])] = False
-        packed, packed_t = self.sparse_semi_structured_apply(dense, keep, count=False)
+        packed, packed_t = self._pruned(dense, keep)
         if not use_cutlass:  # cuSPARSELt keeps values and metadata in one flat buffer
             packed, packed_t = packed.flatten(), packed_t.flatten()
         return packed, keep.clone(), packed_t, keep.t().contiguous(), keep
 
-    def sparse_semi_structured_apply(self, dense, bitmask, count=True):
-        self.applies += count
-        pruned = dense * bitmask
+    @staticmethod
+    def _pruned(dense, keep):
+        pruned = dense * keep
         return pruned.contiguous(), pruned.t().contiguous()
+
+    def sparse_semi_structured_apply(self, dense, bitmask):
+        self.applies += 1
+        return self._pruned(dense, bitmask)
 
     def sparse_semi_structured_apply_dense(self, dense, bitmask):
         return dense * bitmask

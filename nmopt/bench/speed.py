@@ -101,8 +101,7 @@ def _semi_structured_cases(w, mask, x, gy, pattern, notes):
     if plan is None:
         notes.append(f"semi-structured 2:4 not measured at {shape}: {'; '.join(failed)}")
         return []
-    skipped = f" (not used: {'; '.join(failed)})" if failed else ""
-    notes.append(f"semi-structured 2:4 at {shape}: {plan.mode}{skipped}")
+    notes.append(f"semi-structured 2:4 at {shape}: {plan.detail}")
     packs = plan.pack(w, mask)
     return [("forward", "semi-structured", lambda: plan.forward(x, packs)),
             ("backward-data", "semi-structured", lambda: plan.backward_data(gy, packs, w, mask)),

@@ -158,6 +158,7 @@ class SemiStructuredPlan:
         if mode not in self.MODES:
             raise ValueError(f"mode: expected one of {tuple(self.MODES)}, got {mode!r}")
         self.key, self.mode, self.pattern = mode, self.MODES[mode], None
+        self.not_used: list[str] = []  # why the modes before this one failed on this layer
         if mode == "cusparselt-tile" and not torch.backends.cusparselt.is_available():
             raise RuntimeError("this PyTorch has no cuSPARSELt")
         if mode == "cutlass-values":
@@ -170,6 +171,11 @@ class SemiStructuredPlan:
                 raise RuntimeError("the CUTLASS pattern built from the mask does not keep "
                                    "exactly the mask")
             self.pattern = pattern
+
+    @property
+    def detail(self) -> str:
+        """The mode, and why earlier modes were not used (for reprs and benchmark notes)."""
+        return self.mode + (f"; not used: {'; '.join(self.not_used)}" if self.not_used else "")
 
     def pack(self, weight, mask):
         """``(sparse W carrying W^T, None)`` or ``(sparse W, sparse W^T)`` for this step."""
@@ -208,13 +214,14 @@ def semi_structured_plan(weight, mask):
             continue
         why = _probe(plan, weight, mask)
         if why is None:
+            plan.not_used = failed
             return plan, failed
         failed.append(f"{mode}: {why}")
     return None, failed
 
 
 def _first_line(exc, limit: int = 160) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = next(iter(str(exc).strip().splitlines()), "")
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -281,7 +288,7 @@ def _checked_plan(name: str, config: SparsityConfig, weight, mask):
         plan, failed = semi_structured_plan(weight, mask)
         if plan is None:
             return None, f"{SEMI}: no mode passed its self-check ({'; '.join(failed)})"
-        return plan, f" ({plan.mode}" + (f"; not used: {'; '.join(failed)})" if failed else ")")
+        return plan, f" ({plan.detail})"
     from nmopt import backends
 
     plan = CffiPlan(backends.get("cffi"), config, mask)
