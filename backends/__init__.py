@@ -14,42 +14,13 @@ from __future__ import annotations
 import os
 import warnings
 
-from nmopt.backends._base import Backend
-
-_REGISTRY: dict[str, type[Backend]] = {}
-_INSTANCES: dict[str, Backend] = {}
+from nmopt.backends import cffi_backend, numpy_backend, torch_backend  # noqa: F401 - they register
+from nmopt.backends._base import BACKENDS, PREFERENCE, Backend, register
 
 ENV_VAR = "NMOPT_BACKEND"
-
-
-def register(cls: type[Backend]) -> type[Backend]:
-    """Class decorator: add a backend to the registry under ``cls.name``."""
-    if not cls.name:
-        raise ValueError("a backend class needs a non-empty name")
-    _REGISTRY[cls.name] = cls
-    _INSTANCES.pop(cls.name, None)
-    return cls
-
-
-def _instance(name: str) -> Backend:
-    if name not in _INSTANCES:
-        _INSTANCES[name] = _REGISTRY[name]()
-    return _INSTANCES[name]
-
-
-def names() -> list[str]:
-    """Every registered backend name, in registry order."""
-    return list(_REGISTRY)
-
-
-def status() -> dict[str, str | None]:
-    """Map each registered backend to None (usable) or the reason it is not."""
-    return {name: _instance(name).unavailable_reason() for name in _REGISTRY}
-
-
-def available() -> list[str]:
-    """Names of the backends usable here."""
-    return [name for name, reason in status().items() if reason is None]
+names = BACKENDS.names
+status = BACKENDS.status
+available = BACKENDS.available
 
 
 def get(backend: str | Backend) -> Backend:
@@ -60,13 +31,7 @@ def get(backend: str | Backend) -> Backend:
     """
     if isinstance(backend, Backend):
         return backend
-    if not isinstance(backend, str) or backend not in _REGISTRY:
-        raise ValueError(f"backend: unknown backend {backend!r}; choose one of {names()}")
-    inst = _instance(backend)
-    reason = inst.unavailable_reason()
-    if reason is not None:
-        raise ImportError(f"backend {backend!r} is not available: {reason}")
-    return inst
+    return BACKENDS.get(backend)
 
 
 def select(explicit: str | Backend | None, framework: str = "numpy",
@@ -78,29 +43,29 @@ def select(explicit: str | Backend | None, framework: str = "numpy",
     fallbacks: list[str] = []
 
     def usable(name: str) -> str | None:
-        if name not in _REGISTRY:
+        if name not in BACKENDS.classes:
             return f"unknown backend (valid: {names()})"
         if supported is not None and name not in supported:
             return f"the solver runs only on {list(supported)}"
-        return _instance(name).unavailable_reason()
+        return BACKENDS.instance(name).unavailable_reason()
 
     if explicit is not None:
         if isinstance(explicit, Backend):
             return explicit, fallbacks
         reason = usable(explicit)
         if reason is not None:
-            if explicit not in _REGISTRY:
+            if explicit not in BACKENDS.classes:
                 raise ValueError(f"backend: unknown backend {explicit!r}; choose one of {names()}")
             raise ValueError(f"backend={explicit!r} cannot serve this call: {reason}")
-        return _instance(explicit), fallbacks
+        return BACKENDS.instance(explicit), fallbacks
 
     wanted = os.environ.get(ENV_VAR, "").strip()
     if wanted:
         reason = usable(wanted)
         if reason is None:
-            return _instance(wanted), fallbacks
+            return BACKENDS.instance(wanted), fallbacks
         # the numpy reference when it can serve the call, else the preferred backend
-        inst = _instance("numpy") if usable("numpy") is None else _preferred(framework, usable)
+        inst = BACKENDS.instance("numpy") if usable("numpy") is None else _preferred(framework, usable)
         msg = (f"{ENV_VAR}={wanted!r} cannot serve this call ({reason}); "
                f"falling back to {inst.name!r}")
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
@@ -108,7 +73,7 @@ def select(explicit: str | Backend | None, framework: str = "numpy",
         return inst, fallbacks
 
     inst = _preferred(framework, usable)
-    missing = _instance("cffi").unavailable_reason() if "cffi" in _REGISTRY else None
+    missing = BACKENDS.instance("cffi").unavailable_reason() if "cffi" in BACKENDS.classes else None
     if framework == "numpy" and inst.name == "numpy" and missing is not None:
         # The C kernels would serve numpy inputs; say once per call site that they are absent.
         msg = f"{missing}; the numpy backend serves instead (slower)"
@@ -118,19 +83,17 @@ def select(explicit: str | Backend | None, framework: str = "numpy",
 
 
 def _preferred(framework: str, usable) -> Backend:
-    """The first usable backend for the input type (the C kernels first, then registry order);
-    else any usable backend, since solvers convert inputs to numpy; else numpy."""
-    order = ["cffi"] * ("cffi" in _REGISTRY) + [name for name in _REGISTRY if name != "cffi"]
+    """The first usable backend for the input type, in :data:`PREFERENCE` order; else any usable
+    backend, since solvers convert inputs to numpy; else numpy."""
+    order = names()
     for name in order:
-        if framework in _REGISTRY[name].frameworks and usable(name) is None:
-            return _instance(name)
+        if framework in BACKENDS.classes[name].frameworks and usable(name) is None:
+            return BACKENDS.instance(name)
     for name in order:
         if usable(name) is None:
-            return _instance(name)
-    return _instance("numpy")
+            return BACKENDS.instance(name)
+    return BACKENDS.instance("numpy")
 
 
-# Built-in backends register themselves on import; numpy first (the reference).
-from nmopt.backends import numpy_backend as _numpy_backend  # noqa: E402,F401
-from nmopt.backends import cffi_backend as _cffi_backend  # noqa: E402,F401
-from nmopt.backends import torch_backend as _torch_backend  # noqa: E402,F401
+__all__ = ["Backend", "BACKENDS", "PREFERENCE", "ENV_VAR", "register", "names", "status", "available",
+           "get", "select"]

@@ -2,33 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 
+from nmopt._registry import Plugin, Registry
 
-class Backend:
+#: Backends in order of decreasing preference when the call names none: the compiled C kernels,
+#: then the numpy reference, then torch (preferred only for torch inputs, see ``frameworks``).
+PREFERENCE = ("cffi", "numpy", "torch")
+
+
+class Backend(Plugin):
     """Base class of a backend. Subclasses set the capability attributes and the kernels.
 
     Kernels take contiguous float64 tiles of shape (T, M, M) (tile layout of
     :class:`nmopt._tiles.TileGrid`) and return boolean tiles of the same shape.
     """
 
-    name: str = ""
-    #: Python modules that must be importable; checked with ``find_spec``, never imported.
-    requires: tuple[str, ...] = ()
-    #: pip extra that installs what ``requires`` names.
-    extra: str | None = None
     #: Array frameworks whose inputs select this backend when none is named.
     frameworks: tuple[str, ...] = ()
-
-    def unavailable_reason(self) -> str | None:
-        """None if usable, else a human reason such as 'torch: not installed'."""
-        for module in self.requires:
-            if importlib.util.find_spec(module) is None:
-                hint = f" (pip install 'nmopt[{self.extra}]')" if self.extra else ""
-                return f"{module}: not installed{hint}"
-        return None
 
     # -- kernels ---------------------------------------------------------------------------
     def greedy(self, tiles: np.ndarray, n: int) -> np.ndarray:
@@ -61,3 +52,8 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<nmopt backend {self.name!r}>"
+
+
+#: The backend registry (see :mod:`nmopt.backends` for the functions that read it).
+BACKENDS = Registry("backend", PREFERENCE)
+register = BACKENDS.register

@@ -11,13 +11,14 @@ environment variable, else ``os.cpu_count()``.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import numpy as np
 
-from nmopt.backends import register
-from nmopt.backends._base import Backend
-from nmopt.packed import PackedNM, check_matmul_args, check_pack_args, first_overfull_group
+from nmopt._packed import PackedNM, check_matmul_args, check_pack_args, first_overfull_group
+from nmopt.backends._base import Backend, register
+from nmopt.backends.numpy_backend import NumpyBackend
 from nmopt.patterns import MAX_M
 
 ENV_THREADS = "NMOPT_NUM_THREADS"
@@ -31,7 +32,8 @@ def _load():
     global _KERNELS, _MISSING
     if _KERNELS is None and _MISSING is None:
         try:
-            from nmopt.backends import _kernels
+            # the compiled module, by name: it is not a Python source of the package
+            _kernels = importlib.import_module("nmopt.backends._kernels")
         except ImportError as exc:
             _MISSING = (f"cffi: extension not built: {exc} (reinstall nmopt where a C compiler "
                         "works; `pip install -v .` shows why the build failed)")
@@ -176,9 +178,7 @@ class CffiBackend(Backend):
         if (not isinstance(weights, np.ndarray) or not isinstance(mask, np.ndarray)
                 or weights.dtype not in (np.float32, np.float64) or mask.dtype != np.bool_
                 or mask.shape != weights.shape):
-            from nmopt.backends import get
-
-            return get("numpy").apply_mask(weights, mask)
+            return NumpyBackend().apply_mask(weights, mask)
         k = _load()
         w = np.ascontiguousarray(weights)
         mk = np.ascontiguousarray(mask)

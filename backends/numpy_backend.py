@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from nmopt.backends import register
-from nmopt.backends._base import Backend
-from nmopt.packed import PackedNM, check_matmul_args, check_pack_args, first_overfull_group
+from nmopt._packed import PackedNM, check_matmul_args, check_pack_args, first_overfull_group
+from nmopt.backends._base import Backend, register
 
 
 def greedy_order(tiles: np.ndarray) -> np.ndarray:

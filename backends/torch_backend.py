@@ -1,6 +1,6 @@
 """The torch backend: greedy, exact, row-wise and mask kernels on CPU or CUDA tensors.
 
-Two entry points share one set of kernels (:mod:`nmopt.backends._torch_kernels`):
+Two entry points share one set of kernels (:mod:`nmopt.backends._torch_ops`):
 
 - the backend contract (numpy float64 tiles in, numpy masks out), so every solver that runs on
   "any backend" and the shared conformance suite cover it through
@@ -15,33 +15,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from nmopt._arrays import is_torch_tensor
+from nmopt._costs import integer_costs
 from nmopt._tiles import TileGrid
-from nmopt.backends import register
-from nmopt.backends._base import Backend
+from nmopt.backends._base import Backend, register
+from nmopt.certificates import prices_from_mask, tile_bounds
 from nmopt.patterns import parse_pattern
 
 #: Methods :func:`mask_tensor` accepts.
 METHODS = ("exact", "greedy", "rowwise")
-
-
-def _tensor_tiles(matrix, grid: TileGrid):
-    """Torch twin of :meth:`TileGrid.to_tiles`: pad with zeros, cut into (T, m, m) tiles."""
-    import torch
-
-    pr, pc = grid.padded_shape
-    if (pr, pc) != tuple(matrix.shape):
-        matrix = torch.nn.functional.pad(matrix, (0, pc - grid.cols, 0, pr - grid.rows))
-    m = grid.m
-    tiles = matrix.reshape(grid.tile_rows, m, grid.tile_cols, m).transpose(1, 2)
-    return tiles.reshape(-1, m, m).contiguous()
-
-
-def _tensor_untile(tiles, grid: TileGrid):
-    """Torch twin of :meth:`TileGrid.from_tiles`: reassemble and crop the padding."""
-    m = grid.m
-    full = tiles.reshape(grid.tile_rows, grid.tile_cols, m, m).transpose(1, 2)
-    full = full.reshape(grid.tile_rows * m, grid.tile_cols * m)
-    return full[: grid.rows, : grid.cols].contiguous()
 
 
 def mask_tensor(weight, pattern, *, transposable: bool = True, method: str = "exact",
@@ -60,7 +42,7 @@ def mask_tensor(weight, pattern, *, transposable: bool = True, method: str = "ex
         are both N:M. If False, row-wise N:M (``method`` is then ignored: top-N is exact).
     method : "exact", "greedy" or "rowwise"
         "exact": the optimal "at most N" mask (enumeration for M <= 4, successive shortest
-        paths on integer costs otherwise; see :mod:`nmopt.backends._torch_kernels`). "greedy":
+        paths on integer costs otherwise; see :mod:`nmopt.backends._torch_ops`). "greedy":
         the 2-approximation, identical to the numpy greedy. "rowwise": as ``transposable=False``.
     scores : torch.Tensor like ``weight``, optional
         Non-negative saliency to maximise; default ``|weight|``.
@@ -110,7 +92,7 @@ def mask_tensors(weights, pattern, *, transposable: bool = True, method: str = "
     device go through one kernel call, so per-call overhead is paid once (a model refresh)."""
     import torch
 
-    from nmopt.backends import _torch_kernels as k
+    from nmopt.backends import _torch_ops as k  # imports torch
 
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -122,7 +104,7 @@ def mask_tensors(weights, pattern, *, transposable: bool = True, method: str = "
     out: list = [None] * len(weights)
     for dev in {s.device for s in mats}:
         idx = [i for i, s in enumerate(mats) if s.device == dev]
-        tiles = torch.cat([_tensor_tiles(mats[i], grids[i]) for i in idx])
+        tiles = torch.cat([grids[i].to_tiles(mats[i]) for i in idx])
         if p.dense:
             mask_t = torch.ones(tiles.shape, dtype=torch.bool, device=dev)
         elif not transposable or method == "rowwise":
@@ -133,7 +115,7 @@ def mask_tensors(weights, pattern, *, transposable: bool = True, method: str = "
             mask_t = k.exact_tiles(tiles, p.n, saturate)[0]
         parts = mask_t.split([grids[i].num_tiles for i in idx])
         for i, part in zip(idx, parts):
-            out[i] = _tensor_untile(part, grids[i]).reshape(weights[i].shape)
+            out[i] = grids[i].from_tiles(part).reshape(weights[i].shape)
     return out
 
 
@@ -160,27 +142,25 @@ class TorchBackend(Backend):
             self.device or "cpu")
 
     def greedy(self, tiles: np.ndarray, n: int) -> np.ndarray:
-        from nmopt.backends._torch_kernels import greedy_tiles
+        from nmopt.backends._torch_ops import greedy_tiles  # imports torch
 
         return greedy_tiles(self._tiles(tiles), n).cpu().numpy()
 
     def rowwise(self, tiles: np.ndarray, n: int) -> np.ndarray:
-        from nmopt.backends._torch_kernels import rowwise_tiles
+        from nmopt.backends._torch_ops import rowwise_tiles  # imports torch
 
         return rowwise_tiles(self._tiles(tiles), n).cpu().numpy()
 
     def exact(self, tiles: np.ndarray, n: int, saturate: bool = False):
         """Exact transposable masks with optimal prices: ``(mask, u, v, status)``.
 
-        The mask is optimal for the per-tile integer costs of :mod:`nmopt.solvers._costs`; the
+        The mask is optimal for the per-tile integer costs of :mod:`nmopt._costs`; the
         prices are recomputed from it on those costs (Bellman-Ford, as the OR-Tools flow solver
         does) and divided back by the scale, so the certificate is independent of the kernel.
         ``status`` per tile: 0 when the integer bound equals the integer kept score (verified
         optimal), 2 otherwise (never expected; the prices still give a valid bound).
         """
-        from nmopt.backends._torch_kernels import exact_tiles
-        from nmopt.certificates import prices_from_mask, tile_bounds
-        from nmopt.solvers._costs import integer_costs
+        from nmopt.backends._torch_ops import exact_tiles  # imports torch
 
         t, m, _ = tiles.shape
         if t == 0:
@@ -197,7 +177,6 @@ class TorchBackend(Backend):
 
     def apply_mask(self, weights, mask):
         """``weights * mask`` for tensors (on the weights' device) or numpy arrays."""
-        from nmopt._arrays import is_torch_tensor
 
         if is_torch_tensor(weights):
             import torch

@@ -1,4 +1,4 @@
-"""Input checks and the aligned M x M tile layout shared by every solver.
+"""Input checks and the aligned M x M tile layout shared by every solver and backend.
 
 A 2-D matrix of shape (R, C) is padded with zero score to multiples of M, then cut into
 T = ceil(R/M) * ceil(C/M) tiles, ordered row-major by tile: tile ``t = bi * TC + bj`` covers rows
@@ -6,6 +6,9 @@ T = ceil(R/M) * ceil(C/M) tiles, ordered row-major by tile: tile ``t = bi * TC +
 ``u[t, r]`` prices row ``r`` of tile ``t`` and ``v[t, c]`` prices its column ``c``.
 As matrices, ``U`` has shape (R, TC) (row ``i`` inside tile column ``bj``) and ``V`` has shape
 (TR, C) (column ``j`` inside tile row ``bi``).
+
+:class:`TileGrid` cuts and reassembles numpy arrays and torch tensors alike (a tensor stays on
+its device), so there is one tile layout for every backend.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from nmopt._arrays import is_torch_tensor
 
 
 def as_matrix(arr: np.ndarray, name: str) -> np.ndarray:
@@ -56,6 +61,10 @@ def tile_counts(mask_tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, cols
 
 
+def _contiguous(x):
+    return x.contiguous() if is_torch_tensor(x) else np.ascontiguousarray(x)
+
+
 @dataclass(frozen=True)
 class TileGrid:
     """The tile layout of an (rows, cols) matrix for tile size m."""
@@ -80,28 +89,31 @@ class TileGrid:
     def padded_shape(self) -> tuple[int, int]:
         return self.tile_rows * self.m, self.tile_cols * self.m
 
-    def pad(self, matrix: np.ndarray, fill=0) -> np.ndarray:
-        """Pad a (rows, cols) matrix to the padded shape with ``fill``."""
+    def pad(self, matrix, fill=0):
+        """Pad a (rows, cols) array or tensor to the padded shape with ``fill``."""
         pr, pc = self.padded_shape
-        if (pr, pc) == matrix.shape:
+        if (pr, pc) == tuple(matrix.shape):
             return matrix
-        out = np.full((pr, pc), fill, dtype=matrix.dtype)
+        if is_torch_tensor(matrix):
+            out = matrix.new_full((pr, pc), fill)
+        else:
+            out = np.full((pr, pc), fill, dtype=matrix.dtype)
         out[: self.rows, : self.cols] = matrix
         return out
 
-    def to_tiles(self, matrix: np.ndarray, fill=0) -> np.ndarray:
-        """Cut a (rows, cols) matrix into a contiguous (T, m, m) array of tiles."""
+    def to_tiles(self, matrix, fill=0):
+        """Cut a (rows, cols) array or tensor into a contiguous (T, m, m) one of tiles."""
         m = self.m
         padded = self.pad(matrix, fill)
-        tiles = padded.reshape(self.tile_rows, m, self.tile_cols, m).transpose(0, 2, 1, 3)
-        return np.ascontiguousarray(tiles.reshape(-1, m, m))
+        tiles = padded.reshape(self.tile_rows, m, self.tile_cols, m).swapaxes(1, 2)
+        return _contiguous(tiles.reshape(-1, m, m))
 
-    def from_tiles(self, tiles: np.ndarray) -> np.ndarray:
+    def from_tiles(self, tiles):
         """Reassemble (T, m, m) tiles into the (rows, cols) matrix, cropping the padding."""
         m = self.m
-        full = tiles.reshape(self.tile_rows, self.tile_cols, m, m).transpose(0, 2, 1, 3)
+        full = tiles.reshape(self.tile_rows, self.tile_cols, m, m).swapaxes(1, 2)
         full = full.reshape(self.tile_rows * m, self.tile_cols * m)
-        return np.ascontiguousarray(full[: self.rows, : self.cols])
+        return _contiguous(full[: self.rows, : self.cols])
 
     def full_tiles(self) -> np.ndarray:
         """Boolean (T,) array: True for tiles lying entirely inside the unpadded matrix."""

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 
-from nmopt import backends as _backends
-from nmopt import solvers as _solvers
 from nmopt._arrays import to_float64
 from nmopt._tiles import TileGrid, as_matrix, check_scores, tile_counts
+from nmopt.backends import get as get_backend
 from nmopt.certificates import OPTIMALITY_TOL, total_bound
 from nmopt.masks import check_mask
 from nmopt.patterns import parse_pattern
 from nmopt.result import MaskResult
+from nmopt.solvers import plan
 
 
 def _prepare(weights, scores):
@@ -31,26 +30,6 @@ def _prepare(weights, scores):
                              f"{tuple(w.shape)}; pass one score per weight")
         check_scores(s, "scores")
     return as_matrix(s, "scores"), kind
-
-
-def _resolve_solver(solver, n, m, transposable, saturate, num_tiles, backend, edge_tiles):
-    if isinstance(solver, str) and solver == "auto":
-        # an explicit backend (argument, else NMOPT_BACKEND) narrows the choice of solver
-        wanted = backend if backend is not None else os.environ.get(_backends.ENV_VAR, "").strip()
-        wanted = getattr(wanted, "name", wanted)
-        if wanted not in _backends.names():
-            wanted = None  # unknown names are reported by backend selection
-        return _solvers.auto(n, m, transposable=transposable, saturate=saturate,
-                             num_tiles=num_tiles, backend=wanted, edge_tiles=edge_tiles)
-    inst = _solvers.get(solver)
-    if inst.transposable != transposable:
-        kind = "transposable" if inst.transposable else "row-wise"
-        raise ValueError(f"solver {inst.name!r} finds {kind} masks but transposable={transposable}; "
-                         "use solver='auto'")
-    why = _solvers.refusal(inst, n, m, saturate, num_tiles, edge_tiles)
-    if why is not None:
-        raise ValueError(f"solver={inst.name!r} cannot solve {n}:{m} here: {why}")
-    return inst
 
 
 def _checked_output(name, grid, tiles, mask_t, u_t, v_t, p, transposable, saturate):
@@ -129,7 +108,7 @@ def _fill_free_slots(grid, tiles, mask_t, n, counts):
     # dropping the rest afterwards leaves exactly the greedy completion by zero scores
     priority = np.where(sub, 2.0, zero.astype(np.float64))
     mask_t, rows, cols = mask_t.copy(), rows.copy(), cols.copy()
-    mask_t[cand] = _backends.get("numpy").greedy(priority, n) & (sub | zero)
+    mask_t[cand] = get_backend("numpy").greedy(priority, n) & (sub | zero)
     rows[cand], cols[cand] = tile_counts(mask_t[cand])
     return mask_t, (rows, cols)
 
@@ -183,9 +162,9 @@ def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = F
     s, kind = _prepare(weights, scores)
     grid = TileGrid(s.shape[0], s.shape[1], p.m)
     edge_tiles = not grid.full_tiles().all()
-    inst = _resolve_solver(solver, p.n, p.m, transposable, saturate, grid.num_tiles, backend,
-                           edge_tiles)
-    engine, fallbacks = _backends.select(backend, kind.framework, inst.backends)
+    inst, engine, fallbacks = plan(solver, backend, p.n, p.m, transposable=bool(transposable),
+                                   saturate=bool(saturate), num_tiles=grid.num_tiles,
+                                   edge_tiles=edge_tiles, framework=kind.framework)
 
     tiles = grid.to_tiles(s)
     mask_t, u_t, v_t = _solve(inst, grid, tiles, p.n, bool(saturate), engine)

@@ -26,7 +26,7 @@ from nmopt.patterns import parse_pattern
 #: Relative gap under which a result counts as certified optimal. Exact solvers reach it because
 #: their prices are optimal up to float64 rounding of sums over the tile (about 1e-13 relative)
 #: plus, for solvers that work on integer costs, the per-tile cost quantisation (see
-#: ``nmopt.solvers._costs``), which is below 2.5e-9 relative for every pattern up to M = 64.
+#: ``nmopt._costs``), which is below 2.5e-9 relative for every pattern up to M = 64.
 OPTIMALITY_TOL = 1e-7
 
 

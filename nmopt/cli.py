@@ -14,12 +14,13 @@ import sys
 from pathlib import Path
 
 import nmopt
-from nmopt.demo import DEMO_TIME_LIMIT
+from nmopt import backends, bench, solvers
+from nmopt._report import Column, format_table
+from nmopt.checkpoint import CheckpointError, checkpoint_format
+from nmopt.demo import DEMO_TIME_LIMIT, run_demo
+from nmopt.errors import UsageError
 from nmopt.patterns import parse_pattern
-
-
-class UsageError(ValueError):
-    """Bad command-line arguments: reported on one line, exit code 2."""
+from nmopt.prune import print_report, prune_file
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,8 +49,6 @@ def _check_outputs(args) -> None:
     """Every usage check of ``nmopt prune`` that can fail before any work is done."""
     import re
 
-    from nmopt import backends, solvers
-    from nmopt.checkpoint import CheckpointError, checkpoint_format
 
     for flag, value in (("--include", args.include), ("--exclude", args.exclude)):
         if value is not None:
@@ -106,8 +105,6 @@ def _check_outputs(args) -> None:
 
 
 def cmd_prune(args) -> int:
-    from nmopt.prune import print_report, prune_file
-
     _check_outputs(args)
     _, report = prune_file(
         args.input, args.out, args.pattern, masks_path=args.masks, report_path=args.report,
@@ -147,8 +144,6 @@ def cmd_diversity(args) -> int:
 
 
 def _status_table(status: dict, attrs) -> int:
-    from nmopt.bench._report import Column, format_table
-
     rows = [dict(name=name, status="available" if why is None else f"unavailable: {why}",
                  **attrs(name, why)) for name, why in status.items()]
     cols = [Column("name", "name", align="<")]
@@ -159,8 +154,6 @@ def _status_table(status: dict, attrs) -> int:
 
 
 def cmd_solvers(args) -> int:
-    from nmopt import solvers
-
     def attrs(name, why):
         if why is not None:
             return {"exact": "", "masks": ""}
@@ -184,16 +177,12 @@ def cmd_solvers(args) -> int:
 
 
 def cmd_backends(args) -> int:
-    from nmopt import backends
-
     return _status_table(backends.status(), lambda name, why: {})
 
 
 # -- demo ------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
-    from nmopt.demo import run_demo
-
     run_demo(Path(args.out), time_limit=args.time_limit or None)
     return 0
 
@@ -202,7 +191,6 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (benchmarks register themselves from :mod:`nmopt.bench`)."""
-    from nmopt import bench
 
     parser = _Parser(prog="nmopt", description="Optimal N:M transposable sparsity masks with "
                      "certified optimality gaps. N:M keeps at most N of every M weights "

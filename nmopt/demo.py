@@ -8,6 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
+from nmopt.bench import gap
+from nmopt.checkpoint import save
+from nmopt.prune import print_report, prune_file, verify_pruned
+
 DEMO_SIZES = ((512, 512), (1024, 1024))
 DEMO_PATTERN = "4:8"
 DEMO_TIME_LIMIT = 10.0  # seconds per benchmark run
@@ -44,9 +48,6 @@ def demo_state_dict(seed: int = 0) -> dict:
 
 def run_demo(out: Path, time_limit: float | None = DEMO_TIME_LIMIT) -> None:
     """Write the benchmark, the demo checkpoint, its pruned copy, masks and report under ``out``."""
-    from nmopt.bench import gap
-    from nmopt.checkpoint import save
-    from nmopt.prune import print_report, prune_file, verify_pruned
 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)

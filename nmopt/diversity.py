@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from functools import cache
+from functools import cache, lru_cache
+from itertools import combinations
 from math import comb, prod
+
+import numpy as np
 
 from nmopt.patterns import parse_pattern
 
@@ -89,3 +92,39 @@ def mask_diversity(pattern, transposable: bool = True, at_most: bool = False,
         raise ValueError(f"shape: expected (rows, cols), positive multiples of M={p.m}, got {shape}")
     tiles = (int(shape[0]) // p.m) * (int(shape[1]) // p.m)
     return per_tile ** tiles
+
+
+@lru_cache(maxsize=32)
+def tile_patterns(n: int, m: int, saturate: bool) -> np.ndarray:
+    """Candidate tile patterns as a (K, m*m) float64 0/1 matrix.
+
+    With ``saturate`` every m x m tile with exactly n per row and column (90 for 2:4); else the
+    *maximal* "at most n" tiles (no entry can be added). Scores are non-negative, so some maximal
+    pattern is always optimal, and there are far fewer of them than valid "at most n" tiles.
+    """
+    sizes = (n,) if saturate else range(n + 1)
+    rows = [np.isin(np.arange(m), c) for k in sizes for c in combinations(range(m), k)]
+    out: list[np.ndarray] = []
+
+    def extend(prefix: list[np.ndarray], col_sum: np.ndarray) -> None:
+        left = m - len(prefix)
+        if left == 0:
+            tile = np.array(prefix)
+            if saturate:
+                if (col_sum == n).all():
+                    out.append(tile)
+                return
+            full_r = tile.sum(axis=1) == n
+            full_c = col_sum == n
+            if (tile | full_r[:, None] | full_c[None, :]).all():
+                out.append(tile)
+            return
+        for row in rows:
+            cs = col_sum + row
+            if (cs <= n).all() and (not saturate or (n - cs <= left - 1).all()):
+                prefix.append(row)
+                extend(prefix, cs)
+                prefix.pop()
+
+    extend([], np.zeros(m, dtype=int))
+    return np.array(out, dtype=np.float64).reshape(len(out), m * m)

@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from nmopt import solvers
+from nmopt._report import Column, format_table, json_text
+from nmopt._tiles import TileGrid
+from nmopt._version import __version__
 from nmopt.api import find_mask
+from nmopt.checkpoint import AtomicFiles, load, read_metadata, write_checkpoint
+from nmopt.masks import check_mask
 from nmopt.patterns import parse_pattern
 
 #: Names treated as embeddings (skipped unless ``include`` matches them).
@@ -242,9 +248,6 @@ def prune_file(input_path, out_path, pattern, *, masks_path=None, report_path=No
     (PruneResult, dict)
         The result and the report written to ``report_path``.
     """
-    from nmopt import __version__
-    from nmopt.bench._report import json_text
-    from nmopt.checkpoint import AtomicFiles, load, read_metadata, write_checkpoint
 
     tensors = load(input_path)
     result = prune_state_dict(tensors, pattern, transposable=transposable, saturate=saturate,
@@ -279,8 +282,6 @@ def verify_pruned(original, pruned, masks, report: dict) -> list[str]:
     is recomputed from the original weights, and each layer is re-solved with a second exact
     solver when one is installed.
     """
-    from nmopt import check_mask, solvers
-    from nmopt.checkpoint import load
 
     def second_exact(used: str, n: int, m: int, tiles: int) -> str | None:
         for name in solvers.available():
@@ -309,8 +310,7 @@ def verify_pruned(original, pruned, masks, report: dict) -> list[str]:
         if abs(objective - layer["objective"]) > 1e-9 * max(1.0, objective):
             raise RuntimeError(f"{name}: kept score {objective} differs from the report")
         rows, cols = mask.shape[0], mask[0].size
-        other = second_exact(layer["solver"], pat.n, pat.m,
-                             -(-rows // pat.m) * -(-cols // pat.m))
+        other = second_exact(layer["solver"], pat.n, pat.m, TileGrid(rows, cols, pat.m).num_tiles)
         check = ""
         if other is not None:
             res = find_mask(w, pattern, transposable=transposable, saturate=report["saturate"],
@@ -327,7 +327,6 @@ def verify_pruned(original, pruned, masks, report: dict) -> list[str]:
 
 def report_columns():
     """Columns of the per-layer table of a prune report."""
-    from nmopt.bench._report import Column
 
     return [
         Column("name", "layer", align="<"),
@@ -341,7 +340,6 @@ def report_columns():
 
 def print_report(report: dict, out=None) -> None:
     """The per-layer table and totals of a prune report."""
-    from nmopt.bench._report import format_table
 
     out = out or sys.stdout
     rows = [dict(r, density=r["kept_weights"] / r["weights"]) for r in report["layers"]]

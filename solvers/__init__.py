@@ -1,47 +1,30 @@
-"""Solver registry: which algorithm picks the mask.
+"""Solver registry: which algorithm picks the mask, and the one place that pairs it with a backend.
 
-The registry is an ordered name -> class mapping; the order is the preference order of
-``solver="auto"`` (the first available exact solver that takes the problem). ``solver=``
-accepts a registered name, a :class:`Solver` instance or a plain callable
-``f(tiles, n, saturate) -> bool tiles``.
+The preference order of ``solver="auto"`` is :data:`PREFERENCE` (the first available exact
+solver that takes the problem). ``solver=`` accepts a registered name, a :class:`Solver`
+instance or a plain callable ``f(tiles, n, saturate) -> bool tiles``. :func:`plan` resolves a
+call's solver and backend together; :func:`nmopt.find_mask` and sparse training use it.
 """
 
 from __future__ import annotations
 
-from nmopt.solvers._base import CallableSolver, Solver
+import os
 
-_REGISTRY: dict[str, type[Solver]] = {}
-_INSTANCES: dict[str, Solver] = {}
+from nmopt.backends import ENV_VAR as _BACKEND_ENV_VAR
+from nmopt.backends import names as _backend_names
+from nmopt.backends import select as _select_backend
+from nmopt.solvers import enumerate as _enumerate  # noqa: F401 - the built-in solvers register
+from nmopt.solvers import exact as _exact  # noqa: F401
+from nmopt.solvers import greedy as _greedy  # noqa: F401
+from nmopt.solvers import networkx_flow as _networkx_flow  # noqa: F401
+from nmopt.solvers import ortools_lp as _ortools_lp  # noqa: F401
+from nmopt.solvers import ortools_mcf as _ortools_mcf  # noqa: F401
+from nmopt.solvers import rowwise as _rowwise  # noqa: F401
+from nmopt.solvers._base import PREFERENCE, SOLVERS, CallableSolver, Solver, register
 
-
-def register(cls: type[Solver]) -> type[Solver]:
-    """Class decorator: add a solver to the registry under ``cls.name``."""
-    if not cls.name or cls.name == "auto":
-        raise ValueError("a solver class needs a non-empty name other than 'auto'")
-    _REGISTRY[cls.name] = cls
-    _INSTANCES.pop(cls.name, None)
-    return cls
-
-
-def _instance(name: str) -> Solver:
-    if name not in _INSTANCES:
-        _INSTANCES[name] = _REGISTRY[name]()
-    return _INSTANCES[name]
-
-
-def names() -> list[str]:
-    """Every registered solver name, in preference order."""
-    return list(_REGISTRY)
-
-
-def status() -> dict[str, str | None]:
-    """Map each registered solver to None (usable) or the reason it is not."""
-    return {name: _instance(name).unavailable_reason() for name in _REGISTRY}
-
-
-def available() -> list[str]:
-    """Names of the solvers usable here, in preference order."""
-    return [name for name, reason in status().items() if reason is None]
+names = SOLVERS.names
+status = SOLVERS.status
+available = SOLVERS.available
 
 
 def get(solver) -> Solver:
@@ -53,13 +36,9 @@ def get(solver) -> Solver:
     if isinstance(solver, Solver):
         return solver
     if isinstance(solver, str):
-        if solver not in _REGISTRY:
+        if solver not in SOLVERS.classes:
             raise ValueError(f"solver: unknown solver {solver!r}; choose 'auto' or one of {names()}")
-        inst = _instance(solver)
-        reason = inst.unavailable_reason()
-        if reason is not None:
-            raise ImportError(f"solver {solver!r} is not available: {reason}")
-        return inst
+        return SOLVERS.get(solver)
     if callable(solver):
         return CallableSolver(solver)
     raise TypeError(f"solver: expected a name, a Solver instance or a callable, got {solver!r}")
@@ -77,13 +56,13 @@ def refusal(inst: Solver, n: int, m: int, saturate: bool, num_tiles: int,
 
 def auto(n: int, m: int, *, transposable: bool, saturate: bool, num_tiles: int,
          backend: str | None = None, edge_tiles: bool = False) -> Solver:
-    """The preferred available solver for the problem: exact first, in registry order.
+    """The preferred available solver for the problem: exact first, in :data:`PREFERENCE` order.
 
     With ``backend`` (a name the caller asked for), solvers that cannot run on it are skipped.
     """
     reasons = []
-    for name in _REGISTRY:
-        inst = _instance(name)
+    for name in names():
+        inst = SOLVERS.instance(name)
         if inst.transposable != transposable or not inst.exact:
             continue
         why = inst.unavailable_reason() or refusal(inst, n, m, saturate, num_tiles, edge_tiles)
@@ -97,14 +76,34 @@ def auto(n: int, m: int, *, transposable: bool, saturate: bool, num_tiles: int,
                        + "; ".join(reasons))
 
 
-# Built-in solvers, in preference order for "auto".
-from nmopt.solvers import c_exact as _c_exact  # noqa: E402,F401
-from nmopt.solvers import rowwise as _rowwise  # noqa: E402,F401
-from nmopt.solvers import enumeration as _enumeration  # noqa: E402,F401
-from nmopt.solvers import ortools_flow as _ortools_flow  # noqa: E402,F401
-from nmopt.solvers import ortools_lp as _ortools_lp  # noqa: E402,F401
-from nmopt.solvers import networkx_flow as _networkx_flow  # noqa: E402,F401
-from nmopt.solvers import greedy as _greedy  # noqa: E402,F401
-from nmopt.solvers import torch_exact as _torch_exact  # noqa: E402,F401
+def plan(solver, backend, n: int, m: int, *, transposable: bool, saturate: bool, num_tiles: int,
+         edge_tiles: bool = False, framework: str = "numpy"):
+    """The solver and backend of one call, chosen together: ``(Solver, Backend, fallbacks)``.
 
-__all__ = ["Solver", "CallableSolver", "register", "names", "status", "available", "get", "auto", "refusal"]
+    ``solver="auto"`` takes the preferred exact solver that can run on the backend the caller
+    asked for (argument, else ``NMOPT_BACKEND``); a named solver must match ``transposable`` and
+    take the pattern. The backend is then chosen among those the solver runs on
+    (:func:`nmopt.backends.select`), preferring one for the input's ``framework``.
+    """
+    if isinstance(solver, str) and solver == "auto":
+        wanted = backend if backend is not None else os.environ.get(_BACKEND_ENV_VAR, "").strip()
+        wanted = getattr(wanted, "name", wanted)
+        if wanted not in _backend_names():
+            wanted = None  # unknown names are reported by backend selection
+        inst = auto(n, m, transposable=transposable, saturate=saturate, num_tiles=num_tiles,
+                    backend=wanted, edge_tiles=edge_tiles)
+    else:
+        inst = get(solver)
+        if inst.transposable != transposable:
+            kind = "transposable" if inst.transposable else "row-wise"
+            raise ValueError(f"solver {inst.name!r} finds {kind} masks but transposable={transposable}; "
+                             "use solver='auto'")
+        why = refusal(inst, n, m, saturate, num_tiles, edge_tiles)
+        if why is not None:
+            raise ValueError(f"solver={inst.name!r} cannot solve {n}:{m} here: {why}")
+    engine, fallbacks = _select_backend(backend, framework, inst.backends)
+    return inst, engine, fallbacks
+
+
+__all__ = ["Solver", "CallableSolver", "SOLVERS", "PREFERENCE", "register", "names", "status", "available",
+           "get", "auto", "refusal", "plan"]

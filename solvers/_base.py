@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 
+from nmopt._registry import Plugin, Registry
+from nmopt.certificates import descent_prices, prices_from_mask, tile_bounds
 
-class Solver:
+#: Solvers in order of decreasing preference for ``solver="auto"`` (the first available exact
+#: solver that takes the problem): the C kernel, exact row-wise top-N, enumeration (2:4 and
+#: other tiny tiles), OR-Tools min-cost flow and LP, networkx, greedy, the torch kernel.
+PREFERENCE = ("exact", "rowwise", "enumerate", "mcf", "lp", "networkx", "greedy", "torch-exact")
+
+
+class Solver(Plugin):
     """Base class of a mask solver. Subclasses set the capabilities and implement :meth:`solve`.
 
     Capabilities (class attributes)
@@ -21,22 +27,11 @@ class Solver:
     at_most, exactly : supports ``saturate=False`` / ``saturate=True``
     """
 
-    name: str = ""
     exact: bool = False
     transposable: bool = True
-    requires: tuple[str, ...] = ()
-    extra: str | None = None
     backends: tuple[str, ...] | None = ("numpy",)
     at_most: bool = True
     exactly: bool = True
-
-    def unavailable_reason(self) -> str | None:
-        """None if usable here, else why not (e.g. 'ortools: not installed')."""
-        for module in self.requires:
-            if importlib.util.find_spec(module) is None:
-                hint = f" (pip install 'nmopt[{self.extra}]')" if self.extra else ""
-                return f"{module}: not installed{hint}"
-        return None
 
     def refuses(self, n: int, m: int, saturate: bool, num_tiles: int) -> str | None:
         """None if this solver takes the problem, else the reason it does not."""
@@ -81,8 +76,6 @@ class CallableSolver(Solver):
         self.name = getattr(fn, "__name__", "callable")
 
     def solve(self, tiles, n, *, saturate, backend):
-        from nmopt.certificates import descent_prices, prices_from_mask, tile_bounds
-
         mask = np.asarray(self.fn(tiles, n, saturate), dtype=bool)
         if mask.shape != tiles.shape:
             raise ValueError(f"solver callable returned shape {mask.shape}, expected {tiles.shape}")
@@ -92,3 +85,8 @@ class CallableSolver(Solver):
         if saturate:
             better[:] = True
         return mask, np.where(better[:, None], u1, u2), np.where(better[:, None], v1, v2)
+
+
+#: The solver registry (see :mod:`nmopt.solvers` for the functions that read it).
+SOLVERS = Registry("solver", PREFERENCE, reserved=("auto",))
+register = SOLVERS.register

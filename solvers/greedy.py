@@ -8,8 +8,7 @@ column that are already paired, so it keeps at most N; it is guaranteed >= 1/2 o
 from __future__ import annotations
 
 from nmopt.certificates import descent_prices
-from nmopt.solvers import register
-from nmopt.solvers._base import Solver
+from nmopt.solvers._base import Solver, register
 
 
 @register

@@ -1,17 +1,16 @@
 """Per-tile min-cost flow in networkx: a slow, independent reference for small inputs.
 
 networkx's network simplex is only reliable on integer weights (float weights can give
-invalid flows or hang), so costs come from :mod:`nmopt.solvers._costs`.
+invalid flows or hang), so costs come from :mod:`nmopt._costs`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from nmopt._costs import integer_costs
 from nmopt.certificates import prices_from_mask
-from nmopt.solvers import register
-from nmopt.solvers._base import Solver
-from nmopt.solvers._costs import integer_costs
+from nmopt.solvers._base import Solver, register
 
 
 @register

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nmopt.solvers import register
-from nmopt.solvers._base import Solver
+from nmopt.solvers._base import Solver, register
 
 #: Variables per LP; GLOP's time grows faster than linearly with the LP size.
 MAX_VARS_PER_LP = 1 << 15

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from nmopt.certificates import _kth_largest
-from nmopt.solvers import register
-from nmopt.solvers._base import Solver
+from nmopt.solvers._base import Solver, register
 
 
 @register

@@ -126,8 +126,8 @@ def test_time_limit_skips_slow_contenders():
 
 
 def test_new_registered_solver_is_picked_up(monkeypatch):
-    monkeypatch.setattr(solvers, "_REGISTRY", dict(solvers._REGISTRY))
-    monkeypatch.setattr(solvers, "_INSTANCES", dict(solvers._INSTANCES))
+    monkeypatch.setattr(solvers.SOLVERS, "classes", dict(solvers.SOLVERS.classes))
+    monkeypatch.setattr(solvers.SOLVERS, "instances", dict(solvers.SOLVERS.instances))
 
     @solvers.register
     class Dummy(solvers.Solver):

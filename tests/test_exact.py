@@ -48,7 +48,7 @@ def check_against_mcf(scores, n, m, saturate, mcf):
     bound = nmopt.dual_bound(scores, (n, m), res.u, res.v, saturate=saturate)
     assert bound == pytest.approx(res.objective, rel=1e-9, abs=1e-300)
     ref = nmopt.find_mask(scores, (n, m), solver=mcf, saturate=saturate)
-    # mcf optimises integer costs (<= 2.5e-9 relative per tile, see solvers/_costs.py)
+    # mcf optimises integer costs (<= 2.5e-9 relative per tile, see nmopt/_costs.py)
     assert res.objective == pytest.approx(ref.objective, rel=1e-8, abs=1e-300)
     ours, theirs = per_tile_kept(scores, mask, m), per_tile_kept(scores, ref.mask, m)
     assert (ours >= theirs * (1 - 1e-8)).all()

@@ -18,9 +18,9 @@ W = np.random.default_rng(3).standard_normal((8, 12))
 @pytest.fixture
 def clean_registries(monkeypatch):
     """Give each test private copies of both registries, so nothing it registers survives."""
-    for module in (nmopt.solvers, nmopt.backends):
-        monkeypatch.setattr(module, "_REGISTRY", dict(module._REGISTRY))
-        monkeypatch.setattr(module, "_INSTANCES", dict(module._INSTANCES))
+    for registry in (nmopt.solvers.SOLVERS, nmopt.backends.BACKENDS):
+        monkeypatch.setattr(registry, "classes", dict(registry.classes))
+        monkeypatch.setattr(registry, "instances", dict(registry.instances))
     monkeypatch.delenv("NMOPT_BACKEND", raising=False)
 
 
@@ -79,25 +79,25 @@ def test_unavailable_solver(clean_registries):
 
 def test_auto_skips_an_unavailable_exact_solver_in_front(clean_registries, monkeypatch):
     register_dummy_solver(requires=("no_such_module",), exact=True)
-    reg = nmopt.solvers._REGISTRY
-    monkeypatch.setattr(nmopt.solvers, "_REGISTRY", {"dummy": reg["dummy"], **reg})
+    reg = nmopt.solvers.SOLVERS
+    monkeypatch.setattr(reg, "preference", ("dummy", *reg.preference))
     assert nmopt.solvers.names()[0] == "dummy"
     res = nmopt.find_mask(W, "2:4")
     assert res.solver != "dummy" and res.optimal
 
 
 def test_auto_picks_an_available_exact_solver_in_front(clean_registries, monkeypatch):
-    """Registry order is the preference order of 'auto'."""
+    """The registry's preference tuple is the preference order of 'auto'."""
     calls = register_dummy_solver(exact=True)
-    reg = nmopt.solvers._REGISTRY
-    monkeypatch.setattr(nmopt.solvers, "_REGISTRY", {"dummy": reg["dummy"], **reg})
+    reg = nmopt.solvers.SOLVERS
+    monkeypatch.setattr(reg, "preference", ("dummy", *reg.preference))
     res = nmopt.find_mask(W, "2:4")
     assert res.solver == "dummy" and len(calls) == 1
 
 
 def test_auto_with_nothing_exact_is_a_clear_error(clean_registries, monkeypatch):
-    monkeypatch.setattr(nmopt.solvers, "_REGISTRY",
-                        {k: v for k, v in nmopt.solvers._REGISTRY.items() if not v.exact})
+    reg = nmopt.solvers.SOLVERS
+    monkeypatch.setattr(reg, "classes", {k: v for k, v in reg.classes.items() if not v.exact})
     with pytest.raises(RuntimeError, match="no exact solver"):
         nmopt.find_mask(W, "2:4")
 
@@ -252,3 +252,23 @@ def test_saturate_mask_that_is_not_exactly_n_is_an_error(clean_registries):
     broken_solver(lambda t, n: np.zeros(t.shape, bool), lambda z: z)
     with pytest.raises(RuntimeError, match="exactly N"):
         nmopt.find_mask(W, "2:4", solver="broken", saturate=True)
+
+
+def test_preference_is_an_explicit_tuple_not_import_order(clean_registries):
+    """Registering a solver named in the preference tuple puts it there, whatever the order of
+    registration; names the tuple does not list come after it."""
+    reg = nmopt.solvers.SOLVERS
+    assert nmopt.solvers.names()[: len(nmopt.solvers.PREFERENCE)] == [
+        n for n in nmopt.solvers.PREFERENCE if n in reg.classes]
+    cls = reg.classes.pop("exact")
+    register_dummy_solver()
+    reg.register(cls)  # registered last, still preferred first
+    assert nmopt.solvers.names()[0] == "exact" and nmopt.solvers.names()[-1] == "dummy"
+    assert nmopt.backends.names()[: 2] == ["cffi", "numpy"]
+
+
+def test_one_registry_class_serves_solvers_and_backends():
+    from nmopt._registry import Registry
+
+    assert type(nmopt.solvers.SOLVERS) is Registry and type(nmopt.backends.BACKENDS) is Registry
+    assert nmopt.solvers.Solver.unavailable_reason is nmopt.backends.Backend.unavailable_reason

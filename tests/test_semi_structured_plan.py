@@ -21,7 +21,7 @@ import nmopt
 torch = pytest.importorskip("torch")
 from torch import nn
 
-from nmopt.training import kernels
+from nmopt.training import matmul
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),  # see tests/conftest.py
               pytest.mark.filterwarnings("ignore:The PyTorch API of SparseSemiStructuredTensor")]
@@ -130,7 +130,7 @@ def masked_dense(weight, mask, bias, x, gy):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("mode", list(kernels.SemiStructuredPlan.MODES))
+@pytest.mark.parametrize("mode", list(matmul.SemiStructuredPlan.MODES))
 def test_forward_reads_w_and_backward_data_reads_w_transposed(monkeypatch, mode, dtype):
     fake = FakeKernels(monkeypatch)
     out_f, in_f = 64, 128
@@ -138,14 +138,14 @@ def test_forward_reads_w_and_backward_data_reads_w_transposed(monkeypatch, mode,
     w = torch.randn(out_f, in_f).to(dtype).requires_grad_()
     b = torch.randn(out_f).to(dtype).requires_grad_()
     mask = transposable_mask(w)
-    plan = kernels.SemiStructuredPlan(mask, dtype, mode)
-    assert plan.mode == kernels.SemiStructuredPlan.MODES[mode]
+    plan = matmul.SemiStructuredPlan(mask, dtype, mode)
+    assert plan.mode == matmul.SemiStructuredPlan.MODES[mode]
     built = list(fake.tiles)
     steps = 2
     for _step in range(steps):  # the second step sees new values under the same mask
         fake.gemms.clear()
         x = torch.randn(3, 5, in_f).to(dtype).requires_grad_()  # 15 rows: padded by PyTorch
-        y = kernels.SparseLinearFn.apply(x, w, b, mask, 0.0, plan)
+        y = matmul.SparseLinearFn.apply(x, w, b, mask, 0.0, plan)
         gy = torch.randn_like(y)
         y.backward(gy)
         assert fake.gemms == [(out_f, in_f), (in_f, out_f)]  # W, then W^T
@@ -166,7 +166,7 @@ def test_forward_reads_w_and_backward_data_reads_w_transposed(monkeypatch, mode,
         assert built == [(True, "")] and per_step == [] and fake.applies == steps
     else:
         assert fake.tiles == [] and fake.compresses == 2 * steps
-    assert kernels._probe(plan, w.detach(), mask) is None
+    assert matmul._probe(plan, w.detach(), mask) is None
 
 
 @pytest.mark.parametrize("mode", ["cusparselt-tile", "cutlass-values"])
@@ -178,14 +178,14 @@ def test_masks_with_short_rows_are_packed_exactly(monkeypatch, mode):
     mask = transposable_mask(w)
     mask[0:4, 0:4] = torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1]],
                                   dtype=torch.bool)
-    assert kernels._probe(kernels.SemiStructuredPlan(mask, torch.bfloat16, mode), w, mask) is None
+    assert matmul._probe(matmul.SemiStructuredPlan(mask, torch.bfloat16, mode), w, mask) is None
 
 
 def test_a_cutlass_pattern_that_loses_a_kept_weight_is_refused(monkeypatch):
     FakeKernels(monkeypatch, drop=True)
     w = torch.randn(64, 64, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="does not keep exactly the mask"):
-        kernels.SemiStructuredPlan(transposable_mask(w), torch.float16, "cutlass-values")
+        matmul.SemiStructuredPlan(transposable_mask(w), torch.float16, "cutlass-values")
 
 
 @pytest.mark.parametrize("cusparselt, hopper, chosen", [
@@ -197,9 +197,9 @@ def test_a_cutlass_pattern_that_loses_a_kept_weight_is_refused(monkeypatch):
 def test_mode_choice_follows_what_the_device_runs(monkeypatch, cusparselt, hopper, chosen):
     FakeKernels(monkeypatch, cusparselt=cusparselt, hopper=hopper)
     w = torch.randn(64, 128, dtype=torch.bfloat16)
-    plan, failed = kernels.semi_structured_plan(w, transposable_mask(w))
+    plan, failed = matmul.semi_structured_plan(w, transposable_mask(w))
     assert plan is not None and plan.key == chosen
-    modes = list(kernels.SemiStructuredPlan.MODES)
+    modes = list(matmul.SemiStructuredPlan.MODES)
     assert [f.split(":")[0] for f in failed] == modes[:modes.index(chosen)]
     if chosen == "full":
         assert "no cuSPARSELt" in failed[0] and "compute capability 8.x" in failed[1]
@@ -210,7 +210,7 @@ def test_sparsified_model_trains_on_the_plan_and_rebuilds_it_after_refresh(monke
     its semi-structured mode, its outputs match masked dense at every step, and each mask
     refresh builds a new plan (and a new CUTLASS pattern) for the new mask."""
     fake = FakeKernels(monkeypatch, cusparselt=False)
-    monkeypatch.setattr(kernels, "semi_structured_unsupported", lambda config, weight: None)
+    monkeypatch.setattr(matmul, "semi_structured_unsupported", lambda config, weight: None)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 64)).to(torch.bfloat16)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -218,7 +218,7 @@ def test_sparsified_model_trains_on_the_plan_and_rebuilds_it_after_refresh(monke
                            optimizer=opt)
     first, second = model[0], model[2]
     for layer in (first, second):
-        assert layer.kernel == ("semi-structured 2:4 (CUTLASS, values-only repack per step; "
+        assert layer.matmul == ("semi-structured 2:4 (CUTLASS, values-only repack per step; "
                                 "not used: cusparselt-tile: RuntimeError: this PyTorch has no "
                                 "cuSPARSELt)")
         assert "values-only" in repr(layer)
@@ -245,10 +245,10 @@ def test_sparsified_model_trains_on_the_plan_and_rebuilds_it_after_refresh(monke
 
 def test_a_layer_on_a_hopper_like_device_says_why_cutlass_was_not_used(monkeypatch):
     FakeKernels(monkeypatch, cusparselt=False, hopper=True)
-    monkeypatch.setattr(kernels, "semi_structured_unsupported", lambda config, weight: None)
+    monkeypatch.setattr(matmul, "semi_structured_unsupported", lambda config, weight: None)
     model = nn.Sequential(nn.Linear(64, 64)).to(torch.float16)
     nmopt.sparsify_(model, nmopt.SparsityConfig(pattern="2:4"))
-    note = model[0].kernel
+    note = model[0].matmul
     assert note.startswith("semi-structured 2:4 (full repack"), note
     assert "cutlass-values: semi-structured 2:4 failed its self-check: RuntimeError: " \
            + SM8X_ONLY in note
@@ -261,7 +261,7 @@ def test_bench_speed_times_the_mode_a_layer_would_use(monkeypatch, hopper):
     from nmopt.bench import speed
 
     FakeKernels(monkeypatch, cusparselt=False, hopper=hopper)
-    monkeypatch.setattr(kernels, "semi_structured_unsupported", lambda config, weight: None)
+    monkeypatch.setattr(matmul, "semi_structured_unsupported", lambda config, weight: None)
     w = torch.randn(64, 128, dtype=torch.bfloat16)
     mask = transposable_mask(w)
     x, gy = torch.randn(48, 128, dtype=torch.bfloat16), torch.randn(48, 64, dtype=torch.bfloat16)
@@ -290,6 +290,6 @@ def test_cuda_plan_packs_exact_masks_without_a_full_repack(dtype):
     short = mask.clone()
     short[0, short[0].nonzero()[0]] = False  # a tile row that keeps one
     for m in (mask, short):
-        plan, failed = kernels.semi_structured_plan(w, m)
+        plan, failed = matmul.semi_structured_plan(w, m)
         assert plan is not None and plan.key != "full", failed
-        assert kernels._probe(plan, w, m) is None
+        assert matmul._probe(plan, w, m) is None

@@ -14,7 +14,7 @@ import nmopt
 torch = pytest.importorskip("torch")
 from torch import nn
 
-from nmopt.training import kernels
+from nmopt.training import matmul
 from nmopt.training.layers import SparseConv, SparseLinear, check_tile_mask
 
 CUDA = torch.cuda.is_available()
@@ -49,7 +49,7 @@ def reference_grads(layer_weight, mask, bias, x, gy, decay):
 @pytest.mark.parametrize("kwargs, match", [
     ({"pattern": "4:4"}, "pattern"), ({"pattern": "5:4"}, "pattern"),
     ({"update": "adam"}, "update"), ({"decay": -1.0}, "decay"), ({"refresh_every": -2}, "refresh"),
-    ({"refresh_every": 1.5}, "refresh"), ({"kernel": "triton"}, "kernel"), ({"sync": "x"}, "sync"),
+    ({"refresh_every": 1.5}, "refresh"), ({"matmul": "triton"}, "matmul"), ({"sync": "x"}, "sync"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -71,7 +71,7 @@ def test_sparsify_replaces_and_reports():
     for layer in ctrl.layers.values():
         nmopt.check_mask(layer.mask.reshape(layer.mask.shape[0], -1), "4:8")
         assert 0.45 < layer.density() <= 0.5
-    assert "4:8 transposable" in repr(model[0]) and "kernel=" in repr(model[0])
+    assert "4:8 transposable" in repr(model[0]) and "matmul=" in repr(model[0])
     with pytest.raises(ValueError, match="already sparsified"):
         nmopt.sparsify_(model)
 
@@ -79,11 +79,83 @@ def test_sparsify_replaces_and_reports():
 def test_filter_fn_and_multihead_attention():
     model = nn.ModuleDict({"attn": nn.MultiheadAttention(32, 4), "head": nn.Linear(32, 32),
                            "body": nn.Linear(32, 32)})
-    ctrl = quiet_sparsify(model, nmopt.SparsityConfig(), filter_fn=lambda n, m: n != "head")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # the current order does not warn
+        ctrl = quiet_sparsify(model, nmopt.SparsityConfig(),
+                              filter_fn=lambda module, fqn: fqn != "head")
     assert list(ctrl.layers) == ["body"]
     assert "MultiheadAttention" in ctrl.skipped["attn.out_proj"]
     with pytest.raises(TypeError, match="config"):
         nmopt.sparsify_(nn.Sequential(nn.Linear(4, 4)), {"pattern": "2:4"})
+
+
+def _keep_body(module: nn.Module, fqn: str) -> bool:
+    return fqn != "head" and isinstance(module, nn.Linear)
+
+
+def _old_annotated(a: str, b) -> bool:
+    return a != "head" and isinstance(b, nn.Linear)
+
+
+def _new_annotated(name: nn.Module, b) -> bool:  # annotation wins over the name "name"
+    return b != "head" and isinstance(name, nn.Linear)
+
+
+@pytest.mark.parametrize("filter_fn, old", [
+    (lambda module, fqn: fqn != "head", False),
+    (lambda m, n: n != "head", False),
+    (lambda a, b: b != "head", False),  # unknown names: the current (module, fqn) order
+    (_keep_body, False),
+    (_new_annotated, False),
+    (lambda n, m: n != "head", True),
+    (lambda name, module: name != "head", True),
+    (lambda fqn, mod: fqn != "head", True),
+    (lambda x, module: x != "head", True),
+    (_old_annotated, True),
+])
+def test_filter_fn_order_and_deprecated_name_first(filter_fn, old):
+    """filter_fn(module, fqn) as in torchao; the old (name, module) order, recognised by the
+    parameters (see sparsify_'s docstring), still selects the same layers with a warning."""
+    def make():
+        return nn.ModuleDict({"head": nn.Linear(32, 32), "body": nn.Linear(32, 32)})
+    if old:
+        with pytest.warns(DeprecationWarning, match=r"filter_fn\(module, fqn\)"):
+            ctrl = quiet_sparsify(make(), nmopt.SparsityConfig(), filter_fn=filter_fn)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            ctrl = quiet_sparsify(make(), nmopt.SparsityConfig(), filter_fn=filter_fn)
+    assert list(ctrl.layers) == ["body"]
+
+
+def test_deprecated_kernel_name_of_matmul():
+    """SparsityConfig(kernel=...), cfg.kernel, layer.kernel and the stats' "kernel" key keep
+    working for a release (DeprecationWarning); matmul is the name now."""
+    import dataclasses
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        new = nmopt.SparsityConfig(pattern="4:8", matmul="masked")
+        assert dataclasses.replace(new, refresh_every=5).matmul == "masked"
+    with pytest.warns(DeprecationWarning, match="SparsityConfig.matmul"):
+        cfg = nmopt.SparsityConfig(pattern="4:8", kernel="masked")
+    assert cfg.matmul == "masked" and cfg == new
+    with pytest.warns(DeprecationWarning, match="matmul"):
+        assert cfg.kernel == "masked"
+    with pytest.warns(DeprecationWarning, match="matmul"):
+        cfg.kernel = "auto"
+    assert cfg.matmul == "auto"
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="matmul"):
+        nmopt.SparsityConfig(kernel="triton")
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="pass only matmul"):
+        nmopt.SparsityConfig(matmul="cffi", kernel="masked")
+    model = nn.Sequential(nn.Linear(64, 32))
+    nmopt.sparsify_(model, new)
+    with pytest.warns(DeprecationWarning, match=r"\.matmul"):
+        assert model[0].kernel == model[0].matmul
+    assert model[0].matmul.startswith("masked dense (matmul='masked' requested)")
+    row = nmopt.model_sparsity_stats(model)["layers"]["0"]
+    assert row["kernel"] == row["matmul"] == model[0].matmul
 
 
 def test_shared_module_is_replaced_everywhere():
@@ -101,7 +173,7 @@ def test_shared_module_is_replaced_everywhere():
 def test_linear_matches_masked_dense(update, pattern, transposable):
     model = nn.Sequential(nn.Linear(48, 32))
     cfg = nmopt.SparsityConfig(pattern=pattern, transposable=transposable, update=update,
-                               decay=0.1, kernel="masked")
+                               decay=0.1, matmul="masked")
     nmopt.sparsify_(model, cfg)
     layer = model[0]
     w0 = layer.weight.detach().clone()
@@ -116,7 +188,7 @@ def test_linear_matches_masked_dense(update, pattern, transposable):
     torch.testing.assert_close(x.grad.reshape(-1, 48), want_gx)
     torch.testing.assert_close(layer.weight.grad, want_gw)
     torch.testing.assert_close(layer.bias.grad, want_gb)
-    assert "masked dense (kernel='masked' requested)" in layer.kernel
+    assert "masked dense (matmul='masked' requested)" in layer.matmul
 
 
 def test_conv_matches_masked_dense():
@@ -163,11 +235,11 @@ def test_sparse_linear_function_on_a_packed_plan(transposable):
     w = torch.randn(16, 24, requires_grad=True)
     b = torch.randn(16, requires_grad=True)
     mask = nmopt.backends.torch_backend.mask_tensor(w, "2:4", transposable=transposable)
-    plan = kernels.CffiPlan(fake, cfg, mask)
+    plan = matmul.CffiPlan(fake, cfg, mask)
     assert fake.packed == ([(16, 24), (24, 16)] if transposable else [(16, 24)])
     for _step in range(2):  # the second step sees new values through the same slots
         x = torch.randn(2, 3, 24, requires_grad=True)
-        y = kernels.SparseLinearFn.apply(x, w, b, mask, cfg.sr_decay, plan)
+        y = matmul.SparseLinearFn.apply(x, w, b, mask, cfg.sr_decay, plan)
         gy = torch.randn_like(y)
         y.backward(gy)
         want = reference_grads(w.detach(), mask, b.detach(), x.detach().reshape(-1, 24),
@@ -180,39 +252,39 @@ def test_sparse_linear_function_on_a_packed_plan(transposable):
             w.sub_(0.5 * w.grad)
             w.grad = b.grad = None
     assert len(fake.packed) == (2 if transposable else 1)  # indices never repacked
-    assert kernels._probe(plan, w.detach(), mask) is None
+    assert matmul._probe(plan, w.detach(), mask) is None
 
 
 def test_a_wrong_plan_is_never_used():
-    class Broken(kernels.CffiPlan):
+    class Broken(matmul.CffiPlan):
         def forward(self, x2, packs):
             return super().forward(x2, packs) + 1.0
 
     cfg = nmopt.SparsityConfig(pattern="2:4")
     w = torch.randn(16, 16)
     mask = nmopt.backends.torch_backend.mask_tensor(w, "2:4")
-    why = kernels._probe(Broken(FakeCffi(), cfg, mask), w, mask)
+    why = matmul._probe(Broken(FakeCffi(), cfg, mask), w, mask)
     assert why is not None and "forward disagrees" in why
 
 
 CFFI_REASON = nmopt.backends.status().get("cffi", "not registered")
 
 
-def test_auto_kernel_on_cpu_is_masked_dense_and_says_why():
+def test_auto_matmul_on_cpu_is_masked_dense_and_says_why():
     model = nn.Sequential(nn.Linear(64, 32))
     nmopt.sparsify_(model, nmopt.SparsityConfig(pattern="4:8"))
-    assert model[0].kernel.startswith(kernels.MASKED) and "kernel='cffi'" in model[0].kernel
+    assert model[0].matmul.startswith(matmul.MASKED) and "matmul='cffi'" in model[0].matmul
 
 
 @pytest.mark.skipif(CFFI_REASON is not None, reason=f"cffi backend unavailable: {CFFI_REASON}")
 @pytest.mark.parametrize("transposable", [True, False])
-def test_cffi_kernel_matches_masked_dense(transposable):
+def test_cffi_matmul_matches_masked_dense(transposable):
     model = nn.Sequential(nn.Linear(64, 32))
     cfg = nmopt.SparsityConfig(pattern="4:8", transposable=transposable, update="sr-ste",
-                               kernel="cffi")
+                               matmul="cffi")
     nmopt.sparsify_(model, cfg)
     layer = model[0]
-    assert layer.kernel.startswith(kernels.CFFI), layer.kernel
+    assert layer.matmul.startswith(matmul.CFFI), layer.matmul
     w0 = layer.weight.detach().clone()
     x = torch.randn(7, 64, requires_grad=True)
     y = model(x)
@@ -288,14 +360,14 @@ def test_solver_routing(solver):
 
 
 def test_torch_kernel_route_batches_layers(monkeypatch):
-    """Without a CPU exact solver, "auto" runs the torch kernel once over every layer's tiles."""
-    from nmopt.backends import _torch_kernels
+    """Without a provably optimal CPU solver, "auto" runs the torch kernel once over every layer's tiles."""
+    from nmopt.backends import _torch_ops
     from nmopt.training import refresh
 
-    monkeypatch.setattr(refresh, "_cpu_exact_solver", lambda cfg: False)
+    monkeypatch.setattr(refresh, "_host_has_optimal_solver", lambda cfg: False)
     calls = []
-    original = _torch_kernels.exact_tiles
-    monkeypatch.setattr(_torch_kernels, "exact_tiles",
+    original = _torch_ops.exact_tiles
+    monkeypatch.setattr(_torch_ops, "exact_tiles",
                         lambda tiles, *a: calls.append(tiles.shape[0]) or original(tiles, *a))
     model = mlp()
     ctrl = quiet_sparsify(model, nmopt.SparsityConfig(pattern="4:8"))
@@ -382,7 +454,7 @@ def test_semi_structured_training_step(dtype):
     model = nn.Sequential(nn.Linear(256, 512)).cuda().to(dt)
     nmopt.sparsify_(model, nmopt.SparsityConfig(pattern="2:4"))
     layer = model[0]
-    assert layer.kernel.startswith(kernels.SEMI), layer.kernel
+    assert layer.matmul.startswith(matmul.SEMI), layer.matmul
     assert "exact torch kernel on cuda" in layer.solver_note
     x = torch.randn(128, 256, device="cuda", dtype=dt, requires_grad=True)
     y = model(x)

@@ -20,6 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from nmopt import backends, solvers
+from nmopt._tiles import TileGrid
+from nmopt.api import find_mask
 from nmopt.patterns import Pattern
 
 BASELINES = ("signed-greedy", "torch-tile", "exactly-N", "row-wise")
@@ -45,12 +48,10 @@ class Contender:
 
 def num_tiles(w: np.ndarray, m: int) -> int:
     """Number of M x M tiles (with padding) of a 2-D matrix."""
-    return (-(-w.shape[0] // m)) * (-(-w.shape[1] // m))
+    return TileGrid(w.shape[0], w.shape[1], m).num_tiles
 
 
 def _registered(name: str, reason: str | None) -> Contender | None:
-    from nmopt import find_mask, solvers
-
     if reason is not None:
         return Contender(name, "unavailable", "transposable", None, lambda w, p: reason)
     inst = solvers.get(name)
@@ -66,14 +67,11 @@ def _registered(name: str, reason: str | None) -> Contender | None:
 
 def _signed_tiles(w: np.ndarray, m: int) -> np.ndarray:
     """Signed weights in tile layout; padding is -inf so a signed greedy visits it last."""
-    from nmopt._tiles import TileGrid
 
     return TileGrid(w.shape[0], w.shape[1], m).to_tiles(w.astype(np.float64), fill=-np.inf)
 
 
 def _run_signed_greedy(w: np.ndarray, p: Pattern):
-    from nmopt import backends, find_mask
-
     signed = _signed_tiles(w, p.m)
     kernel = backends.get("numpy")
 
@@ -113,8 +111,6 @@ def _refuse_torch_tile(w: np.ndarray, p: Pattern) -> str | None:
 def _run_torch_tile(w: np.ndarray, p: Pattern):
     import torch
 
-    from nmopt import find_mask
-    from nmopt._tiles import TileGrid
 
     fn = _torch_tile_fn()
     grid = TileGrid(w.shape[0], w.shape[1], 4)
@@ -130,8 +126,6 @@ def _run_torch_tile(w: np.ndarray, p: Pattern):
 
 
 def _refuse_exactly(w: np.ndarray, p: Pattern) -> str | None:
-    from nmopt import solvers
-
     try:
         solvers.auto(p.n, p.m, transposable=True, saturate=True, num_tiles=num_tiles(w, p.m))
     except RuntimeError as exc:
@@ -140,8 +134,6 @@ def _refuse_exactly(w: np.ndarray, p: Pattern) -> str | None:
 
 
 def _baselines() -> dict[str, Contender]:
-    from nmopt import find_mask
-
     def never(w, p):
         return None
     return {
@@ -157,8 +149,6 @@ def _baselines() -> dict[str, Contender]:
 
 
 def _rowwise_solver(name: str) -> bool:
-    from nmopt import solvers
-
     try:
         return not solvers.get(name).transposable
     except ImportError:  # not installed: listed, and reported as unavailable
@@ -167,14 +157,12 @@ def _rowwise_solver(name: str) -> bool:
 
 def contender_names() -> list[str]:
     """Valid ``--solvers`` names: registered transposable solvers, then the baselines."""
-    from nmopt import solvers
 
     return [n for n in solvers.names() if not _rowwise_solver(n)] + list(BASELINES)
 
 
 def contenders(names: list[str] | None = None) -> list[Contender]:
     """The contenders to run, registered solvers first (in registry order), then baselines."""
-    from nmopt import solvers
 
     valid = contender_names()
     unknown = [n for n in names or () if n not in valid]

@@ -7,6 +7,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
+from nmopt._report import write_json, write_plot, write_text
 from nmopt.bench._report import Column, format_table, markdown_table
 
 #: Gaps below this are rounding noise of a certified optimum; plotted and shown as 0.
@@ -185,7 +186,6 @@ def draw_plot(result: dict) -> Callable[[Any], None]:
 
 def write_outputs(result: dict, json_path=None, markdown_path=None, plot_path=None) -> list[str]:
     """Write the requested files (atomically); return their paths."""
-    from nmopt.bench._report import write_json, write_plot, write_text
 
     written = []
     if json_path:

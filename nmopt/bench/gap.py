@@ -28,10 +28,15 @@ from typing import Any
 
 import numpy as np
 
+from nmopt._tiles import TileGrid
+from nmopt.api import find_mask
 from nmopt.bench._contenders import BASELINES, Contender, contender_names, contenders, num_tiles
 from nmopt.bench._gap_report import format_text, write_outputs
 from nmopt.bench._report import add_output_arguments, environment
+from nmopt.checkpoint import load
+from nmopt.errors import UsageError
 from nmopt.patterns import Pattern, parse_pattern
+from nmopt.prune import select_layers
 
 DISTS = ("gaussian", "laplace", "student-t")
 DEFAULT_PATTERNS = ("2:4", "4:8", "8:16", "16:32")
@@ -72,8 +77,6 @@ def synthetic_matrices(dists, sizes, seed: int = 0) -> list[Matrix]:
 
 def file_matrices(path: str) -> list[Matrix]:
     """Every weight that ``nmopt prune`` would prune in a checkpoint, as 2-D float arrays."""
-    from nmopt.checkpoint import load
-    from nmopt.prune import select_layers
 
     tensors = load(path)
     names, _ = select_layers(tensors)
@@ -92,7 +95,8 @@ def file_matrices(path: str) -> list[Matrix]:
 
 def _block(w: np.ndarray, m: int, k: int) -> tuple[np.ndarray, int]:
     """A top-left block of about ``k`` tiles of ``w`` and its tile count."""
-    tr, tc = -(-w.shape[0] // m), -(-w.shape[1] // m)
+    grid = TileGrid(w.shape[0], w.shape[1], m)
+    tr, tc = grid.tile_rows, grid.tile_cols
     b = min(tc, k)
     a = min(tr, -(-k // b))
     return w[: a * m, : b * m], a * b
@@ -147,7 +151,6 @@ def _row(matrix: Matrix, p: Pattern, c: Contender, **values) -> dict[str, Any]:
 def bench_matrix(matrix: Matrix, p: Pattern, entries: list[Contender], repeat: int = 1,
                  time_limit: float | None = DEFAULT_TIME_LIMIT) -> tuple[list[dict], dict]:
     """Run every contender on one matrix and pattern; return the rows and the reference."""
-    from nmopt import find_mask
 
     w = matrix.data
     total_score = float(np.abs(w, dtype=np.float64).sum())
@@ -306,7 +309,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     """Handler of ``nmopt bench gap``."""
-    from nmopt.cli import UsageError
 
     if args.repeat < 1:
         raise UsageError("--repeat: expected K >= 1")

@@ -93,7 +93,7 @@ def _semi_structured_cases(w, mask, x, gy, pattern, notes):
     """The semi-structured plan's GEMMs and per-step packing, in the mode a sparse layer would
     use on this device (said in ``notes``, as is why none could run)."""
     from nmopt.training.config import SparsityConfig
-    from nmopt.training.kernels import semi_structured_plan, semi_structured_unsupported
+    from nmopt.training.matmul import semi_structured_plan, semi_structured_unsupported
 
     shape = f"{x.shape[0]}x{w.shape[1]}x{w.shape[0]}"
     why = semi_structured_unsupported(SparsityConfig(pattern=pattern), w)
@@ -149,17 +149,17 @@ def _cases(device, tokens, fan_in, fan_out, pattern, dtype, cffi, notes):
     with torch.no_grad():
         dense.weight.copy_(w)
     cases.append(("linear fwd+bwd", "dense", _layer_step(dense, xg, gy)))
-    kernels = {"cpu": (("masked", "masked dense"), ("cffi", "cffi")),
+    matmuls = {"cpu": (("masked", "masked dense"), ("cffi", "cffi")),
                "cuda": (("masked", "masked dense"), ("semi-structured", "semi-structured"))}
-    for kernel, label in kernels[device]:
-        if kernel == "cffi" and cffi is None:
+    for matmul, label in matmuls[device]:
+        if matmul == "cffi" and cffi is None:
             continue
         model = nn.Sequential(nn.Linear(fan_in, fan_out, device=device, dtype=dtype))
         with torch.no_grad():
             model[0].weight.copy_(w)
         nmopt.sparsify_(model, nmopt.SparsityConfig(pattern=pattern, refresh_every=0,
-                                                    kernel=kernel))
-        note = model[0].kernel
+                                                    matmul=matmul))
+        note = model[0].matmul
         if label != "masked dense" and "masked dense" in note:
             continue  # the sparse kernel cannot serve this layer (the reason is in its repr)
         cases.append(("linear fwd+bwd", label, _layer_step(model[0], xg, gy)))

@@ -117,7 +117,7 @@ def run_variant(variant: str, data, args) -> dict:
     dense_steps = round(args.dense_fraction * args.steps)
 
     def sparsify():
-        return nmopt.sparsify_(model, cfg, filter_fn=lambda name, m: name.startswith("blocks"),
+        return nmopt.sparsify_(model, cfg, filter_fn=lambda m, fqn: fqn.startswith("blocks"),
                                optimizer=opt)
     if cfg is not None and dense_steps == 0:
         ctrl = sparsify()
@@ -166,7 +166,7 @@ def run_variant(variant: str, data, args) -> dict:
         row.update(refreshes=stats["refreshes"], refresh_ms=1e3 * stats["total_refresh_seconds"]
                    / max(1, stats["refreshes"]), refresh_total_s=stats["total_refresh_seconds"],
                    density=stats["density"], sparse_layers=len(stats["layers"]),
-                   kernel=next(iter(stats["layers"].values()))["kernel"],
+                   kernel=next(iter(stats["layers"].values()))["matmul"],
                    solver=next(iter(stats["layers"].values()))["solver"])
     return row
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -113,8 +114,43 @@ def _unfit_reason(name: str, module: nn.Module, parent: nn.Module | None,
     return None
 
 
+# The deprecated filter_fn(name, module) order is recognised by its parameters (see sparsify_).
+_OLD_FIRST = frozenset({"name", "n", "fqn", "path", "qualname", "module_name", "layer_name", "key"})
+_OLD_SECOND = frozenset({"module", "mod", "m", "layer"})
+
+
+def _takes_name_first(filter_fn: Callable) -> bool:
+    """True if ``filter_fn`` declares the deprecated ``(name, module)`` order (see sparsify_)."""
+    try:
+        params = [p for p in inspect.signature(filter_fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):  # no signature (some builtins): the current order
+        return False
+    if len(params) < 2:
+        return False
+    first, second = params[0], params[1]
+    hint = first.annotation
+    if hint is not inspect.Parameter.empty:
+        if hint is str or hint == "str":
+            return True
+        if (isinstance(hint, type) and issubclass(hint, nn.Module)) \
+                or (isinstance(hint, str) and hint.endswith("Module")):
+            return False
+    return first.name in _OLD_FIRST or second.name in _OLD_SECOND
+
+
+def _module_filter(filter_fn: Callable | None) -> Callable | None:
+    """``filter_fn`` as a ``(module, fqn) -> bool`` callable, warning for the deprecated order."""
+    if filter_fn is None or not _takes_name_first(filter_fn):
+        return filter_fn
+    warnings.warn("sparsify_: filter_fn(name, module) is deprecated and will stop working in the "
+                  "next release; take the arguments in torchao's order, filter_fn(module, fqn)",
+                  DeprecationWarning, stacklevel=3)
+    return lambda module, fqn: filter_fn(fqn, module)
+
+
 def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
-              filter_fn: Callable[[str, nn.Module], bool] | None = None, *,
+              filter_fn: Callable[[nn.Module, str], bool] | None = None, *,
               optimizer=None, process_group=None) -> SparseTraining:
     """Make a model's Linear and convolution layers N:M sparse, in place.
 
@@ -123,10 +159,18 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
     model : torch.nn.Module
         Sparsify before wrapping in DistributedDataParallel (a wrapper is unwrapped).
     config : SparsityConfig, optional
-        Pattern, transposability, solver, refresh schedule, STE/SR-STE, kernels
+        Pattern, transposability, solver, refresh schedule, STE/SR-STE, matmul
         (default ``SparsityConfig()``: transposable 2:4).
-    filter_fn : callable (name, module) -> bool, optional
-        Sparsify only modules for which it returns True (e.g. to keep the output head dense).
+    filter_fn : callable (module, fqn) -> bool, optional
+        Sparsify only modules for which it returns True (e.g. to keep the output head dense),
+        called with the module and its fully qualified name, as torchao's ``filter_fn``. The
+        old order ``(name, module)`` still works for one release, with a
+        ``DeprecationWarning``; it is recognised by the function's first two positional
+        parameters: the first annotated ``str``, or (without an annotation that says
+        otherwise) the first named ``name``, ``n``, ``fqn``, ``path``, ``qualname``,
+        ``module_name``, ``layer_name`` or ``key``, or the second named ``module``, ``mod``,
+        ``m`` or ``layer``. Anything else (e.g. ``lambda a, b: ...``) is called as
+        ``(module, fqn)``.
     optimizer : torch.optim.Optimizer, optional
         If given, masks refresh every ``config.refresh_every`` calls of ``optimizer.step()``
         (a post-step hook). Without it, call :func:`step` after each ``optimizer.step()``,
@@ -156,13 +200,14 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
     root = _unwrap(model)
     if getattr(root, _ATTR, None) is not None:
         raise ValueError("model: already sparsified; call nmopt.densify_(model) first")
+    keep = _module_filter(filter_fn)
     ctrl = SparseTraining(config, process_group)
     parents = {name: mod for name, mod in root.named_modules()}
     todo = []
     for name, module in root.named_modules():
         if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
             continue
-        if filter_fn is not None and not filter_fn(name, module):
+        if keep is not None and not keep(module, name):
             continue
         parent = parents.get(name.rpartition(".")[0]) if name else None
         why = _unfit_reason(name, module, parent, config)
@@ -253,13 +298,14 @@ def step(model: nn.Module) -> bool:
 
 
 def model_sparsity_stats(model: nn.Module) -> dict:
-    """Per-layer and total statistics: density, kernel, solver, refresh count and times.
+    """Per-layer and total statistics: density, matmul, solver, refresh count and times.
 
     Returns
     -------
     dict with keys ``layers`` (name -> dict), ``skipped`` (name -> reason), ``steps``,
     ``refreshes``, ``last_refresh_seconds``, ``total_refresh_seconds``, ``density`` (kept
-    fraction over sparse layers) and ``config``.
+    fraction over sparse layers) and ``config``. A layer's ``matmul`` says which GEMMs run;
+    its ``kernel`` key is the same string under the deprecated name (removed next release).
     """
     ctrl = _controller(model)
     layers = {}
@@ -270,7 +316,8 @@ def model_sparsity_stats(model: nn.Module) -> dict:
         total += layer.mask.numel()
         layers[name] = {
             "shape": tuple(layer.weight.shape), "density": n_kept / layer.mask.numel(),
-            "kernel": layer.kernel, "solver": layer.solver_note, "gap": layer.gap,
+            "matmul": layer.matmul, "kernel": layer.matmul,  # "kernel": deprecated alias
+            "solver": layer.solver_note, "gap": layer.gap,
             "refresh_count": layer.refresh_count, "refresh_seconds": layer.refresh_seconds,
             "refresh_total_seconds": layer.refresh_total, "mask_changed": layer.mask_changed,
         }

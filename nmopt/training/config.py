@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from nmopt.patterns import Pattern, parse_pattern
 
 UPDATES = ("ste", "sr-ste")
-KERNELS = ("auto", "masked", "cffi", "semi-structured")
+MATMULS = ("auto", "masked", "cffi", "semi-structured")
 SYNCS = ("broadcast", "check", "none")
 
 
@@ -44,8 +46,8 @@ class SparsityConfig:
         it away at that size: with AdamW, 0.02 to 0.3 worked best in ``nmopt bench train``
         (4:8 validation loss +5.4% from dense against +8.2% with 2e-4, d=128, 600 steps; see
         ``benchmarks/README.md``).
-    kernel : "auto", "masked", "cffi" or "semi-structured"
-        GEMM implementation. "auto": semi-structured sparse tensors on CUDA for transposable
+    matmul : "auto", "masked", "cffi" or "semi-structured"
+        Which GEMM implementation the sparse layers use. "auto": semi-structured sparse tensors on CUDA for transposable
         2:4 in float16/bfloat16, masked dense GEMMs otherwise (each layer's ``repr`` says which
         runs and why). "cffi": the C backend's compressed sparse matmul for float32 on CPU
         (forward and backward-data); it is opt-in because re-gathering the changing weights into
@@ -54,6 +56,9 @@ class SparsityConfig:
         Under ``torch.distributed``: "broadcast" computes each layer's mask on one rank (layers
         dealt round-robin) and broadcasts it, "check" computes everywhere and raises if ranks
         disagree, "none" trusts that every rank computes the same.
+    kernel : deprecated
+        The old name of ``matmul``: ``SparsityConfig(kernel=...)`` and ``cfg.kernel`` still work
+        with a ``DeprecationWarning`` and will be removed in the next release.
     """
 
     pattern: Any = "2:4"
@@ -62,7 +67,7 @@ class SparsityConfig:
     refresh_every: int = 100
     update: str = "ste"
     decay: float = 2e-4
-    kernel: str = "auto"
+    matmul: str = "auto"
     sync: str = "broadcast"
     _pattern: Pattern = field(init=False, repr=False, compare=False)
 
@@ -85,9 +90,20 @@ class SparsityConfig:
         if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) \
                 or not self.decay >= 0:
             raise ValueError(f"decay: expected a number >= 0 (SR-STE lambda_W), got {self.decay!r}")
-        for name, value, options in (("kernel", self.kernel, KERNELS), ("sync", self.sync, SYNCS)):
+        for name, value, options in (("matmul", self.matmul, MATMULS), ("sync", self.sync, SYNCS)):
             if value not in options:
                 raise ValueError(f"{name}: expected one of {options}, got {value!r}")
+
+    @property
+    def kernel(self) -> str:
+        """Deprecated name of :attr:`matmul` (``DeprecationWarning``; removed next release)."""
+        _warn_kernel(stacklevel=2)
+        return self.matmul
+
+    @kernel.setter
+    def kernel(self, value: str) -> None:
+        _warn_kernel(stacklevel=2)
+        self.matmul = value
 
     @property
     def n(self) -> int:
@@ -110,3 +126,31 @@ class SparsityConfig:
         kind = "transposable" if self.transposable else "row-wise"
         upd = f"sr-ste(decay={self.decay:g})" if self.update == "sr-ste" else "ste"
         return f"{self.pattern_str} {kind}, update={upd}, refresh_every={self.refresh_every}"
+
+
+def _warn_kernel(stacklevel: int) -> None:
+    """Warn about the deprecated name ``kernel``; ``stacklevel`` counts from this one's caller."""
+    warnings.warn("SparsityConfig.kernel is deprecated and will be removed in the next release; "
+                  "use SparsityConfig.matmul (same values)", DeprecationWarning,
+                  stacklevel=stacklevel + 1)
+
+
+_dataclass_init = SparsityConfig.__init__
+
+
+# The dataclass __init__, also accepting kernel=, the deprecated name of matmul. It is not a field,
+# so repr, == and dataclasses.replace see matmul only; the signature shown is the dataclass's.
+@functools.wraps(_dataclass_init)
+def _init(self, *args, kernel: str | None = None, **kwargs) -> None:
+    if kernel is not None:
+        _warn_kernel(stacklevel=2)  # the caller of SparsityConfig(...)
+        matmul = args[6] if len(args) > 6 else kwargs.get("matmul", kernel)
+        if matmul != kernel:
+            raise TypeError(f"matmul={matmul!r} and kernel={kernel!r}: pass only matmul (kernel "
+                            "is its deprecated name)")
+        if len(args) <= 6:
+            kwargs["matmul"] = kernel
+    _dataclass_init(self, *args, **kwargs)
+
+
+SparsityConfig.__init__ = _init

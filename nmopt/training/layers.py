@@ -9,32 +9,28 @@ gradient is dense (straight-through), plus ``decay * (~mask) * W`` for SR-STE.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
+from nmopt.masks import check_mask
 from nmopt.training.config import SparsityConfig
-from nmopt.training.kernels import MaskedWeight, SparseLinearFn, build_plan
+from nmopt.training.matmul import MaskedWeight, SparseLinearFn, build_plan
 
 
 def check_tile_mask(mask2d, n: int, m: int, transposable: bool, name: str = "mask") -> None:
     """Raise ``RuntimeError`` unless every aligned M x M tile keeps <= N per row (and column).
 
-    Runs on the mask's device; the shape must be a multiple of M (sparse layers guarantee it).
+    The check is :func:`nmopt.masks.check_mask` (the package's one tile-mask check, on the host);
+    this wrapper names the layer and raises ``RuntimeError``, as a bad mask in a layer is a
+    runtime failure rather than a bad argument.
     """
-    r, c = mask2d.shape
-    tiles = mask2d.reshape(r // m, m, c // m, m).to(torch.int32)
-    bad = (tiles.sum(dim=3) > n).any()
-    if transposable:
-        bad = bad | (tiles.sum(dim=1) > n).any()
-    if bool(bad):
-        from nmopt.masks import check_mask
-
+    try:
+        check_mask(mask2d, (n, m), transposable)
+    except ValueError as exc:
         kind = "transposable" if transposable else "row-wise"
-        try:  # name the first violating tile with the reference checker
-            check_mask(mask2d.cpu().numpy(), (n, m), transposable)
-        except ValueError as exc:
-            raise RuntimeError(f"{name}: not a valid {n}:{m} {kind} mask: {exc}") from None
-        raise RuntimeError(f"{name}: not a valid {n}:{m} {kind} mask")
+        raise RuntimeError(f"{name}: not a valid {n}:{m} {kind} mask: {exc}") from None
 
 
 class _SparseLayer(nn.Module):
@@ -91,10 +87,17 @@ class _SparseLayer(nn.Module):
         return self._plan
 
     @property
-    def kernel(self) -> str:
+    def matmul(self) -> str:
         """Which GEMMs run, for the weight's current device and dtype (and why)."""
         self._get_plan()
         return self._plan_note
+
+    @property
+    def kernel(self) -> str:
+        """Deprecated name of :attr:`matmul` (``DeprecationWarning``; removed next release)."""
+        warnings.warn("the sparse layer's .kernel is deprecated and will be removed in the next "
+                      "release; use .matmul", DeprecationWarning, stacklevel=2)
+        return self.matmul
 
     def density(self) -> float:
         return float(self.mask.float().mean())
@@ -104,7 +107,7 @@ class _SparseLayer(nn.Module):
 
     def extra_repr(self) -> str:
         solver = self.solver_note or "not computed"
-        return (f"{self._shape_repr()}, {self.config.describe()}, kernel={self.kernel}, "
+        return (f"{self._shape_repr()}, {self.config.describe()}, matmul={self.matmul}, "
                 f"mask solver={solver}, density={self.density():.3f}")
 
 

@@ -15,9 +15,9 @@ def _sync_device(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _cpu_exact_solver(cfg) -> bool:
-    """True when ``find_mask(solver="auto")`` has an exact solver for the pattern: on CPU the
-    compiled or OR-Tools solvers are faster than the torch kernel, and they add a certificate."""
+def _host_has_optimal_solver(cfg) -> bool:
+    """True when ``find_mask(solver="auto")`` has a provably optimal solver for the pattern: on
+    CPU the compiled or OR-Tools solvers are faster than the torch kernel, and add a certificate."""
     from nmopt import solvers
 
     try:
@@ -27,51 +27,60 @@ def _cpu_exact_solver(cfg) -> bool:
     return True
 
 
+# Routes that run a torch kernel on the weights' device, batched over layers: the torch backend's
+# ``mask_tensors`` method for each, and the label of the masks it computes.
+DEVICE_ROUTES = {
+    "device-rowwise": ("rowwise", "rowwise top-N"),
+    "device-greedy": ("greedy", "greedy"),
+    "device-optimal": ("exact", "exact torch kernel"),
+}
+FIND_MASK = "find_mask"
+
+
 def _route(layer: _SparseLayer) -> str:
-    """Which kernel computes this layer's mask: "rowwise", "greedy", "exact" (torch kernels on
-    the weight's device) or "find_mask" (any solver through :func:`nmopt.find_mask`)."""
+    """How this layer's mask is computed: one of :data:`DEVICE_ROUTES` (row-wise top-N, greedy
+    or the provably optimal torch kernel, on the weight's device) or "find_mask" (any solver
+    through :func:`nmopt.find_mask`)."""
     cfg = layer.config
     solver = cfg.solver
     if not cfg.transposable and solver in ("auto", "rowwise"):
-        return "rowwise"
+        return "device-rowwise"
     if cfg.transposable and solver == "greedy":
-        return "greedy"
+        return "device-greedy"
     if cfg.transposable and solver == "auto":
         on_cpu = layer.weight.device.type == "cpu"
-        return "find_mask" if on_cpu and _cpu_exact_solver(cfg) else "exact"
-    return "find_mask"
+        return FIND_MASK if on_cpu and _host_has_optimal_solver(cfg) else "device-optimal"
+    return FIND_MASK
 
 
 def compute_masks(layers: list[_SparseLayer]) -> list[tuple]:
     """New masks of ``layers`` with their configured solver: a list of ``(mask, note, gap)``.
 
-    Solver routing (see :class:`~nmopt.training.SparsityConfig`): row-wise "auto" is exact
+    Solver routing (see :class:`~nmopt.training.SparsityConfig`): row-wise "auto" is the optimal
     top-N, "greedy" the greedy and transposable "auto" the exact torch kernel, all on the
     weights' device and batched over every layer's tiles in one kernel call, except that CPU
-    weights use ``find_mask(solver="auto")`` when it has an exact solver (compiled C or OR-Tools
-    are faster there, and certify the mask); any other solver runs per layer through
-    :func:`nmopt.find_mask` (on the host for CPU-only solvers).
+    weights use ``find_mask(solver="auto")`` when it has a provably optimal solver (compiled C
+    or OR-Tools are faster there, and certify the mask); any other solver runs per layer
+    through :func:`nmopt.find_mask` (on the host for CPU-only solvers).
     """
     from nmopt.api import find_mask
     from nmopt.backends.torch_backend import mask_tensors
 
     out: list = [None] * len(layers)
     routes = [_route(layer) for layer in layers]
-    for route in ("rowwise", "greedy", "exact"):
+    for route, (method, label) in DEVICE_ROUTES.items():
         idx = [i for i, r in enumerate(routes) if r == route]
         if not idx:
             continue
         cfg = layers[idx[0]].config
         weights = [layers[i].weight_2d().detach() for i in idx]
-        masks = mask_tensors(weights, cfg.pattern_str, transposable=route != "rowwise",
-                             method=route)
-        gap = None if route == "greedy" else 0.0
-        label = {"rowwise": "rowwise top-N", "greedy": "greedy",
-                 "exact": "exact torch kernel"}[route]
+        masks = mask_tensors(weights, cfg.pattern_str, transposable=method != "rowwise",
+                             method=method)
+        gap = None if method == "greedy" else 0.0
         for i, mask in zip(idx, masks):
             out[i] = (mask, f"{label} on {mask.device}", gap)
     for i, route in enumerate(routes):
-        if route != "find_mask":
+        if route != FIND_MASK:
             continue
         cfg = layers[i].config
         w = layers[i].weight_2d().detach()

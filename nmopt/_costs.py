@@ -17,12 +17,26 @@ from __future__ import annotations
 
 import numpy as np
 
+from nmopt._arrays import is_torch_tensor
+
 COST_BITS = 40
 MAX_ARCS_PER_GRAPH = 1 << 18
 
 
-def integer_costs(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-tile integer costs (int64, same shape) and the per-tile scale (T,) that made them."""
+def integer_costs(tiles):
+    """Per-tile integer costs (int64, same shape) and the per-tile scale (T,) that made them.
+
+    ``tiles`` is a float (T, M, M) numpy array or torch tensor; the result is of the same kind
+    (on the tensor's device), computed identically: both round half to even.
+    """
+    if is_torch_tensor(tiles):
+        import torch
+
+        s = tiles.to(torch.float64)
+        tile_max = s.amax(dim=(1, 2))
+        safe = torch.where(tile_max > 0, tile_max, torch.ones_like(tile_max))
+        costs = torch.round(s / safe[:, None, None] * float(2**COST_BITS)).to(torch.int64)
+        return costs, float(2**COST_BITS) / safe
     tile_max = tiles.max(axis=(1, 2))
     safe = np.where(tile_max > 0, tile_max, 1.0)
     # normalise first: 2**COST_BITS / tile_max overflows for tiles below ~6e-297, and an

@@ -6,7 +6,7 @@ boolean tensor of the same shape on the same device; nothing is copied to the ho
 scalar "is any tile still working?" checks that end the loops early.
 
 Exact kernels work on integer costs (``int64``, scaled per tile exactly as
-:func:`nmopt.solvers._costs.integer_costs` does), so their arithmetic is exact, their masks are
+:func:`nmopt._costs.integer_costs` does), so their arithmetic is exact, their masks are
 deterministic and identical on every device, and their tolerance is the one stated there
 (relative loss <= N*M / 2**COST_BITS per tile, <= 2e-9 up to M = 64).
 """
@@ -15,19 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from nmopt.solvers._costs import COST_BITS
+from nmopt._costs import integer_costs
+from nmopt.diversity import tile_patterns
 
 #: Distances at or above this are "unreachable" (far above any path cost, < 2**63 / 4).
 _INF = 1 << 60
 _HALF = _INF // 2
-
-
-def integer_costs(tiles: torch.Tensor) -> torch.Tensor:
-    """Per-tile int64 costs, computed exactly as :func:`nmopt.solvers._costs.integer_costs`."""
-    s = tiles.to(torch.float64)
-    tile_max = s.amax(dim=(1, 2))
-    safe = torch.where(tile_max > 0, tile_max, torch.ones_like(tile_max))
-    return torch.round(s / safe[:, None, None] * float(2**COST_BITS)).to(torch.int64)
 
 
 def greedy_tiles(tiles: torch.Tensor, n: int) -> torch.Tensor:
@@ -61,12 +54,10 @@ def rowwise_tiles(tiles: torch.Tensor, n: int) -> torch.Tensor:
 def enumerate_tiles(costs: torch.Tensor, n: int, saturate: bool) -> torch.Tensor:
     """Exact for M <= 4: score every candidate pattern in one batched matmul, keep the best.
 
-    Candidates are :func:`nmopt.solvers.enumeration.tile_patterns` (maximal "at most N" tiles,
+    Candidates are :func:`nmopt.diversity.tile_patterns` (maximal "at most N" tiles,
     or the exactly-N tiles). Costs are integers below 2**41, so float64 sums of at most M*M of
     them are exact and ties go to the first pattern on every device.
     """
-    from nmopt.solvers.enumeration import tile_patterns
-
     t, m, _ = costs.shape
     pats = torch.from_numpy(tile_patterns(n, m, saturate)).to(costs.device)
     flat = costs.reshape(t, m * m).to(torch.float64)
@@ -159,7 +150,7 @@ def ssp_tiles(costs: torch.Tensor, n: int, saturate: bool) -> torch.Tensor:
 def exact_tiles(tiles: torch.Tensor, n: int, saturate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact transposable masks for float tiles (T, M, M); returns (mask, int64 costs)."""
     m = tiles.shape[-1]
-    costs = integer_costs(tiles)
+    costs = integer_costs(tiles)[0]
     if n >= m:
         return torch.ones(tiles.shape, dtype=torch.bool, device=tiles.device), costs
     if m <= 4:

@@ -8,15 +8,11 @@ the 7 343 valid "at most 2" patterns of 2:4. Refuses patterns with too many cand
 
 from __future__ import annotations
 
-from functools import lru_cache
-from itertools import combinations
-
 import numpy as np
 
 from nmopt.certificates import prices_from_mask
-from nmopt.diversity import count_tile_masks
-from nmopt.solvers import register
-from nmopt.solvers._base import Solver
+from nmopt.diversity import count_tile_masks, tile_patterns
+from nmopt.solvers._base import Solver, register
 
 #: Most valid tile patterns this solver enumerates (before keeping the maximal ones).
 MAX_PATTERNS = 60_000
@@ -31,37 +27,6 @@ def _pattern_count(n: int, m: int, saturate: bool) -> int | None:
         return count_tile_masks(m, m, n, not saturate)
     except ValueError:
         return None
-
-
-@lru_cache(maxsize=32)
-def tile_patterns(n: int, m: int, saturate: bool) -> np.ndarray:
-    """Candidate patterns as a (K, m*m) float64 0/1 matrix (see the module docstring)."""
-    sizes = (n,) if saturate else range(n + 1)
-    rows = [np.isin(np.arange(m), c) for k in sizes for c in combinations(range(m), k)]
-    out: list[np.ndarray] = []
-
-    def extend(prefix: list[np.ndarray], col_sum: np.ndarray) -> None:
-        left = m - len(prefix)
-        if left == 0:
-            tile = np.array(prefix)
-            if saturate:
-                if (col_sum == n).all():
-                    out.append(tile)
-                return
-            full_r = tile.sum(axis=1) == n
-            full_c = col_sum == n
-            if (tile | full_r[:, None] | full_c[None, :]).all():
-                out.append(tile)
-            return
-        for row in rows:
-            cs = col_sum + row
-            if (cs <= n).all() and (not saturate or (n - cs <= left - 1).all()):
-                prefix.append(row)
-                extend(prefix, cs)
-                prefix.pop()
-
-    extend([], np.zeros(m, dtype=int))
-    return np.array(out, dtype=np.float64).reshape(len(out), m * m)
 
 
 @register

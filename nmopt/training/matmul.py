@@ -1,4 +1,5 @@
-"""GEMM plans for sparse layers: masked dense, the C backend's N:M matmul, semi-structured 2:4.
+"""The sparse layers' matmuls: GEMM plans (masked dense, the C backend's N:M matmul,
+semi-structured 2:4) chosen by ``SparsityConfig.matmul``, and the autograd functions that run them.
 
 A *plan* says how a layer's forward GEMM ``Y = X (W*mask)^T`` and backward-data GEMM
 ``dX = dY (W*mask)`` run for the layer's current device, dtype and mask. The weight gradient
@@ -282,7 +283,7 @@ def _probe(plan, weight, mask) -> str | None:
 
 
 def _checked_plan(name: str, config: SparsityConfig, weight, mask):
-    """``(plan, detail for the description)`` if kernel ``name`` passes its probe on this
+    """``(plan, detail for the description)`` if the GEMM plan ``name`` passes its probe on this
     layer, else ``(None, why not)``."""
     if name == SEMI:
         plan, failed = semi_structured_plan(weight, mask)
@@ -303,13 +304,13 @@ def build_plan(config: SparsityConfig, weight, mask, is_conv: bool):
     """
     if is_conv:
         return None, f"{MASKED} (convolutions run as masked dense)"
-    if config.kernel == "masked":
-        return None, f"{MASKED} (kernel='masked' requested)"
+    if config.matmul == "masked":
+        return None, f"{MASKED} (matmul='masked' requested)"
     reasons: dict[str, str] = {}
     candidates = []
-    if config.kernel in ("auto", "semi-structured"):
+    if config.matmul in ("auto", "semi-structured"):
         candidates.append((SEMI, semi_structured_unsupported))
-    if config.kernel == "cffi":
+    if config.matmul == "cffi":
         # Not part of "auto": in bench speed the C kernel's layer step (values re-gathered into
         # the packed layout every step) was slower than masked dense at every measured shape.
         candidates.append((CFFI, cffi_unsupported))
@@ -324,15 +325,15 @@ def build_plan(config: SparsityConfig, weight, mask, is_conv: bool):
             warnings.warn(f"nmopt: {why}; this layer falls back to masked dense GEMMs",
                           RuntimeWarning, stacklevel=3)
         reasons[name] = why
-    if config.kernel != "auto":
-        warnings.warn(f"nmopt: kernel={config.kernel!r} cannot serve this layer "
+    if config.matmul != "auto":
+        warnings.warn(f"nmopt: matmul={config.matmul!r} cannot serve this layer "
                       f"({'; '.join(reasons.values())}); using masked dense GEMMs",
                       RuntimeWarning, stacklevel=3)
-    # Name the reason of the kernel that belongs to this device.
-    if weight.device.type == "cuda" or config.kernel != "auto":
+    # Name the reason of the sparse GEMM that belongs to this device.
+    if weight.device.type == "cuda" or config.matmul != "auto":
         shown = reasons.get(SEMI if weight.device.type == "cuda" else CFFI)
     else:
         shown = ("CPU: faster than the C sparse matmul for a training step, see "
-                 "benchmarks/results/speed.md; kernel='cffi' selects it")
+                 "benchmarks/results/speed.md; matmul='cffi' selects it")
     shown = shown or next(iter(reasons.values()), "no sparse kernel")
     return None, f"{MASKED} ({shown})"

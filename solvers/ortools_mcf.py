@@ -2,7 +2,7 @@
 
 Per tile: source -> row i (capacity N), row i -> column j (capacity 1, cost -score), column j ->
 sink (capacity N), and, unless ``saturate``, a zero-cost bypass source -> sink so that the flow
-need not be N*M ("at most N"). Costs are integers from :mod:`nmopt.solvers._costs`. The prices
+need not be N*M ("at most N"). Costs are integers from :mod:`nmopt._costs`. The prices
 are recomputed from the returned flow, so a wrong "OPTIMAL" would show as a non-zero gap.
 """
 
@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from nmopt._costs import integer_costs, tiles_per_graph
 from nmopt.certificates import prices_from_mask
-from nmopt.solvers import register
-from nmopt.solvers._base import Solver
-from nmopt.solvers._costs import integer_costs, tiles_per_graph
+from nmopt.solvers._base import Solver, register
 
 
 def _graph(t: int, m: int, n: int, saturate: bool):
