@@ -61,3 +61,22 @@ def test_packages_resolve_inside_nmopt():
         "                  nmopt.solvers.greedy.__name__]))\n"
     )
     assert got == ["nmopt.solvers", "nmopt.backends", "nmopt.solvers.greedy"]
+
+
+def test_uninstalled_checkout_says_how_to_install(tmp_path):
+    """In a source tree that was never installed, nmopt.solvers/backends do not exist: the
+    ImportError must say so and how to install, not report a circular import."""
+    import shutil
+
+    for folder in ("nmopt", "solvers", "backends"):
+        shutil.copytree(ROOT / folder, tmp_path / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.so", "_kernels*"))
+    # -S: no site-packages, so no editable install can map the folders
+    out = subprocess.run([sys.executable, "-S", "-c", "import sys; sys.path.insert(0, '.'); import nmopt"],
+                         cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: nmopt is not installed"), out.stderr
+    assert "make install" in last and "pip install -e ." in last
+    assert "circular" not in last

@@ -28,6 +28,10 @@ import os
 import statistics
 import time
 
+import nmopt
+from nmopt import backends
+from nmopt._report import write_json, write_plot, write_text
+from nmopt.backends.torch_backend import mask_tensor
 from nmopt.bench._report import Column, add_output_arguments, environment, format_table, markdown_table
 
 CPU_SHAPES = ((1, 1024, 4096), (16, 1024, 4096), (256, 1024, 4096), (2048, 1024, 4096),
@@ -92,7 +96,7 @@ def _layer_step(layer, x, gy):
 def _semi_structured_cases(w, mask, x, gy, pattern, notes):
     """The semi-structured plan's GEMMs and per-step packing, in the mode a sparse layer would
     use on this device (said in ``notes``, as is why none could run)."""
-    from nmopt.training.config import SparsityConfig
+    from nmopt.training import SparsityConfig  # imports torch
     from nmopt.training.matmul import semi_structured_plan, semi_structured_unsupported
 
     shape = f"{x.shape[0]}x{w.shape[1]}x{w.shape[0]}"
@@ -114,8 +118,6 @@ def _cases(device, tokens, fan_in, fan_out, pattern, dtype, cffi, notes):
     import torch
     from torch import nn
 
-    import nmopt
-    from nmopt.backends.torch_backend import mask_tensor
 
     gen = torch.Generator(device=device).manual_seed(0)
     w = torch.randn(fan_out, fan_in, generator=gen, device=device).to(dtype)
@@ -169,7 +171,6 @@ def _cases(device, tokens, fan_in, fan_out, pattern, dtype, cffi, notes):
 def run(args) -> dict:
     import torch
 
-    from nmopt import backends
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -269,8 +270,6 @@ def draw_plot(result: dict):
 
 
 def main(args) -> int:
-    from nmopt.bench._report import write_json, write_plot, write_text
-
     if args.quick:
         args.min_time, args.repeats = min(args.min_time, 0.02), min(args.repeats, 2)
         args.patterns = args.patterns[:1]

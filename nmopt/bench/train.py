@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import nmopt
+from nmopt._report import write_json, write_plot, write_text
 from nmopt.bench._report import Column, add_output_arguments, environment, format_table, markdown_table
 
 VARIANTS = ("dense", "dense-half", "rowwise-2:4", "transposable-2:4", "transposable-4:8",
@@ -91,8 +93,6 @@ def half_width(d: int, heads: int = 4) -> int:
 
 
 def _config(variant: str, args):
-    import nmopt
-
     if variant.startswith("dense"):
         return None
     kind, pattern = variant.split("-")
@@ -105,7 +105,6 @@ def run_variant(variant: str, data, args) -> dict:
     """Train one variant from the shared seed; return its row."""
     import torch
 
-    import nmopt
 
     train_ids, val_ids = data
     torch.manual_seed(args.seed)
@@ -294,8 +293,6 @@ def draw_plot(result: dict):
 
 
 def main(args) -> int:
-    from nmopt.bench._report import write_json, write_plot, write_text
-
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)

@@ -15,6 +15,8 @@ import warnings
 import numpy as np
 import torch
 
+from nmopt import backends
+from nmopt.packed import PackedNM
 from nmopt.training.config import SparsityConfig
 
 MASKED = "masked dense"
@@ -104,7 +106,6 @@ class CffiPlan:
 
     def _values(self, weight, layout, transposed: bool):
         """The packed form of the current ``weight`` (or its transpose) in the fixed slots."""
-        from nmopt.packed import PackedNM
 
         index, kept, indices, shape = layout
         w = weight.detach()
@@ -246,7 +247,6 @@ def semi_structured_unsupported(config: SparsityConfig, weight) -> str | None:
 
 def cffi_unsupported(config: SparsityConfig, weight) -> str | None:
     """None if the C backend's sparse matmul can serve this weight, else why not."""
-    from nmopt import backends
 
     if weight.device.type != "cpu":
         return f"the C sparse matmul runs on the CPU, this weight is on {weight.device}"
@@ -290,7 +290,6 @@ def _checked_plan(name: str, config: SparsityConfig, weight, mask):
         if plan is None:
             return None, f"{SEMI}: no mode passed its self-check ({'; '.join(failed)})"
         return plan, f" ({plan.detail})"
-    from nmopt import backends
 
     plan = CffiPlan(backends.get("cffi"), config, mask)
     why = _probe(plan, weight, mask)

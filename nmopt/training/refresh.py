@@ -7,6 +7,9 @@ import time
 
 import torch
 
+from nmopt import solvers
+from nmopt.api import find_mask
+from nmopt.backends.torch_backend import mask_tensors
 from nmopt.training.layers import _SparseLayer
 
 
@@ -18,7 +21,6 @@ def _sync_device(device) -> None:
 def _host_has_optimal_solver(cfg) -> bool:
     """True when ``find_mask(solver="auto")`` has a provably optimal solver for the pattern: on
     CPU the compiled or OR-Tools solvers are faster than the torch kernel, and add a certificate."""
-    from nmopt import solvers
 
     try:
         solvers.auto(cfg.n, cfg.m, transposable=True, saturate=False, num_tiles=1)
@@ -63,8 +65,6 @@ def compute_masks(layers: list[_SparseLayer]) -> list[tuple]:
     or OR-Tools are faster there, and certify the mask); any other solver runs per layer
     through :func:`nmopt.find_mask` (on the host for CPU-only solvers).
     """
-    from nmopt.api import find_mask
-    from nmopt.backends.torch_backend import mask_tensors
 
     out: list = [None] * len(layers)
     routes = [_route(layer) for layer in layers]
