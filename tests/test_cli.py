@@ -296,7 +296,7 @@ def test_demo_small(tmp_path, capsys, monkeypatch):
 
 
 def test_imports_stay_light():
-    code = ("import sys, nmopt.cli, nmopt.prune, nmopt.checkpoint, nmopt.bench._report; "
+    code = ("import sys, nmopt.cli, nmopt.prune, nmopt.checkpoint, nmopt._report; "
             "nmopt.cli.build_parser(); "
             "heavy = [m for m in ('torch', 'ortools', 'networkx', 'matplotlib', 'safetensors') "
             "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")

@@ -1,4 +1,4 @@
-"""Tables, Markdown and the plot of ``nmopt bench gap`` (built on :mod:`nmopt.bench._report`)."""
+"""Tables, Markdown and the plot of ``nmopt bench gap`` (built on :mod:`nmopt._report`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-from nmopt._report import write_json, write_plot, write_text
-from nmopt.bench._report import Column, format_table, markdown_table
+from nmopt._report import Column, format_table, markdown_table, write_json, write_plot, write_text
 
 #: Gaps below this are rounding noise of a certified optimum; plotted and shown as 0.
 GAP_FLOOR = 1e-9
@@ -143,7 +142,7 @@ def format_markdown(result: dict, plot: str | None = None) -> str:
 
 
 def draw_plot(result: dict) -> Callable[[Any], None]:
-    """A drawer for :func:`nmopt.bench._report.write_plot`: gap vs seconds, one panel per N:M."""
+    """A drawer for :func:`nmopt._report.write_plot`: gap vs seconds, one panel per N:M."""
 
     def draw(fig) -> None:
         patterns = result["config"]["patterns"]

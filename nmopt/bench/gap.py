@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from nmopt._report import add_output_arguments, environment
 from nmopt._tiles import TileGrid
 from nmopt.api import find_mask
 from nmopt.bench._contenders import BASELINES, Contender, contender_names, contenders, num_tiles
 from nmopt.bench._gap_report import format_text, write_outputs
-from nmopt.bench._report import add_output_arguments, environment
 from nmopt.checkpoint import load
 from nmopt.errors import UsageError
 from nmopt.patterns import Pattern, parse_pattern

@@ -30,9 +30,17 @@ import time
 
 import nmopt
 from nmopt import backends
-from nmopt._report import write_json, write_plot, write_text
+from nmopt._report import (
+    Column,
+    add_output_arguments,
+    environment,
+    format_table,
+    markdown_table,
+    write_json,
+    write_plot,
+    write_text,
+)
 from nmopt.backends.torch_backend import mask_tensor
-from nmopt.bench._report import Column, add_output_arguments, environment, format_table, markdown_table
 
 CPU_SHAPES = ((1, 1024, 4096), (16, 1024, 4096), (256, 1024, 4096), (2048, 1024, 4096),
               (256, 4096, 1024), (2048, 4096, 1024))

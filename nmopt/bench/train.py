@@ -24,8 +24,16 @@ import time
 from pathlib import Path
 
 import nmopt
-from nmopt._report import write_json, write_plot, write_text
-from nmopt.bench._report import Column, add_output_arguments, environment, format_table, markdown_table
+from nmopt._report import (
+    Column,
+    add_output_arguments,
+    environment,
+    format_table,
+    markdown_table,
+    write_json,
+    write_plot,
+    write_text,
+)
 
 VARIANTS = ("dense", "dense-half", "rowwise-2:4", "transposable-2:4", "transposable-4:8",
             "transposable-8:16")
