@@ -155,3 +155,28 @@ def add_output_arguments(parser) -> None:
     parser.add_argument("--json", metavar="OUT.json", help="write every row as JSON")
     parser.add_argument("--markdown", metavar="OUT.md", help="write a Markdown report")
     parser.add_argument("--plot", metavar="OUT.png", help="write a plot (matplotlib)")
+
+
+def write_outputs(args, data: Any, markdown: str | Callable[[str | None], str] | None = None,
+                  draw: Callable[[Any], None] | None = None, figsize: tuple[float, float] = (8.0, 5.0)) -> list[str]:
+    """Write what the :func:`add_output_arguments` options ask for; return the paths written.
+
+    ``data`` goes to ``--json``; ``markdown`` (a text, or a function of the plot's path relative
+    to the Markdown file, None without a plot) to ``--markdown``; the figure ``draw`` fills to
+    ``--plot``. Each file is written atomically.
+    """
+    written = []
+    if getattr(args, "json", None):
+        write_json(args.json, data)
+        written.append(str(args.json))
+    if getattr(args, "markdown", None) and markdown is not None:
+        if callable(markdown):
+            plot = getattr(args, "plot", None) and draw is not None and os.path.relpath(
+                args.plot, os.path.dirname(os.path.abspath(args.markdown)))
+            markdown = markdown(plot or None)
+        write_text(args.markdown, markdown)
+        written.append(str(args.markdown))
+    if getattr(args, "plot", None) and draw is not None:
+        write_plot(args.plot, draw, figsize=figsize)
+        written.append(str(args.plot))
+    return written

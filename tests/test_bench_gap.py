@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import nmopt
-from nmopt import solvers
-from nmopt.bench import _contenders, _report, gap
+from nmopt import _report, solvers
+from nmopt.bench import _contenders, gap
 from nmopt.bench._gap_report import format_markdown, format_text, write_outputs
 from nmopt.cli import main
 
@@ -239,3 +239,14 @@ def test_report_helpers(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["d.json"]
     env = _report.environment()
     assert env["versions"]["numpy"] == np.__version__
+
+
+def test_write_outputs_writes_what_the_options_ask_for(tmp_path):
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(json=tmp_path / "r.json", markdown=tmp_path / "r.md", plot=None)
+    seen = []
+    written = _report.write_outputs(args, {"a": 1}, lambda plot: seen.append(plot) or "# r\n", draw=None)
+    assert written == [str(args.json), str(args.markdown)] and seen == [None]
+    assert (tmp_path / "r.md").read_text() == "# r\n" and json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
+    assert _report.write_outputs(SimpleNamespace(json=None, markdown=None, plot=None), {"a": 1}) == []

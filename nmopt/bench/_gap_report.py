@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
-from nmopt._report import Column, format_table, markdown_table, write_json, write_plot, write_text
+from nmopt._report import Column, format_table, markdown_table
+from nmopt._report import write_outputs as write_files
 
 #: Gaps below this are rounding noise of a certified optimum; plotted and shown as 0.
 GAP_FLOOR = 1e-9
@@ -185,20 +186,8 @@ def draw_plot(result: dict) -> Callable[[Any], None]:
 
 def write_outputs(result: dict, json_path=None, markdown_path=None, plot_path=None) -> list[str]:
     """Write the requested files (atomically); return their paths."""
-
-    written = []
-    if json_path:
-        write_json(json_path, result)
-        written.append(str(json_path))
-    if markdown_path:
-        plot = None
-        if plot_path:
-            plot = os.path.relpath(plot_path, os.path.dirname(os.path.abspath(markdown_path)))
-        write_text(markdown_path, format_markdown(result, plot))
-        written.append(str(markdown_path))
-    if plot_path:
-        n = len(result["config"]["patterns"])
-        cols = min(4, max(1, n))
-        write_plot(plot_path, draw_plot(result), figsize=(4.2 * cols, 3.8 * -(-n // cols) + 1))
-        written.append(str(plot_path))
-    return written
+    n = len(result["config"]["patterns"])
+    cols = min(4, max(1, n))
+    paths = SimpleNamespace(json=json_path, markdown=markdown_path, plot=plot_path)
+    return write_files(paths, result, lambda plot: format_markdown(result, plot), draw_plot(result),
+                       figsize=(4.2 * cols, 3.8 * -(-n // cols) + 1))

@@ -36,9 +36,7 @@ from nmopt._report import (
     environment,
     format_table,
     markdown_table,
-    write_json,
-    write_plot,
-    write_text,
+    write_outputs,
 )
 from nmopt.backends.torch_backend import mask_tensor
 
@@ -285,13 +283,8 @@ def main(args) -> int:
     print(format_table(result["rows"], COLUMNS))
     for note in result["notes"]:
         print(f"note: {note}")
-    if args.json:
-        write_json(args.json, result)
-    if args.markdown:
-        write_text(args.markdown, format_markdown(result))
-    if args.plot:
-        groups = len({(r["device"], r["pattern"]) for r in result["rows"]})
-        write_plot(args.plot, draw_plot(result), figsize=(12.0, 4.5 * groups))
+    groups = len({(r["device"], r["pattern"]) for r in result["rows"]})
+    write_outputs(args, result, format_markdown(result), draw_plot(result), figsize=(12.0, 4.5 * groups))
     return 0
 
 

@@ -30,9 +30,7 @@ from nmopt._report import (
     environment,
     format_table,
     markdown_table,
-    write_json,
-    write_plot,
-    write_text,
+    write_outputs,
 )
 
 VARIANTS = ("dense", "dense-half", "rowwise-2:4", "transposable-2:4", "transposable-4:8",
@@ -314,12 +312,7 @@ def main(args) -> int:
     md = format_markdown(result)
     if not args.quiet:
         print("\n".join(line for line in md.splitlines()[-4:] if line))
-    if args.json:
-        write_json(args.json, result)
-    if args.markdown:
-        write_text(args.markdown, md)
-    if args.plot:
-        write_plot(args.plot, draw_plot(result), figsize=(8.0, 5.0))
+    write_outputs(args, result, md, draw_plot(result))
     return 0
 
 
