@@ -2,9 +2,11 @@
 #ifndef NM_INTERNAL_H
 #define NM_INTERNAL_H
 
+#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "nmopt_kernels.h"
 
@@ -69,5 +71,188 @@ typedef int64_t nm_vi __attribute__((vector_size(8 * NM_W)));
 #else
 #define NM_SIMD_CLONES
 #endif
+
+/* ---- The exact solver ----------------------------------------------------------------------
+ * nm_exact.c          the entry point and the per-thread driver (and the algorithm's notes);
+ * nm_exact_general.c  the general path (any M): warm start, shortest paths, self-check, and
+ *                     the SLOTS tiles a thread interleaves;
+ * nm_exact_q4.c       the M = 4 path, with the tile in vector registers;
+ * nm_exact_fallback.c cycle cancelling, for the tiles the shortest paths do not certify.
+ * Functions that hold hot code called from another file carry NM_SIMD_CLONES themselves. */
+
+/* Relative tolerances of the self-check (nm_gap_tol, nm_fallback_tol), and the least gain of
+ * a cycle the fallback cancels. */
+#define NM_GAP_TOL 1e-12
+#define NM_FALLBACK_TOL 1e-10
+#define NM_BF_EPS 1e-14 /* in units of the tile's largest score */
+
+#define NM_A64 __attribute__((aligned(64)))
+
+typedef uint8_t nm_vb __attribute__((vector_size(NM_W)));
+
+static inline __attribute__((always_inline)) nm_vi nm_vload_i(const int64_t *p)
+{
+    nm_vi v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline __attribute__((always_inline)) nm_vd nm_vload_d(const double *p)
+{
+    nm_vd v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline __attribute__((always_inline)) nm_vi nm_vload_mask(const uint8_t *p)
+{
+    nm_vb b;
+    memcpy(&b, p, sizeof b);
+    return -__builtin_convertvector(b, nm_vi); /* bytes 0/1 -> lanes 0/-1 */
+}
+
+static inline __attribute__((always_inline)) nm_vd nm_vblend_d(nm_vi mask, nm_vd a, nm_vd b)
+{
+    return (nm_vd)((mask & (nm_vi)a) | (~mask & (nm_vi)b));
+}
+
+static inline __attribute__((always_inline)) nm_vi nm_vblend_i(nm_vi mask, nm_vi a, nm_vi b)
+{
+    return (mask & a) | (~mask & b);
+}
+
+static inline __attribute__((always_inline)) double nm_hsum(nm_vd v)
+{
+    double s = 0.0;
+    for (int q = 0; q < NM_W; q++)
+        s += v[q];
+    return s;
+}
+
+static inline __attribute__((always_inline)) int64_t nm_hsum_i(nm_vi v)
+{
+    int64_t s = 0;
+    for (int q = 0; q < NM_W; q++)
+        s += v[q];
+    return s;
+}
+
+/* Node layout, in two segments of NM_SEG(m) nodes (a multiple of NM_W):
+ *   A = [0, SEG):      T = 0, rows 1..m, inert padding;
+ *   B = [SEG, 2 SEG):  columns SEG..SEG+m-1, S = SEG+m, inert padding.
+ * Rows only reach columns and S (segment B); columns and S only reach T and rows (segment A).
+ * A Dijkstra step relaxes one segment and re-scans the other for its minimum: two
+ * fixed-length vector passes. Padding nodes have infinite costs and distances. */
+#define NM_ROUNDW(x) (((x) + NM_W - 1) & ~(NM_W - 1))
+#define NM_SEG(m) NM_ROUNDW((m) + 1)
+#define NM_NODES (2 * NM_SEG(NM_MAX_M))
+#define NM_NODE_T 0
+#define NM_NODE_ROW(i) (1 + (i))
+#define NM_NODE_COL(m, j) (NM_SEG(m) + (j))
+#define NM_NODE_S(m) (NM_SEG(m) + (m))
+#define NM_IS_ROW(m, a) ((a) >= 1 && (a) <= (m))
+#define NM_IS_COL(m, a) ((a) >= NM_SEG(m) && (a) < NM_SEG(m) + (m))
+#define NM_COL_OF(m, a) ((a) - NM_SEG(m))
+
+/* A tile of the general path: its scores, mask, degrees and residual network. */
+typedef struct {
+    int m, n, sat, mp, seg, stride; /* mp = NM_ROUNDW(m); stride = 2 * seg */
+    int rdeg[NM_MAX_M], cdeg[NM_MAX_M];
+    int cflow[NM_MAX_M]; /* flow on col -> T; cdeg - cflow is the column's excess */
+    /* Scaled scores, row-major and transposed, and the mask; row stride mp, zero padded. */
+    double s[NM_MAX_M * NM_MAX_M] NM_A64;
+    double sT[NM_MAX_M * NM_MAX_M] NM_A64;
+    uint8_t x[NM_MAX_M * NM_MAX_M] NM_A64;
+    double pot[NM_NODES] NM_A64;
+    double dist[NM_NODES] NM_A64;
+    int64_t done[NM_NODES] NM_A64; /* 0, or -1 (all bits) once settled */
+    int64_t prev[NM_NODES] NM_A64;
+    /* cost[a*stride + b]: cost of the residual arc a -> b, +inf when absent. Only the arcs of
+     * the network are ever written; every other entry stays +inf from tile_alloc. */
+    double cost[] NM_A64;
+} nm_tile;
+
+/* One nm_exact call: inputs, outputs, and the first error (nm_set_error). */
+typedef struct {
+    const double *tiles;
+    int m, n, sat, flags;
+    uint8_t *mask;
+    double *u, *v;
+    int8_t *status;
+    int err;
+} nm_exact_ctx;
+
+/* 2^k as a double, for -1022 <= k <= 1023 (exact, no libm call). */
+static inline double nm_pow2(int k)
+{
+    const uint64_t bits = (uint64_t)(k + 1023) << 52;
+    double d;
+    memcpy(&d, &bits, sizeof d);
+    return d;
+}
+
+/* The binary exponent e of x > 0 as frexp gives it (x = f * 2^e, f in [0.5, 1)). */
+static inline int nm_exponent_of(double x)
+{
+    uint64_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    const int biased = (int)((bits >> 52) & 0x7ff);
+    if (biased == 0) { /* subnormal */
+        int e;
+        frexp(x, &e);
+        return e;
+    }
+    return biased - 1022;
+}
+
+/* 2^-e and 2^e are normal doubles: the tile is scaled by a multiplication (else ldexp). */
+#define NM_NORMAL_SCALE(e) ((e) > -1000 && (e) < 1000)
+
+/* Scan mm scores: 1 if one is NaN, infinite or negative, else 0 with the largest in *mx. */
+static inline __attribute__((always_inline)) int nm_scan_scores(const double *s, int mm,
+                                                                double *mx)
+{
+    const nm_vd zero = {0}, big = zero + DBL_MAX;
+    nm_vd vmx = zero;
+    nm_vi vbad = {0};
+    int a = 0;
+    for (; a + NM_W <= mm; a += NM_W) {
+        const nm_vd x = nm_vload_d(s + a);
+        vbad |= ~(x >= zero) | (x > big); /* NaN fails the first test */
+        vmx = nm_vblend_d(x > vmx, x, vmx);
+    }
+    double best = 0.0;
+    int bad = nm_hsum_i(vbad) != 0;
+    for (int q = 0; q < NM_W; q++)
+        best = vmx[q] > best ? vmx[q] : best;
+    for (; a < mm; a++) {
+        const double sa = s[a];
+        bad |= !(sa >= 0.0) | (sa > DBL_MAX);
+        best = sa > best ? sa : best;
+    }
+    *mx = best;
+    return bad;
+}
+
+/* General path (nm_exact_general.c). A thread's workspace is an array of slots, the tiles it
+ * has in flight; nm_general_run solves tiles [lo, hi) with them, nm_general_tile solves one
+ * tile in the first slot. Errors go to c->err. */
+typedef struct nm_slot nm_slot;
+nm_slot *nm_slots_alloc(int m); /* NULL when out of memory */
+void nm_slots_free(nm_slot *slots);
+void nm_general_run(nm_exact_ctx *c, nm_slot *slots, int64_t lo, int64_t hi);
+int nm_general_tile(nm_slot *slots, const nm_exact_ctx *c, int64_t k);
+
+/* M = 4 path (nm_exact_q4.c): tiles [lo, hi), the ones it cannot certify through
+ * nm_general_tile. */
+void nm_q4_run(nm_exact_ctx *c, nm_slot *slots, int64_t lo, int64_t hi);
+
+/* Fallback (nm_exact_fallback.c): degrees recounted from the mask, the mask's validity, cycle
+ * cancelling (1 on success), and a valid starting mask (empty, or full: n per row/column).
+ * nm_exact_general.c, their caller, redeclares them cold. */
+void nm_recount(nm_tile *t);
+int nm_feasible(const nm_tile *t);
+int nm_cycle_cancel(nm_tile *t, double eps);
+void nm_trivial_mask(nm_tile *t, int full);
 
 #endif

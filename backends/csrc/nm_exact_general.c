@@ -1,0 +1,610 @@
+/* Exact solver, general path (any M <= NM_MAX_M; see nm_exact.c for the algorithm): the tile's
+ * network in node arrays, the warm start, the shortest paths (dense Dijkstra), the prices and
+ * the self-check, and the slots that interleave a thread's tiles. The cycle-cancelling
+ * fallback is in nm_exact_fallback.c. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "nm_internal.h"
+
+#define INF_BITS ((int64_t)0x7ff0000000000000LL)
+
+#define LANE NM_LANE
+
+/* The fallback (nm_exact_fallback.c) is off the hot path. Declared cold here, so that GCC lays
+ * out the hot path and its registers as when the fallback shared this file (without it the
+ * general path runs 3-5% slower); cold only here, so the definitions stay optimised for speed. */
+__attribute__((cold)) void nm_recount(nm_tile *t);
+__attribute__((cold)) int nm_feasible(const nm_tile *t);
+__attribute__((cold)) int nm_cycle_cancel(nm_tile *t, double eps);
+__attribute__((cold)) void nm_trivial_mask(nm_tile *t, int full);
+
+static nm_tile *tile_alloc(int m)
+{
+    const int st = 2 * NM_SEG(m);
+    const size_t bytes = sizeof(nm_tile) + (size_t)st * st * sizeof(double);
+    nm_tile *t = (nm_tile *)aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    if (!t)
+        return NULL;
+    for (int a = 0; a < st * st; a++)
+        t->cost[a] = HUGE_VAL;
+    memset(t->s, 0, sizeof t->s);
+    memset(t->sT, 0, sizeof t->sT);
+    memset(t->x, 0, sizeof t->x);
+    t->m = m;
+    t->mp = NM_ROUNDW(m);
+    t->seg = NM_SEG(m);
+    t->stride = st;
+    return t;
+}
+
+static inline void set_arc(nm_tile *t, int i, int j, int keep)
+{
+    const int m = t->m, st = t->stride;
+    const double sij = t->s[i * t->mp + j];
+    t->x[i * t->mp + j] = (uint8_t)keep;
+    t->cost[NM_NODE_ROW(i) * st + NM_NODE_COL(m, j)] = keep ? HUGE_VAL : -sij;
+    t->cost[NM_NODE_COL(m, j) * st + NM_NODE_ROW(i)] = keep ? sij : HUGE_VAL;
+}
+
+static inline void set_row_arcs(nm_tile *t, int i)
+{
+    const int S = NM_NODE_S(t->m), st = t->stride;
+    t->cost[S * st + NM_NODE_ROW(i)] = t->rdeg[i] < t->n ? 0.0 : HUGE_VAL;
+    t->cost[NM_NODE_ROW(i) * st + S] = t->rdeg[i] > 0 ? 0.0 : HUGE_VAL;
+}
+
+static inline void set_col_arc(nm_tile *t, int j)
+{
+    t->cost[NM_NODE_COL(t->m, j) * t->stride + NM_NODE_T] = t->cflow[j] < t->n ? 0.0 : HUGE_VAL;
+}
+
+/* Every row keeps its top n (ties: lower index, as numpy's stable argsort) and prices its
+ * (n+1)-th largest score. Ranks are counted for 8 rows at a time from the transposed tile:
+ * rank_ij = #{k : s_ik > s_ij, or s_ik == s_ij and k < j}, branch-free. */
+static inline __attribute__((always_inline)) void warm_start(nm_tile *t)
+{
+    const int m = t->m, n = t->n, mp = t->mp, st = t->stride, seg = t->seg;
+    const nm_vd inf = (nm_vd){0} + HUGE_VAL;
+    for (int a = 0; a < st; a++)
+        t->pot[a] = 0.0;
+    for (int j = 0; j < m; j++)
+        t->cdeg[j] = 0;
+    for (int i0 = 0; i0 < mp; i0 += NM_W) {
+        const nm_vi valid = (LANE + i0) < m;
+        nm_vd next = -inf;
+        for (int j = 0; j < m; j++) {
+            const nm_vd sj = nm_vload_d(t->sT + j * mp + i0);
+            nm_vi rank = {0};
+            for (int k = 0; k < j; k++)
+                rank -= nm_vload_d(t->sT + k * mp + i0) >= sj;
+            for (int k = j + 1; k < m; k++)
+                rank -= nm_vload_d(t->sT + k * mp + i0) > sj;
+            const nm_vi keep = (rank < n) & valid;
+            next = nm_vblend_d(rank == n, sj, next);
+            uint8_t *xj = t->x + i0 * mp + j;
+            if (i0 + NM_W <= m) { /* a full block of rows */
+                for (int q = 0; q < NM_W; q++)
+                    xj[q * mp] = (uint8_t)(keep[q] & 1);
+            } else {
+                for (int q = 0; q < m - i0; q++)
+                    xj[q * mp] = (uint8_t)(keep[q] & 1);
+            }
+            /* column j -> rows: +s where kept; +inf elsewhere and on padding lanes */
+            const nm_vd back = nm_vblend_d(keep, sj, inf);
+            memcpy(t->cost + NM_NODE_COL(m, j) * st + NM_NODE_ROW(i0), &back, sizeof back);
+            t->cdeg[j] -= (int)nm_hsum_i(keep);
+        }
+        for (int q = 0; q < NM_W && i0 + q < m; q++)
+            t->pot[NM_NODE_ROW(i0 + q)] = next[q] > 0.0 ? next[q] : 0.0;
+    }
+    for (int i = 0; i < m; i++) {
+        /* row i -> columns: -s where not kept; +inf where kept and on padding lanes (the
+         * lane of S is rewritten by set_row_arcs) */
+        double *fwd = t->cost + NM_NODE_ROW(i) * st + seg;
+        for (int j0 = 0; j0 < mp; j0 += NM_W) {
+            const nm_vi keep = nm_vload_mask(t->x + i * mp + j0) | ((LANE + j0) >= m);
+            const nm_vd f = nm_vblend_d(keep, inf, -nm_vload_d(t->s + i * mp + j0));
+            memcpy(fwd + j0, &f, sizeof f);
+        }
+        t->rdeg[i] = n; /* full: S -> row absent, row -> S open (set_row_arcs, unrolled) */
+        t->cost[NM_NODE_S(m) * st + NM_NODE_ROW(i)] = HUGE_VAL;
+        t->cost[NM_NODE_ROW(i) * st + NM_NODE_S(m)] = 0.0;
+    }
+    for (int j = 0; j < m; j++) {
+        t->cflow[j] = t->cdeg[j] < n ? t->cdeg[j] : n;
+        set_col_arc(t, j);
+    }
+    t->cost[NM_NODE_S(m) * st + NM_NODE_T] = t->sat ? HUGE_VAL : 0.0;
+}
+
+/* Least key over the lanes and the node it belongs to. The lane number replaces the key's
+ * low bits for this last step, so between lanes within NM_W ulps of each other the choice is
+ * arbitrary: a node that is the nearest to within rounding, which Dijkstra tolerates. */
+static inline __attribute__((always_inline)) int64_t lanes_min(nm_vi key, nm_vi where,
+                                                               int64_t *at)
+{
+    nm_vi k = (key & ~((nm_vi){0} + (NM_W - 1))) | LANE;
+    nm_vi o = __builtin_shuffle(k, (nm_vi){2, 3, 0, 1});
+    nm_vi lt = k < o;
+    k = nm_vblend_i(lt, k, o);
+    o = __builtin_shuffle(k, (nm_vi){1, 0, 3, 2});
+    lt = k < o;
+    k = nm_vblend_i(lt, k, o);
+    const int64_t lane = k[0] & (NM_W - 1);
+    *at = where[lane];
+    return key[lane];
+}
+
+/* Fold one block of keys into a running lane-wise minimum (value and node). */
+#define NM_TRACK(B, W, KEY, IDX)                                                              \
+    do {                                                                                      \
+        const nm_vi lt_ = (KEY) < (B);                                                        \
+        B = nm_vblend_d(lt_, KEY, B);                                                         \
+        W = nm_vblend_i(lt_, IDX, W);                                                         \
+    } while (0)
+
+/* Relax the block of nodes [q, q + NM_W) from node a (distance da, potential pa) through the
+ * cost row; return the block's keys. */
+static inline __attribute__((always_inline)) nm_vd relax_block(nm_tile *t, const double *row,
+                                                               int q, nm_vd da, nm_vd pa,
+                                                               nm_vi av)
+{
+    const nm_vd zero = {0}, inf = zero + HUGE_VAL;
+    nm_vd r = pa + nm_vload_d(row + q) - nm_vload_d(t->pot + q);
+    r = nm_vblend_d(r > zero, r, zero); /* max(r, 0), as +0.0 */
+    const nm_vd c = da + r;
+    const nm_vd old = nm_vload_d(t->dist + q);
+    const nm_vi lt = c < old;
+    const nm_vd nd = nm_vblend_d(lt, c, old);
+    const nm_vi np = nm_vblend_i(lt, av, nm_vload_i(t->prev + q));
+    memcpy(t->dist + q, &nd, sizeof nd);
+    memcpy(t->prev + q, &np, sizeof np);
+    return nm_vblend_d(nm_vload_i(t->done + q), inf, nd);
+}
+
+/* Relax the segment [off, off + seg) from settled node a and return its lane-wise least key.
+ * Reduced costs are clamped at 0, so candidates are >= dist(a): settled nodes never improve.
+ * All comparisons are between doubles >= 0 or +inf (no NaN). */
+static inline __attribute__((always_inline)) void relax_min(nm_tile *t, int64_t a, int off,
+                                                            nm_vd *best, nm_vi *where)
+{
+    const double *row = t->cost + a * t->stride;
+    const nm_vd zero = {0}, inf = zero + HUGE_VAL;
+    const nm_vd da = zero + t->dist[a], pa = zero + t->pot[a];
+    const nm_vi av = (nm_vi){0} + a;
+    nm_vd b0 = inf, b1 = inf;
+    nm_vi w0 = {0}, w1 = {0};
+    int q = off;
+    for (; q + 2 * NM_W <= off + t->seg; q += 2 * NM_W) {
+        const nm_vd k0 = relax_block(t, row, q, da, pa, av);
+        const nm_vd k1 = relax_block(t, row, q + NM_W, da, pa, av);
+        NM_TRACK(b0, w0, k0, LANE + q);
+        NM_TRACK(b1, w1, k1, LANE + (q + NM_W));
+    }
+    if (q < off + t->seg) {
+        const nm_vd k0 = relax_block(t, row, q, da, pa, av);
+        NM_TRACK(b0, w0, k0, LANE + q);
+    }
+    NM_TRACK(b0, w0, b1, w1);
+    *best = b0;
+    *where = w0;
+}
+
+/* Lane-wise least key of the segment [off, off + seg), with its node: the key is the
+ * distance, +inf once settled (`done` holds all-ones lanes for settled nodes). Two running
+ * minima (even and odd blocks) halve the dependency chain. */
+static inline __attribute__((always_inline)) void seg_min(const nm_tile *t, int off,
+                                                          nm_vd *best, nm_vi *where)
+{
+    const nm_vd inf = (nm_vd){0} + HUGE_VAL;
+    nm_vd b0 = inf, b1 = inf;
+    nm_vi w0 = {0}, w1 = {0};
+    int q = off;
+    for (; q + 2 * NM_W <= off + t->seg; q += 2 * NM_W) {
+        const nm_vd k0 = nm_vblend_d(nm_vload_i(t->done + q), inf, nm_vload_d(t->dist + q));
+        const nm_vd k1 = nm_vblend_d(nm_vload_i(t->done + q + NM_W), inf,
+                                     nm_vload_d(t->dist + q + NM_W));
+        NM_TRACK(b0, w0, k0, LANE + q);
+        NM_TRACK(b1, w1, k1, LANE + (q + NM_W));
+    }
+    if (q < off + t->seg) {
+        const nm_vd k0 = nm_vblend_d(nm_vload_i(t->done + q), inf, nm_vload_d(t->dist + q));
+        NM_TRACK(b0, w0, k0, LANE + q);
+    }
+    NM_TRACK(b0, w0, b1, w1);
+    *best = b0;
+    *where = w0;
+}
+
+/* Dijkstra state between steps: the lane minima (key, node) of the unsettled nodes. */
+typedef struct {
+    nm_vd best;
+    nm_vi where;
+} frontier_t;
+
+/* Settle node a: mark it done (a vector read-modify-write, so the next vector load of the
+ * block is store-forwarded), relax its out-arcs (the other segment) and re-scan its own
+ * segment; keep the lane minima of both. */
+static inline __attribute__((always_inline)) void settle(nm_tile *t, int64_t a, frontier_t *f)
+{
+    const int blk = (int)a & ~(NM_W - 1);
+    nm_vi d = nm_vload_i(t->done + blk);
+    d |= LANE == (a & (NM_W - 1));
+    memcpy(t->done + blk, &d, sizeof d);
+    nm_vd ba, bb;
+    nm_vi wa, wb;
+    if (NM_IS_ROW(t->m, a)) { /* rows reach columns and S */
+        relax_min(t, a, t->seg, &bb, &wb);
+        seg_min(t, 0, &ba, &wa);
+    } else { /* columns and S reach T and rows */
+        relax_min(t, a, 0, &ba, &wa);
+        seg_min(t, t->seg, &bb, &wb);
+    }
+    const nm_vi lt = bb < ba;
+    f->best = nm_vblend_d(lt, bb, ba);
+    f->where = nm_vblend_i(lt, wb, wa);
+}
+
+/* The least unsettled node (its key as bits; >= INF_BITS: none is left). */
+static inline __attribute__((always_inline)) int64_t frontier_min(const frontier_t *f,
+                                                                  int64_t *at)
+{
+    return lanes_min((nm_vi)f->best, f->where, at);
+}
+
+/* Potentials += min(dist, dist(T)); push one unit along the path to T. 1 on success. */
+static inline __attribute__((always_inline)) int augment(nm_tile *t, int src)
+{
+    const int m = t->m, st = t->stride;
+    const nm_vd dT = (nm_vd){0} + t->dist[NM_NODE_T];
+    for (int a = 0; a < st; a += NM_W) {
+        const nm_vd d = nm_vload_d(t->dist + a);
+        const nm_vd p = nm_vload_d(t->pot + a) + nm_vblend_d(d < dT, d, dT);
+        memcpy(t->pot + a, &p, sizeof p);
+    }
+    int b = NM_NODE_T, steps = 0;
+    while (b != src) {
+        const int a = (int)t->prev[b];
+        if (a < 0 || a >= st || ++steps > st)
+            return 0;
+        if (NM_IS_ROW(m, a) && NM_IS_COL(m, b)) { /* keep (a, b) */
+            set_arc(t, a - 1, NM_COL_OF(m, b), 1);
+            t->rdeg[a - 1]++;
+            t->cdeg[NM_COL_OF(m, b)]++;
+            set_row_arcs(t, a - 1);
+        } else if (NM_IS_COL(m, a) && NM_IS_ROW(m, b)) { /* drop (b, a) */
+            set_arc(t, b - 1, NM_COL_OF(m, a), 0);
+            t->rdeg[b - 1]--;
+            t->cdeg[NM_COL_OF(m, a)]--;
+            set_row_arcs(t, b - 1);
+        } else if (NM_IS_COL(m, a) && b == NM_NODE_T) {
+            t->cflow[NM_COL_OF(m, a)]++;
+            set_col_arc(t, NM_COL_OF(m, a));
+        } /* row -> S, S -> row, S -> T: the degrees already follow the mask */
+        b = a;
+    }
+    return 1;
+}
+
+/* At most n: keep every unkept entry between a short row and a short column. Their prices
+ * are 0, so complementary slackness forces these scores to 0: the objective and the
+ * certificate are unchanged and the mask becomes maximal (fewer empty slots). */
+static void fill_short(nm_tile *t)
+{
+    const int m = t->m, n = t->n, mp = t->mp;
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < m && t->rdeg[i] < n; j++)
+            if (!t->x[i * mp + j] && t->cdeg[j] < n) {
+                t->x[i * mp + j] = 1;
+                t->rdeg[i]++;
+                t->cdeg[j]++;
+            }
+}
+
+static void prices(const nm_tile *t, double *u, double *v)
+{
+    const int m = t->m;
+    const double pT = t->pot[NM_NODE_T];
+    for (int i = 0; i < m; i++) {
+        u[i] = t->pot[NM_NODE_ROW(i)] - pT;
+        v[i] = pT - t->pot[NM_NODE_COL(m, i)];
+        if (!t->sat) {
+            u[i] = u[i] > 0.0 ? u[i] : 0.0;
+            v[i] = v[i] > 0.0 ? v[i] : 0.0;
+        }
+    }
+}
+
+/* Mask valid and the dual bound within tol (relative) of the kept score. */
+static inline __attribute__((always_inline)) int verified(const nm_tile *t, const double *u,
+                                                          const double *v, double tol)
+{
+    const int m = t->m, n = t->n, mp = t->mp;
+    double vpad[NM_MAX_M] NM_A64;
+    double bound = 0.0, fin = 0.0;
+    for (int j = 0; j < m; j++) {
+        fin += (u[j] - u[j]) + (v[j] - v[j]); /* 0, or NaN if any price is inf or NaN */
+        vpad[j] = v[j];
+    }
+    if (fin != 0.0)
+        return 0;
+    for (int j = m; j < mp; j++)
+        vpad[j] = HUGE_VAL; /* padding lanes: no slack */
+    for (int i = 0; i < m; i++)
+        bound += n * u[i] + n * v[i];
+    const nm_vd zero = {0};
+    nm_vd slack = zero, kept = zero;
+    nm_vi cols[NM_MAX_M / NM_W];
+    for (int q = 0; q < mp / NM_W; q++)
+        cols[q] = (nm_vi){0};
+    for (int i = 0; i < m; i++) {
+        const nm_vd ui = zero + u[i];
+        nm_vi rows = {0};
+        for (int j0 = 0; j0 < mp; j0 += NM_W) {
+            const nm_vd s8 = nm_vload_d(t->s + i * mp + j0);
+            const nm_vi x8 = nm_vload_mask(t->x + i * mp + j0);
+            nm_vd r = s8 - ui - nm_vload_d(vpad + j0);
+            slack += (nm_vd)((nm_vi)r & (r > zero));
+            kept += (nm_vd)((nm_vi)s8 & x8);
+            rows -= x8;
+            cols[j0 / NM_W] -= x8;
+        }
+        const int64_t ri = nm_hsum_i(rows);
+        if (ri > n || (t->sat && ri != n))
+            return 0;
+    }
+    for (int j = 0; j < m; j++) {
+        const int64_t cj = cols[j / NM_W][j % NM_W];
+        if (cj > n || (t->sat && cj != n))
+            return 0;
+    }
+    const double k = nm_hsum(kept);
+    bound += nm_hsum(slack);
+    double scale = k > bound ? k : bound;
+    if (scale < 0.5) /* the optimum is >= the largest score, which is >= 0.5 */
+        scale = 0.5;
+    return fabs(bound - k) <= tol * scale;
+}
+
+/* Read, check and scale one tile into t->s / t->sT. Returns the binary exponent e of the
+ * scale (scores were multiplied by 2^-e), or INT32_MIN for an all-zero tile. */
+static inline __attribute__((always_inline)) int load_tile(nm_tile *t, const double *s, int *err)
+{
+    const int m = t->m, mp = t->mp;
+    double mx;
+    if (nm_scan_scores(s, m * m, &mx)) {
+        *err = NM_ERR_VALUE;
+        return 0;
+    }
+    if (mx == 0.0)
+        return INT32_MIN;
+    const int e = nm_exponent_of(mx);
+    const int fast = NM_NORMAL_SCALE(e);
+    const double f = fast ? nm_pow2(-e) : 0.0;
+    if (fast && m % NM_W == 0) { /* whole vectors, each also scattered into the transpose */
+        for (int i = 0; i < m; i++)
+            for (int j0 = 0; j0 < m; j0 += NM_W) {
+                const nm_vd x = nm_vload_d(s + i * m + j0) * f;
+                memcpy(t->s + i * mp + j0, &x, sizeof x);
+                for (int q = 0; q < NM_W; q++)
+                    t->sT[(j0 + q) * mp + i] = x[q];
+            }
+        return e;
+    }
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < m; j++) {
+            const double v = fast ? s[i * m + j] * f : ldexp(s[i * m + j], -e);
+            t->s[i * mp + j] = v;
+            t->sT[j * mp + i] = v;
+        }
+    return e;
+}
+
+/* Everything after the shortest paths: fill, prices, self-check (and the fallback), scale
+ * the prices back, write the mask out. */
+static inline __attribute__((always_inline)) void finish_tile(nm_tile *t, const nm_exact_ctx *c,
+                                                              int64_t k, int e, int ok)
+{
+    const int m = c->m, mp = t->mp;
+    double *u = c->u + k * m, *v = c->v + k * m;
+    int8_t status = NM_TILE_OK;
+    if (e == INT32_MIN) { /* all zero: any full mask is optimal, prices 0 */
+        nm_trivial_mask(t, 1);
+        for (int i = 0; i < m; i++)
+            u[i] = v[i] = 0.0;
+    } else {
+        if (ok && !t->sat)
+            fill_short(t);
+        if (ok)
+            prices(t, u, v);
+        if (!ok || (c->flags & (NM_FLAG_FORCE_FALLBACK | NM_FLAG_COLD_FALLBACK)) ||
+            !verified(t, u, v, NM_GAP_TOL)) {
+            status = NM_TILE_FALLBACK;
+            nm_recount(t);
+            if (!ok || !nm_feasible(t) || (c->flags & NM_FLAG_COLD_FALLBACK))
+                nm_trivial_mask(t, t->sat);
+            if (nm_cycle_cancel(t, NM_BF_EPS)) {
+                nm_recount(t);
+                if (!t->sat)
+                    fill_short(t);
+                prices(t, u, v);
+                if (!verified(t, u, v, NM_FALLBACK_TOL))
+                    status = NM_TILE_UNVERIFIED;
+            } else {
+                status = NM_TILE_UNVERIFIED;
+                nm_recount(t);
+                if (!nm_feasible(t)) /* never hand back an invalid mask */
+                    nm_trivial_mask(t, t->sat);
+                for (int i = 0; i < m; i++) /* proves nothing tight, but a valid bound */
+                    u[i] = v[i] = t->sat ? 0.0 : 1.0;
+            }
+        }
+        const int fast = NM_NORMAL_SCALE(e);
+        const double f = fast ? nm_pow2(e) : 0.0;
+        for (int i = 0; i < m; i++) {
+            u[i] = fast ? u[i] * f : ldexp(u[i], e);
+            v[i] = fast ? v[i] * f : ldexp(v[i], e);
+        }
+    }
+    uint8_t *out = c->mask + k * m * m;
+    for (int i = 0; i < m; i++)
+        memcpy(out + i * m, t->x + i * mp, (size_t)m);
+    c->status[k] = status;
+}
+
+/* One tile in flight. The Dijkstra of a single tile is a chain of dependent steps (argmin,
+ * relax, argmin, ...); SLOTS tiles advance in turn, one step each, so that the processor
+ * overlaps their chains. The results are the same as solving the tiles one by one. */
+#define SLOTS 2
+enum { SLOT_IDLE, SLOT_NEED_PATH, SLOT_SEARCH };
+
+typedef struct nm_slot {
+    frontier_t front; /* Dijkstra: lane minima of the unsettled nodes */
+    nm_tile *t;
+    int64_t k;
+    int e, state, col, src, paths;
+} slot_t;
+
+/* Load tile k into the slot and warm-start it; returns an error code. */
+static inline __attribute__((always_inline)) int slot_begin(slot_t *sl, const nm_exact_ctx *c,
+                                                            int64_t k)
+{
+    nm_tile *t = sl->t;
+    t->n = c->n;
+    t->sat = c->sat;
+    int err = NM_OK;
+    sl->k = k;
+    sl->e = load_tile(t, c->tiles + k * c->m * c->m, &err);
+    if (err != NM_OK)
+        return err;
+    if (sl->e == INT32_MIN) {
+        finish_tile(t, c, k, sl->e, 1);
+        sl->state = SLOT_IDLE;
+        return NM_OK;
+    }
+    warm_start(t);
+    sl->col = 0;
+    sl->paths = 0;
+    sl->state = SLOT_NEED_PATH;
+    return NM_OK;
+}
+
+/* Advance a slot by one step: start a path search, settle one node, or finish the tile. */
+static inline __attribute__((always_inline)) void slot_step(slot_t *sl, const nm_exact_ctx *c)
+{
+    nm_tile *t = sl->t;
+    const int m = t->m;
+    if (sl->state == SLOT_NEED_PATH) {
+        while (sl->col < m && t->cdeg[sl->col] <= t->cflow[sl->col])
+            sl->col++;
+        if (sl->col == m) {
+            finish_tile(t, c, sl->k, sl->e, 1);
+            sl->state = SLOT_IDLE;
+            return;
+        }
+        if (++sl->paths > t->n * m) {
+            finish_tile(t, c, sl->k, sl->e, 0);
+            sl->state = SLOT_IDLE;
+            return;
+        }
+        sl->src = NM_NODE_COL(m, sl->col);
+        const nm_vd inf = (nm_vd){0} + HUGE_VAL;
+        const nm_vi none = {0};
+        for (int b = 0; b < t->stride; b += NM_W) {
+            memcpy(t->dist + b, &inf, sizeof inf);
+            memcpy(t->done + b, &none, sizeof none);
+        }
+        t->dist[sl->src] = 0.0;
+        t->prev[sl->src] = -1;
+        settle(t, sl->src, &sl->front);
+        sl->state = SLOT_SEARCH;
+        return;
+    }
+    int64_t a;
+    int reached = 0;
+    if (frontier_min(&sl->front, &a) >= INF_BITS) {
+        finish_tile(t, c, sl->k, sl->e, 0); /* no path: impossible, the fallback decides */
+        sl->state = SLOT_IDLE;
+        return;
+    }
+    if (a == NM_NODE_T) {
+        reached = 1;
+    } else {
+        settle(t, a, &sl->front);
+        /* a column with room reaches T at no extra reduced cost: T would be settled next
+         * and change nothing */
+        reached = t->dist[NM_NODE_T] <= t->dist[a];
+    }
+    if (reached) {
+        if (!augment(t, sl->src)) {
+            finish_tile(t, c, sl->k, sl->e, 0);
+            sl->state = SLOT_IDLE;
+            return;
+        }
+        sl->state = SLOT_NEED_PATH;
+    }
+}
+
+nm_slot *nm_slots_alloc(int m)
+{
+    slot_t *slots = (slot_t *)aligned_alloc(64, sizeof(slot_t) * SLOTS);
+    if (!slots)
+        return NULL;
+    for (int q = 0; q < SLOTS; q++) {
+        slots[q].t = tile_alloc(m);
+        if (!slots[q].t) {
+            while (q-- > 0)
+                free(slots[q].t);
+            free(slots);
+            return NULL;
+        }
+        slots[q].state = SLOT_IDLE;
+    }
+    return slots;
+}
+
+void nm_slots_free(nm_slot *slots)
+{
+    for (int q = 0; q < SLOTS; q++)
+        free(slots[q].t);
+    free(slots);
+}
+
+/* SLOTS tiles in flight, one step each in turn; stops at the first error of any thread. */
+NM_SIMD_CLONES void nm_general_run(nm_exact_ctx *c, nm_slot *slots, int64_t lo, int64_t hi)
+{
+    int64_t next = lo;
+    for (;;) {
+        int busy = 0;
+        for (int q = 0; q < SLOTS; q++) {
+            slot_t *sl = &slots[q];
+            while (sl->state == SLOT_IDLE && next < hi) {
+                const int rc = slot_begin(sl, c, next++);
+                if (rc != NM_OK) {
+                    nm_set_error(&c->err, rc);
+                    return;
+                }
+            }
+            if (sl->state != SLOT_IDLE) {
+                slot_step(sl, c);
+                busy = 1;
+            }
+        }
+        if (!busy || nm_get_error(&c->err) != NM_OK)
+            break;
+    }
+}
+
+/* Tile k alone, start to finish, in the first slot; returns an error code. */
+NM_SIMD_CLONES int nm_general_tile(nm_slot *slots, const nm_exact_ctx *c, int64_t k)
+{
+    slot_t *sl = &slots[0];
+    const int rc = slot_begin(sl, c, k);
+    if (rc != NM_OK)
+        return rc;
+    while (sl->state != SLOT_IDLE)
+        slot_step(sl, c);
+    return NM_OK;
+}
