@@ -132,3 +132,18 @@ def test_bad_arguments_are_usage_errors(tmp_path, capsys):
     assert main([*TINY, "--repeat", "0", "--out", str(tmp_path)]) == 2
     assert not (tmp_path / "kernels.json").exists()
     assert "--repeat" in capsys.readouterr().err
+
+
+def test_thread_settings_are_restored(tmp_path):
+    """The benchmark sets --threads for its run only: the shared backend keeps its setting."""
+    from nmopt import backends
+
+    if backends.status().get("cffi") is not None:
+        pytest.skip("the C extension is not built")
+    cffi = backends.get("cffi")
+    cffi.num_threads = 1
+    try:
+        assert main([*TINY, "--threads", "2", "--memory-size", "0", "--out", str(tmp_path)]) == 0
+        assert cffi.num_threads == 1
+    finally:
+        cffi.num_threads = None

@@ -6,7 +6,7 @@ handler with ``parser.set_defaults(func=handler)``, where ``handler(args) -> int
 exit code. Importing such a module must stay light (torch, ortools and networkx are imported by
 the handler, not at module level). A module that is not there is skipped; any other import
 error is a bug and propagates. Shared table, JSON, Markdown and plot writers live in
-:mod:`nmopt.bench._report`.
+:mod:`nmopt._report`, timing in :mod:`nmopt.bench._timing`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 
 #: Benchmarks in the order ``nmopt bench --help`` lists them.
-BENCHMARKS = ("gap", "train", "speed")
+BENCHMARKS = ("gap", "train", "speed", "kernels", "posttrain")
 
 
 def add_parsers(subparsers) -> list[str]:

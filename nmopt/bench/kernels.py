@@ -116,6 +116,30 @@ def bench_matmul(w: np.ndarray, patterns, batches, repeat: int, log) -> list[dic
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark; the thread settings it makes are undone afterwards."""
+    cffi = backends.get("cffi") if backends.status().get("cffi", "") is None else None
+    saved = None if cffi is None else cffi._threads
+    torch_threads = _torch_threads()
+    try:
+        return _run(args)
+    finally:
+        if cffi is not None:
+            cffi._threads = saved
+        if torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+
+
+def _torch_threads() -> int | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.get_num_threads()
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure everything; return the JSON-ready record."""
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     notes, load0 = [], _loadavg()
