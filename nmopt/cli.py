@@ -105,6 +105,11 @@ def _check_outputs(args) -> None:
 
 
 def cmd_prune(args) -> int:
+    model = Path(args.input).is_dir() or Path(args.input).suffix.lower() == ".gguf"
+    if model or args.method not in (None, "magnitude") or args.calibration:
+        from nmopt.posttrain.prune_cli import run_prune_command  # imports torch
+
+        return run_prune_command(args)
     _check_outputs(args)
     _, report = prune_file(
         args.input, args.out, args.pattern, masks_path=args.masks, report_path=args.report,
@@ -198,12 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"nmopt {nmopt.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("prune", help="prune a safetensors / PyTorch checkpoint with N:M masks",
+    p = sub.add_parser("prune", help="prune a checkpoint or a pretrained model with N:M masks",
                        description="Prune every 2-D (and 4-D conv) float weight of a checkpoint "
                        "with optimal N:M masks; biases, norms, 1-D, integer and bool tensors are "
-                       "copied unchanged, embeddings too unless --include names them. Writes "
+                       "copied unchanged, embeddings too unless --include names them. A MODEL (Hugging "
+                       "Face directory or .gguf file) is pruned block by block on --calibration text "
+                       "with --method (default admm) into the model directory OUT. Writes "
                        "atomically: a failed run leaves nothing behind.")
-    p.add_argument("input", metavar="IN", help="input checkpoint (.safetensors, .pt, .bin, .pth)")
+    p.add_argument("input", metavar="IN", help="input checkpoint (.safetensors, .pt, .bin, .pth) or MODEL "
+                   "(Hugging Face model directory or .gguf file)")
+    p.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt", "admm", "adaprune"),
+                   help="MODEL only (checkpoints: magnitude): calibration-aware method (default admm)")
+    p.add_argument("--calibration", metavar="TEXT_FILE", help="MODEL: UTF-8 calibration text")
+    p.add_argument("--nsamples", type=int, default=32, help="MODEL: calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=512, help="MODEL: tokens per window (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="MODEL: seed of the window starts (default 0)")
+    p.add_argument("--device", default=None, help="MODEL: torch device (default cpu)")
     p.add_argument("--pattern", required=True, type=_pattern, metavar="N:M",
                    help="keep at most N of every M, e.g. 2:4 or 4:8")
     p.add_argument("--row-wise", action="store_true",
@@ -216,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", metavar="REGEX", help="prune only tensors whose name matches")
     p.add_argument("--exclude", metavar="REGEX", help="do not prune tensors whose name matches")
     p.add_argument("--out", required=True, metavar="OUT",
-                   help="pruned checkpoint; its extension picks the format")
+                   help="pruned checkpoint (its extension picks the format), or for a MODEL the "
+                   "output model directory (safetensors; from_pretrained loads it)")
     p.add_argument("--masks", metavar="MASKS", help="write the boolean masks (.safetensors)")
     p.add_argument("--report", metavar="REPORT.json", help="write the per-layer report as JSON")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")

@@ -1,0 +1,130 @@
+"""``nmopt prune MODEL``: prune a pretrained model on calibration text and write a model directory.
+
+The command line's pretrained-model path (checkpoint files keep :mod:`nmopt.prune`): usage checks
+before any work, load (:func:`~nmopt.posttrain.pretrained.load_pretrained`), calibration windows
+from a text file, :func:`nmopt.prune_model`, then OUT_DIR (plus ``--masks`` / ``--report``)
+written all together or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from nmopt.posttrain.pretrained import (
+    StagedDir,
+    calibration_windows,
+    encode,
+    is_model_path,
+    layer_masks,
+    load_pretrained,
+    max_positions,
+    read_text,
+    save_pretrained_dir,
+)
+
+
+def check_outputs(model_path, out, masks=None, report=None, force: bool = False) -> None:
+    """Usage checks of ``nmopt prune MODEL`` done before any work; ValueError with one line."""
+    model_path, out = Path(model_path), Path(out)
+    if not model_path.exists():
+        raise ValueError(f"MODEL {str(model_path)!r}: no such file or directory")
+    if masks and Path(masks).suffix.lower() != ".safetensors":
+        raise ValueError(f"--masks {masks!r}: masks are written as .safetensors")
+    if report and Path(report).suffix.lower() != ".json":
+        raise ValueError(f"--report {report!r}: the report is written as .json")
+    outs = [("--out", out)] + [(f, Path(v)) for f, v in (("--masks", masks), ("--report", report)) if v]
+    for i, (flag, path) in enumerate(outs):
+        if os.path.realpath(path) == os.path.realpath(model_path):
+            raise ValueError(f"{flag} {str(path)!r} is the input model; write to another path")
+        if flag == "--out" and path.resolve().is_relative_to(model_path.resolve()):
+            raise ValueError(f"--out {str(path)!r} is inside the input model directory")
+        for flag2, path2 in outs[i + 1:]:
+            if os.path.realpath(path) == os.path.realpath(path2):
+                raise ValueError(f"{flag} and {flag2} name the same path {str(path)!r}")
+        if path.exists() and not force:
+            raise ValueError(f"{flag} {str(path)!r} exists; pass --force to overwrite it")
+        if flag != "--out" and path.is_dir():
+            raise ValueError(f"{flag} {str(path)!r} is a directory")
+        if flag == "--out" and path.exists() and not path.is_dir():
+            raise ValueError(f"--out {str(path)!r} is a file; OUT_DIR must be a directory")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            raise ValueError(f"{flag} {str(path)!r}: directory {str(parent)!r} does not exist")
+
+
+def prune_pretrained(model_path, out, config, calibration, *, nsamples: int = 32, seqlen: int = 512,
+                     seed: int = 0, masks=None, report=None, force: bool = False, device=None,
+                     progress: bool = True, log=print):
+    """Load MODEL, prune it with :func:`nmopt.prune_model` on text calibration, write OUT_DIR.
+
+    Parameters
+    ----------
+    model_path : Hugging Face model directory or ``.gguf`` file
+    out : output model directory (``from_pretrained`` loads it back)
+    config : PruneConfig
+    calibration : UTF-8 text file; ``nsamples`` random windows of ``seqlen`` tokens (``seed``)
+    masks, report : optional ``.safetensors`` (bool masks) and ``.json`` (``PruneReport``) paths
+    force, device, progress, log : overwrite outputs, torch device, per-block bar, note printer
+
+    Returns
+    -------
+    PruneReport
+        Nothing is written until every block is pruned; all outputs appear together or none.
+    """
+    from nmopt.checkpoint import AtomicFiles, write_checkpoint
+    from nmopt.posttrain import prune_model
+
+    check_outputs(model_path, out, masks, report, force)
+    text = read_text(calibration)
+    loaded = load_pretrained(model_path, device)
+    tokens = calibration_windows(encode(loaded.tokenizer, text), nsamples, seqlen, seed,
+                                 max_positions(loaded.model.config))
+    log(f"loaded {type(loaded.model).__name__} from {model_path}; calibration: {nsamples} x {seqlen} "
+        f"tokens of {calibration} (seed {seed})")
+    result = prune_model(loaded.model, tokens, config, progress=progress)
+    # the directory commits first: if that fails, AtomicFiles removes the staged files too
+    with AtomicFiles() as files, StagedDir(out, force) as staged:
+        save_pretrained_dir(loaded.model, loaded.tokenizer, staged,
+                            None if loaded.gguf else loaded.source_dtype)
+        if masks:
+            write_checkpoint(files, layer_masks(loaded.model, result), masks)
+        if report:
+            Path(files.add(report)).write_text(result.to_json() + "\n", encoding="utf-8")
+    return result
+
+
+def run_prune_command(args, log=print) -> int:
+    """``nmopt prune MODEL ...``: the command line's pretrained-model path; returns the exit code.
+
+    Problems found before any work (bad flags, outputs that exist without ``--force``) raise
+    :class:`nmopt.errors.UsageError` (exit code 2).
+    """
+    from nmopt.errors import UsageError
+    from nmopt.posttrain import PruneConfig
+
+    try:
+        if not is_model_path(args.input):
+            raise ValueError(f"--method {args.method or 'admm'} with --calibration needs a MODEL: {args.input!r} "
+                             "must be a Hugging Face model directory or a .gguf file (checkpoint files are "
+                             "pruned by magnitude only, without --calibration)")
+        for flag, value in (("--saturate", args.saturate), ("--backend", args.backend)):
+            if value:
+                raise ValueError(f"{flag} applies to checkpoint files, not to a MODEL")
+        if not args.calibration:
+            raise ValueError("pruning a MODEL needs --calibration TEXT_FILE")
+        config = PruneConfig(pattern=args.pattern, transposable=not args.row_wise, method=args.method or "admm",
+                             include=args.include, exclude=args.exclude, solver=args.solver, seed=args.seed)
+        check_outputs(args.input, args.out, args.masks, args.report, args.force)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    result = prune_pretrained(args.input, args.out, config, args.calibration, nsamples=args.nsamples,
+                              seqlen=args.seqlen, seed=args.seed, masks=args.masks, report=args.report,
+                              force=args.force, device=args.device,
+                              progress=not args.no_progress and sys.stderr.isatty(), log=log)
+    log(result.table())
+    for path, what in ((args.out, "pruned model"), (args.masks, "masks"), (args.report, "report")):
+        if path:
+            log(f"wrote {what}: {path}")
+    return 0
