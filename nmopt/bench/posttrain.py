@@ -24,7 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from nmopt._report import Column, add_output_arguments, environment, format_table, markdown_table
+import nmopt
+from nmopt._report import Column, add_output_arguments, environment, format_table, markdown_table, write_outputs
+from nmopt.patterns import parse_pattern
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PATTERNS = ("2:4", "4:8", "8:16", "16:32")
@@ -94,7 +96,6 @@ def summarize(report) -> dict:
 def run(args) -> dict:
     import torch
 
-    import nmopt
     from nmopt.posttrain.pretrained import calibration_windows, encode, load_pretrained, max_positions, perplexity
 
     if args.threads:
@@ -264,8 +265,6 @@ def _csv(text: str) -> list[str]:
 
 
 def _validate(args) -> str | None:
-    from nmopt.patterns import parse_pattern
-
     for flag, values in (("--methods", args.methods), ("--rowwise-methods", args.rowwise_methods)):
         bad = [m for m in values if m not in KNOWN_METHODS]
         if bad:
@@ -280,8 +279,6 @@ def _validate(args) -> str | None:
 
 
 def main(args) -> int:
-    from nmopt._report import write_json, write_plot, write_text
-
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
@@ -296,12 +293,7 @@ def main(args) -> int:
     result = run(args)
     print(format_table(result["rows"], COLUMNS))
     print(format_table(result["targets"], TARGET_COLUMNS))
-    if args.json:
-        write_json(args.json, result)
-    if args.markdown:
-        write_text(args.markdown, format_markdown(result))
-    if args.plot:
-        write_plot(args.plot, draw_plot(result), figsize=(9.0, 5.5))
+    write_outputs(args, result, format_markdown(result), draw_plot(result), figsize=(9.0, 5.5))
     return 0
 
 
