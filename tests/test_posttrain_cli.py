@@ -8,6 +8,7 @@ when ``../shared/data`` is absent (a user's clone).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -90,6 +91,10 @@ def test_prune_model_dir_reloads_with_its_zeros(tiny, tmp_path, capsys, method, 
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
     assert (out / "tokenizer.json").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     pruned, dense = _load(out), _load(tiny[0])
     kept = load_file(str(masks))
     rep = PruneReport.from_json(report)
@@ -151,6 +156,7 @@ def test_refuses_an_existing_out_dir_without_force(tiny, tmp_path, capsys):
     ("checkpoint", 2, "must be a Hugging Face model directory or a .gguf file"),
     ("no-calibration", 2, "needs --calibration"),
     ("masks-ext", 2, "masks are written as .safetensors"),
+    ("solver", 2, "unknown solver 'fast'"),
 ])
 def test_refuses_bad_input_with_one_clear_error(tiny, tmp_path, capsys, case, code, message):
     model_dir, calib = tiny
@@ -169,6 +175,8 @@ def test_refuses_bad_input_with_one_clear_error(tiny, tmp_path, capsys, case, co
     elif case == "no-calibration":
         i = argv.index("--calibration")
         del argv[i:i + 2]
+    elif case == "solver":
+        argv += ["--solver", "fast"]
     else:
         argv += ["--masks", str(tmp_path / "m.pt")]
     assert main(argv) == code

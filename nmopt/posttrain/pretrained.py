@@ -237,7 +237,9 @@ class StagedDir:
             return
         old = None
         try:
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700, safetensors writes 0600 files
+            for path in tmp.rglob("*"):
+                os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
             if dest.exists() or dest.is_symlink():
                 if not self.force:
                     raise FileExistsError(f"--out {str(dest)!r} exists; pass --force to overwrite it")

@@ -112,6 +112,11 @@ def run_prune_command(args, log=print) -> int:
         for flag, value in (("--saturate", args.saturate), ("--backend", args.backend)):
             if value:
                 raise ValueError(f"{flag} applies to checkpoint files, not to a MODEL")
+        from nmopt import solvers
+
+        if args.solver != "auto" and args.solver not in solvers.names():
+            raise ValueError(f"--solver: unknown solver {args.solver!r}; choose auto or one of "
+                             f"{', '.join(solvers.names())}")
         if not args.calibration:
             raise ValueError("pruning a MODEL needs --calibration TEXT_FILE")
         config = PruneConfig(pattern=args.pattern, transposable=not args.row_wise, method=args.method or "admm",
