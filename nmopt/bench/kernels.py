@@ -118,7 +118,7 @@ def bench_matmul(w: np.ndarray, patterns, batches, repeat: int, log) -> list[dic
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark; the thread settings it makes are undone afterwards."""
     cffi = backends.get("cffi") if backends.status().get("cffi", "") is None else None
-    saved = None if cffi is None else cffi._threads
+    saved = None if cffi is None else cffi._threads  # None: follow NMOPT_NUM_THREADS / cores
     torch_threads = _torch_threads()
     try:
         return _run(args)

@@ -51,7 +51,7 @@ def default_model() -> Path:
 def load_text(path: str | None) -> tuple[str, str]:
     """The benchmark text and where it came from (``--text`` or CPython's pydoc topics)."""
     if path:
-        from nmopt.posttrain.pretrained import read_text
+        from nmopt.posttrain.pretrained import read_text  # imports torch
 
         return read_text(path, "--text"), str(path)
     import pydoc_data.topics
@@ -96,7 +96,13 @@ def summarize(report) -> dict:
 def run(args) -> dict:
     import torch
 
-    from nmopt.posttrain.pretrained import calibration_windows, encode, load_pretrained, max_positions, perplexity
+    from nmopt.posttrain.pretrained import (  # imports torch
+        calibration_windows,
+        encode,
+        load_pretrained,
+        max_positions,
+        perplexity,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nmopt.posttrain.hessian import weight_matrix
+
 HF_HINT = "pip install 'nmopt[hf]'"
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -304,7 +306,6 @@ def layer_masks(model, report) -> dict[str, Any]:
 
     The nonzeros of a pruned weight are a subset of its mask, so they form a valid N:M mask too.
     """
-    from nmopt.posttrain.hessian import weight_matrix
 
     modules = dict(model.named_modules())
     return {f"{row.name}.weight": weight_matrix(modules[row.name]).ne(0).cpu().contiguous()

@@ -12,6 +12,10 @@ import os
 import sys
 from pathlib import Path
 
+from nmopt import solvers
+from nmopt.checkpoint import AtomicFiles, write_checkpoint
+from nmopt.errors import UsageError
+from nmopt.posttrain import PruneConfig, prune_model
 from nmopt.posttrain.pretrained import (
     StagedDir,
     calibration_windows,
@@ -73,8 +77,6 @@ def prune_pretrained(model_path, out, config, calibration, *, nsamples: int = 32
     PruneReport
         Nothing is written until every block is pruned; all outputs appear together or none.
     """
-    from nmopt.checkpoint import AtomicFiles, write_checkpoint
-    from nmopt.posttrain import prune_model
 
     check_outputs(model_path, out, masks, report, force)
     text = read_text(calibration)
@@ -101,8 +103,6 @@ def run_prune_command(args, log=print) -> int:
     Problems found before any work (bad flags, outputs that exist without ``--force``) raise
     :class:`nmopt.errors.UsageError` (exit code 2).
     """
-    from nmopt.errors import UsageError
-    from nmopt.posttrain import PruneConfig
 
     try:
         if not is_model_path(args.input):
@@ -112,7 +112,6 @@ def run_prune_command(args, log=print) -> int:
         for flag, value in (("--saturate", args.saturate), ("--backend", args.backend)):
             if value:
                 raise ValueError(f"{flag} applies to checkpoint files, not to a MODEL")
-        from nmopt import solvers
 
         if args.solver != "auto" and args.solver not in solvers.names():
             raise ValueError(f"--solver: unknown solver {args.solver!r}; choose auto or one of "
