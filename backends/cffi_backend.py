@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 import numpy as np
 
@@ -22,6 +23,8 @@ from nmopt.backends.numpy_backend import NumpyBackend
 from nmopt.patterns import MAX_M
 
 ENV_THREADS = "NMOPT_NUM_THREADS"
+#: The most threads a call may ask for (the C kernels use at most NM_MAX_THREADS = 256 of them).
+MAX_THREADS = 4096
 
 _KERNELS = None  # the loaded module
 _MISSING: str | None = None  # or why it could not be loaded
@@ -83,6 +86,28 @@ def _bad_scores(tiles: np.ndarray, negative_ok: bool) -> ValueError:
                       f"index {where}")
 
 
+#: Element types the C kernels read in place (nmopt_kernels.h: NM_F64, NM_F32, NM_F16, NM_BF16).
+_DTYPE_CODES = {"float64": 0, "float32": 1, "float16": 2, "bfloat16": 3}
+
+
+def matrix_arg(x):
+    """``(pointer, dtype code, row stride, col stride, owner)`` of a 2-D numpy float array or
+    CPU tensor, read in place (strides in elements), or None when the C kernels cannot read it."""
+    if isinstance(x, np.ndarray):
+        code = _DTYPE_CODES.get(x.dtype.name)
+        if code is None or x.ndim != 2 or any(st % x.itemsize for st in x.strides):
+            return None
+        return x.ctypes.data, code, x.strides[0] // x.itemsize, x.strides[1] // x.itemsize, x
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(x, torch.Tensor) or x.ndim != 2:
+        return None
+    code = _DTYPE_CODES.get(str(x.dtype).removeprefix("torch."))
+    if code is None or x.device.type != "cpu" or x.layout != torch.strided:
+        return None
+    x = x.detach().resolve_neg().resolve_conj()
+    return x.data_ptr(), code, x.stride(0), x.stride(1), x
+
+
 @register
 class CffiBackend(Backend):
     """C kernels on the CPU, threads across tiles; preferred for numpy inputs when built."""
@@ -112,16 +137,18 @@ class CffiBackend(Backend):
                 value = int(env)
             except ValueError:
                 value = 0
-            if value < 1:
-                raise ValueError(f"{ENV_THREADS}={env!r}: expected a positive integer")
+            if not 1 <= value <= MAX_THREADS:
+                raise ValueError(f"{ENV_THREADS}={env!r}: expected an integer from 1 to "
+                                 f"{MAX_THREADS}; unset it to use every core")
             return value
         return os.cpu_count() or 1
 
     @num_threads.setter
     def num_threads(self, value: int | None) -> None:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 1):
-            raise ValueError(f"num_threads: expected a positive integer or None, got {value!r}")
+                                  or not 1 <= value <= MAX_THREADS):
+            raise ValueError(f"num_threads: expected an integer from 1 to {MAX_THREADS} or None, "
+                             f"got {value!r}")
         self._threads = value
 
     # -- tile kernels -----------------------------------------------------------------------
@@ -171,6 +198,73 @@ class CffiBackend(Backend):
             raise _bad_scores(tiles, negative_ok=False)
         _check(rc, "exact")
         return mask.view(np.bool_), u, v, status
+
+    def exact_matrix(self, x, n, m, *, absolute, saturate=False, warm=None, flags: int = 0):
+        """:meth:`exact` on a 2-D matrix read in place (``matrix_arg``; rows and columns
+        multiples of ``m``): scores ``|x|`` when ``absolute``, else ``x``. ``warm``: the mask
+        (rows, cols) and tile prices u, v (T, M) of a previous solve to start from (at most N
+        only). Returns ``(mask (rows, cols) bool, u, v, status)``; raises ``ValueError`` on a
+        NaN, infinite (or, for scores, negative) value."""
+        ptr, code, rs, cs, owner = matrix_arg(x)
+        rows, cols = owner.shape
+        k = _load()
+        t = (rows // m) * (cols // m)
+        mask = np.empty((rows, cols), dtype=np.uint8)
+        u = np.empty((t, m))
+        v = np.empty((t, m))
+        status = np.empty(t, dtype=np.int8)
+        wx = wu = wv = k.ffi.NULL
+        if warm is not None:
+            w_mask, w_u, w_v = warm
+            w_mask = np.ascontiguousarray(w_mask, dtype=np.bool_).view(np.uint8)
+            w_u = np.ascontiguousarray(w_u, dtype=np.float64)
+            w_v = np.ascontiguousarray(w_v, dtype=np.float64)
+            if w_mask.shape != (rows, cols) or w_u.shape != (t, m) or w_v.shape != (t, m):
+                raise ValueError("warm: the previous mask or prices do not match the matrix")
+            wx = k.ffi.from_buffer("uint8_t[]", w_mask)
+            wu, wv = k.ffi.from_buffer("double[]", w_u), k.ffi.from_buffer("double[]", w_v)
+        rc = k.lib.nm_exact_matrix(k.ffi.cast("void *", ptr), code, int(bool(absolute)), rows,
+                                   cols, rs, cs, m, n, int(bool(saturate)), int(flags), wx, wu,
+                                   wv,
+                                   k.ffi.from_buffer("uint8_t[]", mask), cols,
+                                   k.ffi.from_buffer("double[]", u),
+                                   k.ffi.from_buffer("double[]", v),
+                                   k.ffi.from_buffer("int8_t[]", status), self.num_threads)
+        del owner
+        if rc == -2:
+            raise ValueError("scores: a value is NaN, infinite or negative")
+        _check(rc, "exact")
+        return mask.view(np.bool_), u, v, status
+
+    def certify_matrix(self, x, n, m, *, absolute, saturate, mask, u, v):
+        """The certificate of ``mask`` (rows, cols) and prices ``u``, ``v`` (T, M) on ``x``,
+        computed apart from the solver (``backends/csrc/nm_certify.c``): per tile the kept
+        score, the dual bound, the rows plus columns below N, and 1 where a row or column
+        breaks the pattern."""
+        ptr, code, rs, cs, owner = matrix_arg(x)
+        rows, cols = owner.shape
+        k = _load()
+        t = (rows // m) * (cols // m)
+        mask = np.ascontiguousarray(mask).view(np.uint8)
+        u = np.ascontiguousarray(u, dtype=np.float64)
+        v = np.ascontiguousarray(v, dtype=np.float64)
+        if mask.shape != (rows, cols) or u.shape != (t, m) or v.shape != (t, m):
+            raise ValueError("certify: mask, u or v does not match the matrix")
+        kept, bound = np.empty(t), np.empty(t)
+        nshort, bad = np.empty(t, dtype=np.int32), np.empty(t, dtype=np.int8)
+        rc = k.lib.nm_certify(k.ffi.cast("void *", ptr), code, int(bool(absolute)), rows, cols,
+                              rs, cs, m, n, int(bool(saturate)),
+                              k.ffi.from_buffer("uint8_t[]", mask), cols,
+                              k.ffi.from_buffer("double[]", u), k.ffi.from_buffer("double[]", v),
+                              k.ffi.from_buffer("double[]", kept),
+                              k.ffi.from_buffer("double[]", bound),
+                              k.ffi.from_buffer("int32_t[]", nshort),
+                              k.ffi.from_buffer("int8_t[]", bad), self.num_threads)
+        del owner
+        if rc == -2:
+            raise ValueError("scores: a value is NaN, infinite or negative")
+        _check(rc, "certify")
+        return kept, bound, nshort, bad.view(np.bool_)
 
     # -- weights ----------------------------------------------------------------------------
     def apply_mask(self, weights, mask):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from nmopt._arrays import is_torch_tensor
-from nmopt._costs import integer_costs
+from nmopt._costs import integer_costs, to_scores
 from nmopt._tiles import TileGrid
 from nmopt.backends._base import Backend, register
 from nmopt.certificates import prices_from_mask, tile_bounds
@@ -156,7 +156,7 @@ class TorchBackend(Backend):
 
         The mask is optimal for the per-tile integer costs of :mod:`nmopt._costs`; the
         prices are recomputed from it on those costs (Bellman-Ford, as the OR-Tools flow solver
-        does) and divided back by the scale, so the certificate is independent of the kernel.
+        does) and scaled back (``to_scores``), so the certificate is independent of the kernel.
         ``status`` per tile: 0 when the integer bound equals the integer kept score (verified
         optimal), 2 otherwise (never expected; the prices still give a valid bound).
         """
@@ -167,13 +167,13 @@ class TorchBackend(Backend):
             return (np.zeros(tiles.shape, dtype=bool), np.zeros((t, m)), np.zeros((t, m)),
                     np.zeros(t, dtype=np.int8))
         mask = exact_tiles(self._tiles(tiles), n, bool(saturate))[0].cpu().numpy()
-        costs, scale = integer_costs(np.asarray(tiles, dtype=np.float64))
+        costs, tile_max = integer_costs(np.asarray(tiles, dtype=np.float64))
         costs = costs.astype(np.float64)
         u, v = prices_from_mask(costs, mask, n, bool(saturate))
         kept = np.where(mask, costs, 0.0).sum(axis=(1, 2))
         verified = tile_bounds(costs, n, u, v) <= kept * (1 + 1e-12) + 0.5
         status = np.where(verified, 0, 2).astype(np.int8)
-        return mask, u / scale[:, None], v / scale[:, None], status
+        return mask, to_scores(u, tile_max), to_scores(v, tile_max), status
 
     def apply_mask(self, weights, mask):
         """``weights * mask`` for tensors (on the weights' device) or numpy arrays."""

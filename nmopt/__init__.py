@@ -44,7 +44,13 @@ _LAZY_TRAINING = ("sparsify_", "densify_", "SparsityConfig", "export_pruned_stat
 _LAZY_POSTTRAIN = ("prune_model", "PruneConfig", "PruneReport")
 
 
+# Reading pruned checkpoints (nm-packed ones restored): an application-layer module.
+_LAZY_PRUNE = ("load_pruned",)
+
+
 def __getattr__(name: str):
+    if name in _LAZY_PRUNE:
+        return getattr(importlib.import_module("nmopt.nm_format"), name)
     if name in _LAZY_TRAINING or name == "training":
         training = importlib.import_module("nmopt.training")
         return training if name == "training" else getattr(training, name)

@@ -41,6 +41,12 @@ def to_float64(x: Any, name: str) -> tuple[np.ndarray, ArrayKind]:
     if is_torch_tensor(x):
         import torch
 
+        if x.device.type == "meta":
+            raise ValueError(f"{name}: tensor is on the meta device (it holds no values); "
+                             "materialise it first (e.g. to_empty() and load the weights)")
+        if x.layout != torch.strided:
+            raise TypeError(f"{name}: {x.layout} tensors are not supported; pass a dense tensor "
+                            "(x.to_dense())")
         if x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"{name}: dtype {x.dtype} is not a real number type; pass float16, "
                             "bfloat16, float32, float64 or an integer type")

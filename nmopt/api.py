@@ -6,14 +6,16 @@ import time
 
 import numpy as np
 
-from nmopt._arrays import to_float64
+from nmopt._arrays import ArrayKind, is_torch_tensor, to_float64
 from nmopt._tiles import TileGrid, as_matrix, check_scores, tile_counts
 from nmopt.backends import get as get_backend
+from nmopt.backends.cffi_backend import matrix_arg
 from nmopt.certificates import OPTIMALITY_TOL, total_bound
 from nmopt.masks import check_mask
 from nmopt.patterns import parse_pattern
 from nmopt.result import MaskResult
 from nmopt.solvers import plan
+from nmopt.solvers.exact import warn_unverified
 
 
 def _prepare(weights, scores):
@@ -113,8 +115,100 @@ def _fill_free_slots(grid, tiles, mask_t, n, counts):
     return mask_t, (rows, cols)
 
 
+def _in_place(weights, scores):
+    """The 2-D matrix the C kernels can read where it lies (numpy float array or CPU tensor of
+    float64/32/16 or bfloat16, any strides), whether it is |weights| or the scores, and the
+    array kind of ``weights``; None when the input needs the general path."""
+    x = weights if scores is None else scores
+    if scores is not None and (type(scores) is not type(weights)
+                               or tuple(scores.shape) != tuple(weights.shape)):
+        return None
+    if isinstance(weights, np.ndarray):
+        kind = ArrayKind("numpy", None, weights.shape)
+    elif is_torch_tensor(weights):
+        kind = ArrayKind("torch", weights.device, tuple(weights.shape))
+    else:
+        return None
+    if x.ndim not in (2, 4) or 0 in tuple(x.shape):
+        return None
+    if x.ndim == 4:
+        x = x.reshape(x.shape[0], -1)
+    if matrix_arg(x) is None:
+        return None
+    return x, scores is None, kind
+
+
+def _check_warm(warm, p, shape, transposable, saturate):
+    """The previous result's column prices per tile, or None; refuse a mismatched one."""
+    if warm is None:
+        return None
+    if not isinstance(warm, MaskResult):
+        raise TypeError(f"warm_start: expected the MaskResult of a previous find_mask, got "
+                        f"{type(warm).__name__}")
+    if warm.pattern != str(p):
+        raise ValueError(f"warm_start: the previous result is {warm.pattern}, this call {p}; "
+                         "warm-start only the same pattern")
+    if tuple(warm.mask.shape) != tuple(shape):
+        raise ValueError(f"warm_start: the previous mask has shape {tuple(warm.mask.shape)}, "
+                         f"the weights {tuple(shape)}; warm-start only the same weights")
+    if warm.transposable != transposable or warm.saturate != saturate:
+        raise ValueError("warm_start: the previous result has transposable="
+                         f"{warm.transposable}, saturate={warm.saturate}; pass the same")
+    if warm.v is None or saturate or not transposable:
+        return None  # row-wise and exactly-N problems start cold
+    return warm
+
+
+def _solve_in_place(src, p, grid, saturate, warm, engine, start, fallbacks):
+    """The whole call on the C kernels, reading the weights where they lie: solve, then
+    certify apart from the solver. None when a value is not finite (the general path then
+    raises the error that names it)."""
+    x, absolute, kind = src
+    if warm is not None:
+        prev = warm.mask.detach().cpu().numpy() if is_torch_tensor(warm.mask) else warm.mask
+        warm = (np.reshape(prev, (grid.rows, grid.cols)), *grid.matrices_to_prices(warm.u, warm.v))
+    try:
+        mask, u_t, v_t, status = engine.exact_matrix(x, p.n, p.m, absolute=absolute,
+                                                     saturate=saturate, warm=warm)
+    except ValueError:
+        return None
+    warn_unverified("exact", status)
+    if not (np.isfinite(u_t).all() and np.isfinite(v_t).all()):
+        raise RuntimeError("solver 'exact' returned prices that are not finite")
+    if not saturate:
+        np.maximum(u_t, 0.0, out=u_t)
+        np.maximum(v_t, 0.0, out=v_t)
+    kept, tile_bound, short, bad = engine.certify_matrix(x, p.n, p.m, absolute=absolute,
+                                                         saturate=saturate, mask=mask, u=u_t,
+                                                         v=v_t)
+    if bad.any():
+        raise RuntimeError(f"solver 'exact' returned an invalid mask: tile "
+                           f"{int(np.flatnonzero(bad)[0])} breaks {p}")
+    with np.errstate(over="ignore"):
+        objective, bound = float(kept.sum()), float(tile_bound.sum())
+    bound = _checked_bound("exact", bound, objective, "weights" if absolute else "scores")
+    big_u, big_v = grid.prices_to_matrices(u_t, v_t)
+    gap = (bound - objective) / bound if bound > 0 else 0.0
+    return MaskResult(
+        mask=kind.bool_array(mask), objective=objective, bound=bound, gap=gap,
+        optimal=gap <= OPTIMALITY_TOL, deficit=int(short.sum()), solver="exact",
+        backend=engine.name, seconds=time.perf_counter() - start, u=big_u, v=big_v,
+        pattern=str(p), transposable=True, saturate=bool(saturate), fallbacks=fallbacks)
+
+
+def _checked_bound(name, bound, objective, what):
+    """The bound, refused when the sums overflow float64 or when it is below the objective."""
+    if not (np.isfinite(objective) and np.isfinite(bound)):
+        raise ValueError(f"{what}: the kept score or its bound overflows float64 (scores near "
+                         "1e305 and above); scale the weights down, e.g. W / abs(W).max()")
+    if not bound >= objective * (1 - 1e-9):  # impossible for a valid mask and valid prices
+        raise RuntimeError(f"solver {name!r} returned prices whose bound {bound!r} is below "
+                           f"its objective {objective!r}; this is a bug in the solver")
+    return max(bound, objective)  # rounding of two different float64 sums
+
+
 def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = False,
-              solver="auto", backend=None, scores=None) -> MaskResult:
+              solver="auto", backend=None, scores=None, warm_start=None) -> MaskResult:
     """Find an N:M mask for ``weights`` that maximises the kept score, with a certified bound.
 
     Parameters
@@ -138,6 +232,11 @@ def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = F
         Hardware for the kernels; default: ``NMOPT_BACKEND``, then the input's array type.
     scores : array like ``weights``, optional
         Non-negative saliency to maximise (default ``|weights|``), e.g. ``|W| * ||x||``.
+    warm_start : MaskResult, optional
+        The result of a previous call on the same shape and pattern (e.g. the weights before
+        a training step): the exact C kernel starts from its prices and needs fewer shortest
+        paths. The result is the same certified optimum as a cold solve. Other solvers, and
+        exactly-N problems, ignore it.
 
     Returns
     -------
@@ -159,12 +258,28 @@ def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = F
         raise TypeError(f"transposable: expected True or False, got {transposable!r}")
     if not isinstance(saturate, (bool, np.bool_)):
         raise TypeError(f"saturate: expected True or False, got {saturate!r}")
+    src = _in_place(weights, scores)
+    if src is not None:
+        x, _, kind = src
+        grid = TileGrid(x.shape[0], x.shape[1], p.m)
+        warm = _check_warm(warm_start, p, kind.shape, bool(transposable), bool(saturate))
+        edge_tiles = bool(x.shape[0] % p.m or x.shape[1] % p.m)
+        framework = "numpy" if kind.framework == "numpy" or kind.device.type == "cpu" else "torch"
+        inst, engine, fallbacks = plan(solver, backend, p.n, p.m, transposable=bool(transposable),
+                                       saturate=bool(saturate), num_tiles=grid.num_tiles,
+                                       edge_tiles=edge_tiles, framework=framework)
+        if inst.name == "exact" and engine.name == "cffi" and not edge_tiles:
+            res = _solve_in_place(src, p, grid, bool(saturate), warm, engine, start, fallbacks)
+            if res is not None:
+                return res
     s, kind = _prepare(weights, scores)
-    grid = TileGrid(s.shape[0], s.shape[1], p.m)
-    edge_tiles = not grid.full_tiles().all()
-    inst, engine, fallbacks = plan(solver, backend, p.n, p.m, transposable=bool(transposable),
-                                   saturate=bool(saturate), num_tiles=grid.num_tiles,
-                                   edge_tiles=edge_tiles, framework=kind.framework)
+    if src is None:
+        grid = TileGrid(s.shape[0], s.shape[1], p.m)
+        _check_warm(warm_start, p, kind.shape, bool(transposable), bool(saturate))
+        edge_tiles = not grid.full_tiles().all()
+        inst, engine, fallbacks = plan(solver, backend, p.n, p.m, transposable=bool(transposable),
+                                       saturate=bool(saturate), num_tiles=grid.num_tiles,
+                                       edge_tiles=edge_tiles, framework=kind.framework)
 
     tiles = grid.to_tiles(s)
     mask_t, u_t, v_t = _solve(inst, grid, tiles, p.n, bool(saturate), engine)
@@ -177,12 +292,10 @@ def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = F
     big_u, big_v = grid.prices_to_matrices(u_t, v_t)
     u_t, v_t = grid.matrices_to_prices(big_u, big_v)
 
-    objective = float(tiles.ravel() @ mask_t.ravel().astype(np.float64))
-    bound = total_bound(tiles, p.n, u_t, v_t)
-    if bound < objective * (1 - 1e-9):  # impossible for a valid mask and valid prices
-        raise RuntimeError(f"solver {inst.name!r} returned prices whose bound {bound!r} is below "
-                           f"its objective {objective!r}; this is a bug in the solver")
-    bound = max(bound, objective)  # rounding of two different float64 sums
+    with np.errstate(over="ignore", invalid="ignore"):
+        objective = float(tiles.ravel() @ mask_t.ravel().astype(np.float64))
+        bound = total_bound(tiles, p.n, u_t, v_t)
+    bound = _checked_bound(inst.name, bound, objective, "weights" if scores is None else "scores")
     gap = (bound - objective) / bound if bound > 0 else 0.0
     full = grid.full_tiles()
     short = (counts[0] < p.n).sum(axis=1)

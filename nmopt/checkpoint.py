@@ -3,7 +3,7 @@
 The format follows the file extension: ``.safetensors``, or ``.pt`` / ``.pth`` / ``.bin`` for a
 PyTorch state dict (a flat ``name -> tensor`` dict, loaded with ``torch.load(weights_only=True)``,
 so no code in the file runs). Every write goes to a temporary file in the destination's
-directory and is moved into place with ``os.replace`` only when it is complete, so a failed or
+directory and is moved into place only when it is complete (:mod:`nmopt._atomic`), so a failed or
 interrupted run never leaves a partial output. torch and safetensors are imported only when a
 file is read or written.
 """
@@ -12,21 +12,36 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from nmopt._atomic import (  # noqa: F401 - re-exported: the io layer's public names
+    AtomicFiles,
+    CheckpointError,
+    OutputExistsError,
+    OutputWriteError,
+    check_writable,
+    error_writing,
+)
+
 FORMATS = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".bin": "torch"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or written; the message is one line naming the file."""
 
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _torch_reason(exc: BaseException) -> str:
+    """torch.load's refusal without its advice to load with ``weights_only=False``."""
+    text = str(exc)
+    if "weights_only" not in text:
+        return _one_line(exc)
+    lines = [ln.strip() for ln in text.splitlines()[1:] if ln.strip()]
+    useful = [ln for ln in lines if "weights_only" not in ln and not ln.startswith("Check the doc")]
+    what = useful[0] if useful else "objects other than tensors"
+    return f"it holds code or objects other than tensors: {what}"
 
 
 def checkpoint_format(path: str | os.PathLike, what: str = "checkpoint") -> str:
@@ -40,6 +55,13 @@ def checkpoint_format(path: str | os.PathLike, what: str = "checkpoint") -> str:
 
 def _have_torch() -> bool:
     return importlib.util.find_spec("torch") is not None
+
+
+def refuse_torch_file(path: str | os.PathLike, head: bytes) -> None:
+    """Raise when a file named ``.safetensors`` starts like a PyTorch file (zip or pickle)."""
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        raise CheckpointError(f"input {str(path)!r}: looks like a PyTorch file (zip/pickle), not "
+                              "safetensors; rename it to .pt")
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
@@ -56,6 +78,10 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"input {str(path)!r}: no such file")
     if not path.is_file():
         raise CheckpointError(f"input {str(path)!r}: not a regular file")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if fmt == "safetensors":
+        refuse_torch_file(path, head)
     if fmt == "safetensors":
         try:
             if _have_torch():
@@ -77,8 +103,11 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
+        if len(head) > 8 and head[8:9] == b"{":  # a u64 header length, then JSON
+            raise CheckpointError(f"input {str(path)!r}: looks like a safetensors file, not a "
+                                  "PyTorch one; rename it to .safetensors") from None
         raise CheckpointError(f"input {str(path)!r}: cannot read as a PyTorch state dict "
-                              f"({_one_line(exc)})") from None
+                              f"({_torch_reason(exc)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"input {str(path)!r}: holds a {type(obj).__name__}, not a state "
                               "dict; save model.state_dict() (a dict of name -> tensor)")
@@ -87,6 +116,12 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(
                 f"input {str(path)!r}: entry {name!r} is a {type(value).__name__}, not a tensor; "
                 "pass a flat state dict (name -> tensor), e.g. torch.save(model.state_dict(), f)")
+        if value.layout != torch.strided:
+            raise CheckpointError(f"input {str(path)!r}: tensor {name!r} is {value.layout} "
+                                  "(sparse); save dense tensors, e.g. t.to_dense()")
+        if value.is_meta:
+            raise CheckpointError(f"input {str(path)!r}: tensor {name!r} is on the meta device "
+                                  "(a shape without values); save the materialized weights")
     return {str(k): v for k, v in obj.items()}
 
 
@@ -101,13 +136,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str] | None:
 
 
 def save(tensors: dict[str, Any], path: str | os.PathLike,
-         metadata: dict[str, str] | None = None) -> None:
+         metadata: dict[str, str] | None = None, force: bool = True) -> None:
     """Write a ``name -> tensor`` dict atomically in the format of ``path``'s extension.
 
     Torch tensors and numpy arrays are accepted for safetensors (torch tensors get the
     ``{"format": "pt"}`` metadata that Hugging Face loaders expect); PyTorch files need torch.
+    ``force=False`` refuses to replace an existing file (:class:`OutputExistsError`).
     """
-    with AtomicFiles() as files:
+    with AtomicFiles(force=force) as files:
         write_checkpoint(files, tensors, path, metadata)
 
 
@@ -145,65 +181,9 @@ def write_checkpoint(files: AtomicFiles, tensors: dict[str, Any], path: str | os
                      metadata: dict[str, str] | None = None) -> None:
     """Stage a checkpoint in ``files`` (moved into place when the block succeeds)."""
     fmt = checkpoint_format(path, "output")
-    _write(tensors, files.add(path), fmt, metadata)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-class AtomicFiles:
-    """Context manager staging output files: they move into place together at the end, or none.
-
-    ``add(path)`` returns a temporary path in the same directory as ``path`` (so the final
-    ``os.replace`` is atomic on one file system). When the ``with`` block succeeds every staged
-    file replaces its destination; when it raises (including ``KeyboardInterrupt``) every
-    temporary file is removed and no destination is touched.
-
-    Examples
-    --------
-    >>> with AtomicFiles() as files:                                    # doctest: +SKIP
-    ...     Path(files.add("report.json")).write_text("{}")
-    """
-
-    def __init__(self) -> None:
-        self._staged: list[tuple[str, Path]] = []
-
-    def add(self, path: str | os.PathLike) -> str:
-        dest = Path(path)
-        directory = dest.parent if str(dest.parent) else Path(".")
-        if not directory.is_dir():
-            raise CheckpointError(f"output {str(dest)!r}: directory {str(directory)!r} does not "
-                                  "exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=directory)
-        os.close(fd)
-        self._staged.append((tmp, dest))
-        return tmp
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            try:
-                mode = 0o666 & ~_umask()
-                for tmp, dest in self._staged:
-                    # mkstemp (and some writers) make 0600 files; outputs get the usual mode
-                    os.chmod(tmp, mode)
-                    os.replace(tmp, dest)
-                self._staged = []
-                return
-            except BaseException:
-                self._cleanup()
-                raise
-        self._cleanup()
-
-    def _cleanup(self) -> None:
-        for tmp, _ in self._staged:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-        self._staged = []
+    tmp = files.add(path)
+    try:
+        _write(tensors, tmp, fmt, metadata)
+    except Exception as exc:  # noqa: BLE001 - disk full, quota, I/O error: one line naming path
+        nbytes = sum(int(getattr(t, "nbytes", 0) or 0) for t in tensors.values())
+        raise error_writing(path, exc, nbytes) from None

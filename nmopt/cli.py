@@ -16,11 +16,12 @@ from pathlib import Path
 import nmopt
 from nmopt import backends, bench, solvers
 from nmopt._report import Column, format_table
-from nmopt.checkpoint import CheckpointError, checkpoint_format
+from nmopt.checkpoint import CheckpointError, OutputExistsError, check_writable, checkpoint_format
 from nmopt.demo import DEMO_TIME_LIMIT, run_demo
 from nmopt.errors import UsageError
 from nmopt.patterns import parse_pattern
-from nmopt.prune import print_report, prune_file
+from nmopt.prune import print_report
+from nmopt.prune_stream import FORMATS, prune_path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,18 +50,21 @@ def _check_outputs(args) -> None:
     """Every usage check of ``nmopt prune`` that can fail before any work is done."""
     import re
 
-
     for flag, value in (("--include", args.include), ("--exclude", args.exclude)):
         if value is not None:
             try:
                 re.compile(value)
             except re.error as exc:
                 raise UsageError(f"{flag}: invalid regular expression {value!r}: {exc}") from None
+    in_dir = Path(args.input).is_dir()  # a model directory, streamed into the directory --out
     try:
-        checkpoint_format(args.input, "input")
-        checkpoint_format(args.out, "--out")
+        if not in_dir:
+            checkpoint_format(args.input, "input")
+            checkpoint_format(args.out, "--out")
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None
+    if args.format != "dense" and not in_dir and Path(args.out).suffix.lower() != ".safetensors":
+        raise UsageError(f"--format {args.format} writes safetensors: give --out a .safetensors path")
     if args.masks and Path(args.masks).suffix.lower() != ".safetensors":
         raise UsageError(f"--masks {args.masks!r}: masks are written as .safetensors")
     if args.report and Path(args.report).suffix.lower() != ".json":
@@ -84,10 +88,23 @@ def _check_outputs(args) -> None:
                          f"{', '.join(backends.names())}")
     if args.backend is not None:
         backends.get(args.backend)  # ImportError (exit 1) if it cannot run here
+    try:
+        _ = backends.BACKENDS.instance("cffi").num_threads  # NMOPT_NUM_THREADS, checked up front
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     inp = Path(args.input)
     outs = [("--out", Path(args.out))]
     outs += [(flag, Path(v)) for flag, v in (("--masks", args.masks), ("--report", args.report))
              if v]
+    for flag, path in outs:  # first: a too-long name fails every later check with an OSError
+        try:
+            check_writable(path, flag)  # missing or read-only directory, too long a name
+        except CheckpointError as exc:
+            raise UsageError(str(exc)) from None
+    if in_dir and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out!r} is a file; the output of a model directory is a directory")
+    if in_dir and Path(args.out).resolve().is_relative_to(Path(args.input).resolve()):
+        raise UsageError(f"--out {args.out!r} is inside the input directory; write to another path")
     for flag, path in outs:
         if _same_file(inp, path):
             raise UsageError(f"{flag} {str(path)!r} is the input file; write to another path")
@@ -97,27 +114,34 @@ def _check_outputs(args) -> None:
                 raise UsageError(f"{flag} and {flag2} name the same file {str(path)!r}")
         if path.exists() and not args.force:
             raise UsageError(f"{flag} {str(path)!r} exists; pass --force to overwrite it")
-        if path.is_dir():
+        if path.is_dir() and not (in_dir and flag == "--out"):
             raise UsageError(f"{flag} {str(path)!r} is a directory")
-        if not (path.parent if str(path.parent) else Path(".")).is_dir():
-            raise UsageError(f"{flag} {str(path)!r}: directory {str(path.parent)!r} does not "
-                             "exist")
 
 
 def cmd_prune(args) -> int:
-    model = Path(args.input).is_dir() or Path(args.input).suffix.lower() == ".gguf"
-    if model or args.method not in (None, "magnitude") or args.calibration:
+    # calibration-aware pruning of a MODEL; a model directory alone is streamed by magnitude
+    if (Path(args.input).suffix.lower() == ".gguf" or args.method not in (None, "magnitude")
+            or args.calibration):
+        if args.format != "dense":
+            raise UsageError(f"--format {args.format} applies to checkpoints and model directories "
+                             "pruned by magnitude (no --method/--calibration)")
         from nmopt.posttrain.prune_cli import run_prune_command  # imports torch
 
         return run_prune_command(args)
     _check_outputs(args)
-    _, report = prune_file(
-        args.input, args.out, args.pattern, masks_path=args.masks, report_path=args.report,
-        transposable=not args.row_wise, saturate=args.saturate, solver=args.solver,
-        backend=args.backend, include=args.include, exclude=args.exclude,
-        progress=False if args.no_progress else None)
+    try:
+        report = prune_path(
+            args.input, args.out, args.pattern, fmt=args.format, masks_path=args.masks,
+            report_path=args.report, transposable=not args.row_wise, saturate=args.saturate,
+            solver=args.solver, backend=args.backend, include=args.include, exclude=args.exclude,
+            progress=False if args.no_progress else None, force=args.force)
+    except OutputExistsError as exc:  # another run wrote it after the check above
+        raise UsageError(str(exc)) from None
     print_report(report)
-    for path, what in ((args.out, "pruned checkpoint"), (args.masks, "masks"),
+    if report.get("not_copied"):
+        print(f"not copied (dense weights in another format): {', '.join(report['not_copied'])}")
+    out_kind = "pruned model directory" if Path(args.input).is_dir() else "pruned checkpoint"
+    for path, what in ((args.out, out_kind), (args.masks, "masks"),
                        (args.report, "report")):
         if path:
             print(f"wrote {what}: {path}")
@@ -206,10 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a checkpoint or a pretrained model with N:M masks",
                        description="Prune every 2-D (and 4-D conv) float weight of a checkpoint "
                        "with optimal N:M masks; biases, norms, 1-D, integer and bool tensors are "
-                       "copied unchanged, embeddings too unless --include names them. A MODEL (Hugging "
-                       "Face directory or .gguf file) is pruned block by block on --calibration text "
-                       "with --method (default admm) into the model directory OUT. Writes "
-                       "atomically: a failed run leaves nothing behind.")
+                       "copied unchanged, embeddings too unless --include names them. Safetensors "
+                       "files and Hugging Face model directories (shards and index mirrored, other "
+                       "files copied) are streamed a block at a time, in bounded memory. With "
+                       "--calibration, a MODEL (Hugging Face directory or .gguf file) is pruned block "
+                       "by block on calibration text with --method (default admm) into the model "
+                       "directory OUT. Writes atomically: a failed run leaves nothing behind.")
     p.add_argument("input", metavar="IN", help="input checkpoint (.safetensors, .pt, .bin, .pth) or MODEL "
                    "(Hugging Face model directory or .gguf file)")
     p.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt", "admm", "adaprune"),
@@ -231,9 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", metavar="REGEX", help="prune only tensors whose name matches")
     p.add_argument("--exclude", metavar="REGEX", help="do not prune tensors whose name matches")
     p.add_argument("--out", required=True, metavar="OUT",
-                   help="pruned checkpoint (its extension picks the format), or for a MODEL the "
-                   "output model directory (safetensors; from_pretrained loads it)")
-    p.add_argument("--masks", metavar="MASKS", help="write the boolean masks (.safetensors)")
+                   help="pruned checkpoint (its extension picks the format), or for a model "
+                   "directory or MODEL the output model directory (safetensors; from_pretrained "
+                   "loads it)")
+    p.add_argument("--format", choices=FORMATS, default="dense",
+                   help="dense (default): pruned tensors as they are; nm-packed: kept values plus "
+                   "bit-packed positions, ~56%% (2:4) / 59%% (4:8) of the size (nmopt.load_pruned "
+                   "reads it; layout in the README)")
+    p.add_argument("--masks", metavar="MASKS", help="write the boolean masks (.safetensors; one "
+                   "file for a model directory too)")
     p.add_argument("--report", metavar="REPORT.json", help="write the per-layer report as JSON")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -23,9 +23,12 @@ from nmopt._report import Column, format_table, json_text
 from nmopt._tiles import TileGrid
 from nmopt._version import __version__
 from nmopt.api import find_mask
+from nmopt.certificates import OPTIMALITY_TOL
 from nmopt.checkpoint import AtomicFiles, load, read_metadata, write_checkpoint
 from nmopt.masks import check_mask
+from nmopt.nm_format import load_pruned
 from nmopt.patterns import parse_pattern
+from nmopt.safetensors_stream import bf16_to_float32
 
 #: Names treated as embeddings (skipped unless ``include`` matches them).
 EMBEDDING_RE = re.compile(r"embed|(^|\.)(wte|wpe)(\.|$)", re.IGNORECASE)
@@ -90,17 +93,10 @@ def _dtype_name(t: Any) -> str:
 
 def select_layers(tensors: dict[str, Any], include: str | None = None,
                   exclude: str | None = None) -> tuple[list[str], dict[str, str]]:
-    """Split tensor names into those to prune and those copied unchanged (with the reason).
+    """(names to prune in input order, {name: why it is copied unchanged}) of ``tensors``.
 
-    Parameters
-    ----------
-    tensors : dict name -> tensor (torch or numpy)
-    include, exclude : regular expressions searched in each name (``re.search``)
-
-    Returns
-    -------
-    prune : list of names, in the input order
-    copied : dict name -> reason it is not pruned
+    ``tensors`` maps names to anything with ``shape`` and ``dtype`` (torch, numpy, or the
+    entries of a file's header); ``include`` / ``exclude`` are searched in each name.
     """
     inc = re.compile(include) if include else None
     exc = re.compile(exclude) if exclude else None
@@ -111,6 +107,8 @@ def select_layers(tensors: dict[str, Any], include: str | None = None,
         dtype = _dtype_name(t)
         if ndim not in (2, 4):
             copied[name] = f"{ndim}-D (only 2-D and 4-D weights are pruned)"
+        elif dtype.startswith("float8"):
+            copied[name] = f"dtype {dtype} (float8 pruning is not supported)"
         elif dtype not in _FLOAT_DTYPES:
             copied[name] = f"dtype {dtype} is not floating point (only float weights are pruned)"
         elif inc is not None and not inc.search(name):
@@ -137,33 +135,72 @@ def _numel(t: Any) -> int:
     return int(np.prod(tuple(t.shape), dtype=np.int64))
 
 
+#: Weights per :func:`nmopt.find_mask` call: a layer is solved in blocks of whole tile rows, so
+#: the solver's memory (about 30 bytes per weight) stays bounded whatever the layer's size.
+BLOCK_WEIGHTS = 1 << 20
+
+
+def block_rows(shape: tuple[int, ...], m: int, budget: int | None = None) -> int:
+    """Rows per block of a weight of ``shape``: a multiple of M near ``budget`` weights."""
+    cols = max(1, int(np.prod(shape[1:], dtype=np.int64)))
+    return max(m, (budget or BLOCK_WEIGHTS) // cols // m * m)
+
+
+def prune_layer(name: str, shape: tuple[int, ...], dtype: str, read, emit, p, *,
+                transposable: bool = True, saturate: bool = False, solver="auto",
+                backend=None) -> LayerReport:
+    """Prune one weight block by block: the one routine behind every prune (dict, file, directory).
+
+    ``read(r0, r1)`` returns rows r0:r1 of the weight (numpy or torch; bfloat16 may come as
+    numpy uint16 bits), ``emit(r0, r1, mask, pruned)`` takes each block's mask and pruned rows.
+    Blocks are whole M x M tile rows, so the masks equal those of one call on the whole weight.
+    """
+    shape = tuple(int(s) for s in shape)
+    step, rows = block_rows(shape, p.m), shape[0]
+    sums = dict(objective=0.0, bound=0.0, score=0.0, kept=0, deficit=0, seconds=0.0)
+    res = None
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        w = read(r0, r1)
+        x = bf16_to_float32(w) if dtype == "bfloat16" and isinstance(w, np.ndarray) else w
+        try:
+            res = find_mask(x, p, transposable=transposable, saturate=saturate,
+                            solver=solver, backend=backend)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"layer {name!r} {shape}: {err}") from None
+        emit(r0, r1, res.mask, apply_mask(w, res.mask))
+        for key, value in (("objective", res.objective), ("bound", res.bound), ("score", _abs_sum(x)),
+                           ("kept", int(res.mask.sum())), ("deficit", res.deficit),
+                           ("seconds", res.seconds)):
+            sums[key] += value
+    bound, objective = sums["bound"], sums["objective"]
+    gap = (bound - objective) / bound if bound > 0 else 0.0
+    return LayerReport(
+        name=name, shape=shape, dtype=dtype, weights=int(np.prod(shape, dtype=np.int64)),
+        kept_weights=sums["kept"], score=sums["score"], objective=objective, bound=bound, gap=gap,
+        deficit=sums["deficit"], optimal=gap <= OPTIMALITY_TOL, solver=res.solver,
+        backend=res.backend, seconds=sums["seconds"])
+
+
+def _join(blocks: list) -> Any:
+    if len(blocks) == 1 or isinstance(blocks[0], np.ndarray):
+        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+    import torch
+
+    return torch.cat(blocks)
+
+
 def prune_state_dict(tensors: dict[str, Any], pattern, *, transposable: bool = True,
                      saturate: bool = False, solver="auto", backend=None,
                      include: str | None = None, exclude: str | None = None,
                      progress: bool | None = None) -> PruneResult:
-    """Prune every selected weight of a state dict with :func:`nmopt.find_mask`.
+    """Prune every selected weight of a state dict (name -> torch tensor or numpy array).
 
-    Parameters
-    ----------
-    tensors : dict name -> torch tensor or numpy array
-    pattern : "N:M" or (n, m)
-    transposable, saturate, solver, backend
-        Passed to :func:`nmopt.find_mask` for every layer.
-    include, exclude : str, optional
-        Regular expressions on the tensor names (see :func:`select_layers`).
-    progress : bool or None
-        Show a progress bar on stderr (None: only when stderr is a terminal).
-
-    Returns
-    -------
-    PruneResult
-        Every input tensor (pruned ones in their original dtype), the boolean masks of the pruned
-        ones, one :class:`LayerReport` per pruned layer and the totals.
-
-    Raises
-    ------
-    ValueError
-        A layer cannot be pruned (e.g. NaN weights); the message names the layer.
+    ``transposable``, ``saturate``, ``solver`` and ``backend`` go to :func:`nmopt.find_mask` for
+    every layer; ``include`` / ``exclude`` select them (:func:`select_layers`); ``progress``
+    shows a bar on stderr (None: when stderr is a terminal). Returns a :class:`PruneResult`:
+    every tensor (pruned ones in their dtype), the boolean masks, one :class:`LayerReport` per
+    pruned layer and the totals. ValueError naming the layer when one cannot be pruned (NaN).
     """
     from tqdm.auto import tqdm
 
@@ -180,20 +217,16 @@ def prune_state_dict(tensors: dict[str, Any], pattern, *, transposable: bool = T
         for name in names:
             w = tensors[name]
             bar.set_postfix_str(name, refresh=False)
-            try:
-                res = find_mask(w, p, transposable=transposable, saturate=saturate,
-                                solver=solver, backend=backend)
-            except (ValueError, TypeError) as err:
-                raise ValueError(f"layer {name!r} {tuple(w.shape)}: {err}") from None
-            masks[name] = res.mask
-            pruned[name] = apply_mask(w, res.mask)
-            kept = int(res.mask.sum())
-            score = float(_abs_sum(w))
-            layers.append(LayerReport(
-                name=name, shape=tuple(int(s) for s in w.shape), dtype=_dtype_name(w),
-                weights=_numel(w), kept_weights=kept, score=score, objective=res.objective,
-                bound=res.bound, gap=res.gap, deficit=res.deficit, optimal=res.optimal,
-                solver=res.solver, backend=res.backend, seconds=res.seconds))
+            blocks: tuple[list, list] = ([], [])
+
+            def emit(r0, r1, mask, out, blocks=blocks):
+                blocks[0].append(mask)
+                blocks[1].append(out)
+
+            layers.append(prune_layer(name, tuple(w.shape), _dtype_name(w), lambda r0, r1, w=w: w[r0:r1],
+                                      emit, p, transposable=transposable, saturate=saturate,
+                                      solver=solver, backend=backend))
+            masks[name], pruned[name] = _join(blocks[0]), _join(blocks[1])
             bar.update(_numel(w))
     finally:
         bar.close()
@@ -232,7 +265,8 @@ def _totals(layers: list[LayerReport]) -> dict[str, Any]:
 def prune_file(input_path, out_path, pattern, *, masks_path=None, report_path=None,
                transposable: bool = True, saturate: bool = False, solver="auto", backend=None,
                include: str | None = None, exclude: str | None = None,
-               progress: bool | None = None) -> tuple[PruneResult, dict[str, Any]]:
+               progress: bool | None = None,
+               force: bool = True) -> tuple[PruneResult, dict[str, Any]]:
     """Prune a checkpoint file and write the results, all or nothing.
 
     Reads ``input_path`` (safetensors or PyTorch state dict), prunes it with
@@ -240,8 +274,8 @@ def prune_file(input_path, out_path, pattern, *, masks_path=None, report_path=No
     extension; safetensors metadata is kept), the boolean masks (safetensors) and the JSON
     report. Nothing is written until every layer is solved, and the files are staged as
     temporary files moved into place together, so a failed or interrupted run leaves no output.
-    Overwrite checks are the caller's (``nmopt prune`` refuses existing outputs without
-    ``--force``).
+    ``force=False`` never replaces an output, even one created meanwhile (``OutputExistsError``);
+    ``nmopt prune`` also refuses existing outputs up front without ``--force``.
 
     Returns
     -------
@@ -249,22 +283,18 @@ def prune_file(input_path, out_path, pattern, *, masks_path=None, report_path=No
         The result and the report written to ``report_path``.
     """
 
-    tensors = load(input_path)
+    tensors = load_pruned(input_path)  # nm-packed inputs come back dense
     result = prune_state_dict(tensors, pattern, transposable=transposable, saturate=saturate,
                               solver=solver, backend=backend, include=include, exclude=exclude,
                               progress=progress)
     if not result.layers:
         raise ValueError(f"nothing to prune in {str(input_path)!r}: no 2-D/4-D float weight was "
                          "selected (embeddings need --include; check --include/--exclude)")
-    report = result.report()
-    report.update(input=str(input_path), output=str(out_path),
-                  masks=None if masks_path is None else str(masks_path),
-                  solver_requested=solver if isinstance(solver, str) else repr(solver),
-                  nmopt=__version__)
+    report = file_report(result, input_path, out_path, masks_path, solver)
     metadata = None
     if str(input_path).lower().endswith(".safetensors"):
         metadata = read_metadata(input_path)
-    with AtomicFiles() as files:
+    with AtomicFiles(force=force) as files:
         write_checkpoint(files, result.tensors, out_path, metadata)
         if masks_path is not None:
             write_checkpoint(files, result.masks, masks_path)
@@ -272,6 +302,16 @@ def prune_file(input_path, out_path, pattern, *, masks_path=None, report_path=No
             with open(files.add(report_path), "w", encoding="utf-8") as f:
                 f.write(json_text(report))
     return result, report
+
+
+def file_report(result: PruneResult, input_path, out_path, masks_path, solver) -> dict[str, Any]:
+    """The report of a prune that wrote files: the result's, plus the paths and versions."""
+    report = result.report()
+    report.update(input=str(input_path), output=str(out_path),
+                  masks=None if masks_path is None else str(masks_path),
+                  solver_requested=solver if isinstance(solver, str) else repr(solver),
+                  nmopt=__version__)
+    return report
 
 
 def verify_pruned(original, pruned, masks, report: dict) -> list[str]:

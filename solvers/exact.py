@@ -27,6 +27,15 @@ from nmopt.backends import BACKENDS
 from nmopt.solvers._base import Solver, register
 
 
+def warn_unverified(name: str, status) -> None:
+    """Warn when a kernel could not certify some tiles optimal (status 2)."""
+    unverified = int(np.count_nonzero(np.asarray(status) == 2))
+    if unverified:
+        warnings.warn(f"solver {name!r}: {unverified} of {len(status)} tiles could not be "
+                      "certified optimal (their prices give a valid but loose bound); "
+                      "MaskResult.gap shows by how much", RuntimeWarning, stacklevel=4)
+
+
 class KernelExactSolver(Solver):
     """Exact for any 1 <= N <= M <= 64, at most N or exactly N, on the one backend it names."""
 
@@ -41,11 +50,7 @@ class KernelExactSolver(Solver):
             raise ValueError(f"solver {self.name!r} runs on the {self.backend} backend, not "
                              f"{backend!r}; pass backend={self.backend!r} or leave backend unset")
         mask, u, v, status = backend.exact(tiles, n, saturate)
-        unverified = int(np.count_nonzero(status == 2))
-        if unverified:
-            warnings.warn(f"solver {self.name!r}: {unverified} of {len(status)} tiles could not be "
-                          "certified optimal (their prices give a valid but loose bound); "
-                          "MaskResult.gap shows by how much", RuntimeWarning, stacklevel=3)
+        warn_unverified(self.name, status)
         return mask, u, v
 
 

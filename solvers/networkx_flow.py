@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nmopt._costs import integer_costs
+from nmopt._costs import integer_costs, to_scores
 from nmopt.certificates import prices_from_mask
 from nmopt.solvers._base import Solver, register
 
@@ -35,7 +35,7 @@ class NetworkxFlowSolver(Solver):
         import networkx as nx
 
         t, m, _ = tiles.shape
-        costs, scale = integer_costs(tiles)
+        costs, tile_max = integer_costs(tiles)
         mask = np.zeros(tiles.shape, dtype=bool)
         for k in range(t):
             g = nx.DiGraph()
@@ -55,4 +55,4 @@ class NetworkxFlowSolver(Solver):
                 for j, f in flow[("r", i)].items():
                     mask[k, i, j[1]] = f > 0
         u, v = prices_from_mask(costs.astype(np.float64), mask, n, saturate)
-        return mask, u / scale[:, None], v / scale[:, None]
+        return mask, to_scores(u, tile_max), to_scores(v, tile_max)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nmopt._costs import integer_costs, tiles_per_graph
+from nmopt._costs import integer_costs, tiles_per_graph, to_scores
 from nmopt.certificates import prices_from_mask
 from nmopt.solvers._base import Solver, register
 
@@ -46,7 +46,7 @@ class OrtoolsFlowSolver(Solver):
         from ortools.graph.python import min_cost_flow
 
         t, m, _ = tiles.shape
-        costs, scale = integer_costs(tiles)
+        costs, tile_max = integer_costs(tiles)
         mask = np.zeros(tiles.shape, dtype=bool)
         step = tiles_per_graph(m)
         for lo in range(0, t, step):
@@ -67,4 +67,4 @@ class OrtoolsFlowSolver(Solver):
             arcs = np.arange(k * m * m, dtype=np.int32)
             mask[lo:hi] = (flow.flows(arcs) > 0).reshape(k, m, m)
         u, v = prices_from_mask(costs.astype(np.float64), mask, n, saturate)
-        return mask, u / scale[:, None], v / scale[:, None]
+        return mask, to_scores(u, tile_max), to_scores(v, tile_max)

@@ -194,17 +194,19 @@ def test_solver_registration(cffi):
         nmopt.find_mask(np.ones((8, 8)), "2:4", solver="exact", backend="numpy")
 
 
-def test_unverified_tiles_warn(cffi, monkeypatch):
-    real = cffi.exact
+@pytest.mark.parametrize("shape", [(8, 8), (7, 8)])  # read in place; tiled (an edge tile)
+def test_unverified_tiles_warn(cffi, monkeypatch, shape):
+    for kernel in ("exact", "exact_matrix"):
+        real = getattr(cffi, kernel)
 
-    def flaky(tiles, n, saturate=False, **kw):
-        mask, u, v, status = real(tiles, n, saturate, **kw)
-        status[0] = 2
-        return mask, u, v, status
+        def flaky(*args, _real=real, **kw):
+            mask, u, v, status = _real(*args, **kw)
+            status[0] = 2
+            return mask, u, v, status
 
-    monkeypatch.setattr(cffi, "exact", flaky)
+        monkeypatch.setattr(cffi, kernel, flaky)
     with pytest.warns(RuntimeWarning, match="1 of 4 tiles could not be certified"):
-        nmopt.find_mask(np.ones((8, 8)), "2:4", solver="exact")
+        nmopt.find_mask(np.ones(shape), "2:4", solver="exact")
 
 
 def test_bad_scores_rejected_before_c(cffi):

@@ -23,8 +23,9 @@ LAYERS = [
     ("backends", ("nmopt.backends",)),
     ("solvers", ("nmopt.solvers",)),
     ("find_mask", ("nmopt.api", "nmopt.packed")),
-    ("io", ("nmopt.checkpoint", "nmopt._report")),
-    ("prune/posttrain/training", ("nmopt.prune", "nmopt.posttrain", "nmopt.training")),
+    ("io", ("nmopt._atomic", "nmopt.checkpoint", "nmopt._report", "nmopt.safetensors_stream")),
+    ("prune/posttrain/training", ("nmopt.prune", "nmopt.prune_stream", "nmopt.nm_format", "nmopt.posttrain",
+                                  "nmopt.training")),
     ("bench", ("nmopt.bench",)),
     ("cli", ("nmopt.demo", "nmopt.cli")),
 ]

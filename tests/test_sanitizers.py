@@ -105,6 +105,24 @@ for it in range(300):
     b.apply_mask(w, mask); b.apply_mask(w.astype(np.float64), mask)
 res = nmopt.find_mask(rng.standard_normal((70, 45)), "3:8", solver="exact")
 assert res.optimal
+# matrices read in place (every dtype, strides), their certificate, and warm starts
+for m in (1, 3, 4, 8, 13, 32, 64):
+    for n in sorted({1, max(1, m // 2), m}):
+        w = rng.standard_normal((2 * m, 3 * m))
+        for x in (w, w.astype(np.float32), w.astype(np.float16), w.T.copy().T, w[:, ::-1]):
+            b.num_threads = int(rng.integers(1, 4))
+            for sat in (False, True):
+                mask, u, v, st = b.exact_matrix(x, n, m, absolute=True, saturate=sat)
+                kept, bound, short, bad = b.certify_matrix(x, n, m, absolute=True, saturate=sat,
+                                                           mask=mask, u=u, v=v)
+                assert not bad.any() and (bound >= kept * (1 - 1e-9)).all()
+            x2 = x + 1e-3 * rng.standard_normal(x.shape)
+            b.exact_matrix(x2, n, m, absolute=True, warm=(mask, u, v))
+        try:
+            bad_w = w.copy(); bad_w[0, 0] = np.nan
+            b.exact_matrix(bad_w, n, m, absolute=True)
+        except ValueError:
+            pass
 print("OK", checked)
 '''
 

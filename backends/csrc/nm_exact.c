@@ -46,11 +46,27 @@ NM_SIMD_CLONES static void exact_task(void *vctx, int64_t lo, int64_t hi)
         return;
     }
     if (c->m == 4 && !(c->flags & (NM_FLAG_FORCE_FALLBACK | NM_FLAG_COLD_FALLBACK |
-                                   NM_FLAG_GENERAL_PATH)))
+                                   NM_FLAG_GENERAL_PATH)) && !c->warm_mask)
         nm_q4_run(c, slots, lo, hi);
     else
         nm_general_run(c, slots, lo, hi);
     nm_slots_free(slots);
+}
+
+/* An nm_exact_ctx for the scalar parameters (the scores and outputs are the caller's). */
+static nm_exact_ctx exact_ctx(int m, int n, int saturate, int flags, uint8_t *mask, double *u,
+                              double *v, int8_t *status)
+{
+    nm_exact_ctx c = {0};
+    c.m = m;
+    c.n = n;
+    c.sat = saturate != 0;
+    c.flags = flags;
+    c.mask = mask;
+    c.u = u;
+    c.v = v;
+    c.status = status;
+    return c;
 }
 
 int nm_exact(const double *tiles, int64_t t, int m, int n, int saturate, int flags,
@@ -62,7 +78,32 @@ int nm_exact(const double *tiles, int64_t t, int m, int n, int saturate, int fla
         return NM_OK;
     if (!tiles || !mask || !u || !v || !status)
         return NM_ERR_ARG;
-    nm_exact_ctx c = {tiles, m, n, saturate != 0, flags, mask, u, v, status, 0};
+    nm_exact_ctx c = exact_ctx(m, n, saturate, flags, mask, u, v, status);
+    c.tiles = tiles;
+    nm_parallel_for(nthreads, t, nm_grain(t, nthreads, 16, 1), exact_task, &c);
+    return c.err;
+}
+
+int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
+                    int64_t rs, int64_t cs, int m, int n, int saturate, int flags,
+                    const uint8_t *warm_mask, const double *warm_u, const double *warm_v,
+                    uint8_t *mask, int64_t mask_rs, double *u, double *v, int8_t *status,
+                    int nthreads)
+{
+    if (!nm_matrix_args_ok(dtype, rows, cols, m, n, mask_rs, nthreads))
+        return NM_ERR_ARG;
+    const int64_t t = (rows / m) * (cols / m);
+    if (t == 0)
+        return NM_OK;
+    if (!data || !mask || !u || !v || !status || (!warm_mask != !warm_u) ||
+        (!warm_u != !warm_v))
+        return NM_ERR_ARG;
+    nm_exact_ctx c = exact_ctx(m, n, saturate, flags, mask, u, v, status);
+    c.src = (nm_src){data, dtype, absolute != 0, rs, cs, cols / m};
+    c.mask_rs = mask_rs;
+    c.warm_mask = saturate ? NULL : warm_mask;
+    c.warm_u = warm_u;
+    c.warm_v = warm_v;
     nm_parallel_for(nthreads, t, nm_grain(t, nthreads, 16, 1), exact_task, &c);
     return c.err;
 }

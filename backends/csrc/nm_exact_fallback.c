@@ -1,6 +1,6 @@
 /* Exact solver, the general path's fallback: cycle cancelling on true costs (Bellman-Ford),
  * for the tiles that the shortest paths do not certify (see nm_exact.c), with the mask helpers
- * that finish_tile (nm_exact_general.c) also uses. Off the hot path: only tiles that fail the
+ * that finish_tile (nm_exact_general.c) also uses, and the potentials of a warm start. Off the hot path: only tiles that fail the
  * self-check, all-zero tiles (nm_trivial_mask) and the testing flags come here. */
 #include <string.h>
 
@@ -111,6 +111,85 @@ int nm_cycle_cancel(nm_tile *t, double eps)
         } while (b != c0);
     }
     return 0;
+}
+
+/* Shortest-path potentials of the current mask's residual network (at most n), by a
+ * queue-based Bellman-Ford that starts from t->pot: when those are nearly feasible (a
+ * previous solve's, the scores having changed a little) only the nodes they violate are
+ * visited again. A relaxation counts only when it gains more than eps. 1 with t->pot
+ * updated; 0 when a node is relaxed more than V times (a negative cycle: the mask is no
+ * longer optimal) or after 4 V relaxations in all (a cold solve is then cheaper). */
+int nm_settle_potentials(nm_tile *t, double eps)
+{
+    const int m = t->m, n = t->n, mp = t->mp, S = NM_NODE_S(m), T = NM_NODE_T;
+    const int V = 2 * m + 2, budget = 4 * V;
+    int work = 0, queue[2 * NM_MAX_M + 3], count[NM_NODES] = {0}, head = 0, size = 0, total = 0;
+    uint8_t queued[NM_NODES] = {0};
+    double *d = t->pot;
+    for (int i = 0; i < m; i++)
+        total += t->rdeg[i];
+#define PUSH(B)                                                                               \
+    do {                                                                                      \
+        if (!queued[B]) {                                                                     \
+            queued[B] = 1;                                                                    \
+            queue[(head + size++) % (V + 1)] = (B);                                           \
+        }                                                                                     \
+    } while (0)
+#define RELAX(A, B, C)                                                                        \
+    do {                                                                                      \
+        const double nd_ = d[A] + (C);                                                        \
+        if (nd_ < d[B] - eps) {                                                               \
+            d[B] = nd_;                                                                       \
+            if (++count[B] > V || ++work > budget)                                            \
+                return 0;                                                                     \
+            PUSH(B);                                                                          \
+        }                                                                                     \
+    } while (0)
+    PUSH(T);
+    PUSH(S);
+    for (int i = 0; i < m; i++) {
+        PUSH(NM_NODE_ROW(i));
+        PUSH(NM_NODE_COL(m, i));
+    }
+    while (size) {
+        const int a = queue[head];
+        head = (head + 1) % (V + 1);
+        size--;
+        queued[a] = 0;
+        if (NM_IS_ROW(m, a)) {
+            const int i = a - 1;
+            const double *si = t->s + i * mp;
+            const uint8_t *xi = t->x + i * mp;
+            for (int j = 0; j < m; j++)
+                if (!xi[j])
+                    RELAX(a, NM_NODE_COL(m, j), -si[j]);
+            if (t->rdeg[i] > 0)
+                RELAX(a, S, 0.0);
+        } else if (NM_IS_COL(m, a)) {
+            const int j = NM_COL_OF(m, a);
+            const double *sj = t->sT + j * mp;
+            for (int i = 0; i < m; i++)
+                if (t->x[i * mp + j])
+                    RELAX(a, NM_NODE_ROW(i), sj[i]);
+            if (t->cdeg[j] < n)
+                RELAX(a, T, 0.0);
+        } else if (a == S) {
+            for (int i = 0; i < m; i++)
+                if (t->rdeg[i] < n)
+                    RELAX(S, NM_NODE_ROW(i), 0.0);
+            if (!t->sat)
+                RELAX(S, T, 0.0);
+        } else { /* T */
+            for (int j = 0; j < m; j++)
+                if (t->cdeg[j] > 0)
+                    RELAX(T, NM_NODE_COL(m, j), 0.0);
+            if (!t->sat && total < n * m)
+                RELAX(T, S, 0.0);
+        }
+    }
+#undef RELAX
+#undef PUSH
+    return 1;
 }
 
 /* A feasible mask: empty, or the circulant band (exactly n per row and column). */

@@ -61,8 +61,9 @@ static inline void set_col_arc(nm_tile *t, int j)
 }
 
 /* Every row keeps its top n (ties: lower index, as numpy's stable argsort) and prices its
- * (n+1)-th largest score. Ranks are counted for 8 rows at a time from the transposed tile:
- * rank_ij = #{k : s_ik > s_ij, or s_ik == s_ij and k < j}, branch-free. */
+ * (n+1)-th largest score. Ranks are counted for NM_W rows at a time from the transposed tile:
+ * rank_ij = #{k : s_ik > s_ij, or s_ik == s_ij and k < j}, branch-free. The result is dual
+ * feasible: the shortest paths then only repair column excess. */
 static inline __attribute__((always_inline)) void warm_start(nm_tile *t)
 {
     const int m = t->m, n = t->n, mp = t->mp, st = t->stride, seg = t->seg;
@@ -402,6 +403,28 @@ static inline __attribute__((always_inline)) int load_tile(nm_tile *t, const dou
     return e;
 }
 
+/* Scale tile k's prices back (unless the tile is all zero) and write its mask and status. */
+static inline __attribute__((always_inline)) void write_tile(const nm_tile *t,
+                                                             const nm_exact_ctx *c, int64_t k,
+                                                             int e, int8_t status)
+{
+    const int m = c->m, mp = t->mp;
+    if (e != INT32_MIN) {
+        double *u = c->u + k * m, *v = c->v + k * m;
+        const int fast = NM_NORMAL_SCALE(e);
+        const double f = fast ? nm_pow2(e) : 0.0;
+        for (int i = 0; i < m; i++) {
+            u[i] = fast ? u[i] * f : ldexp(u[i], e);
+            v[i] = fast ? v[i] * f : ldexp(v[i], e);
+        }
+    }
+    int64_t ors;
+    uint8_t *out = nm_tile_mask_out(c, k, &ors);
+    for (int i = 0; i < m; i++)
+        memcpy(out + i * ors, t->x + i * mp, (size_t)m);
+    c->status[k] = status;
+}
+
 /* Everything after the shortest paths: fill, prices, self-check (and the fallback), scale
  * the prices back, write the mask out. */
 static inline __attribute__((always_inline)) void finish_tile(nm_tile *t, const nm_exact_ctx *c,
@@ -441,17 +464,47 @@ static inline __attribute__((always_inline)) void finish_tile(nm_tile *t, const 
                     u[i] = v[i] = t->sat ? 0.0 : 1.0;
             }
         }
-        const int fast = NM_NORMAL_SCALE(e);
-        const double f = fast ? nm_pow2(e) : 0.0;
-        for (int i = 0; i < m; i++) {
-            u[i] = fast ? u[i] * f : ldexp(u[i], e);
-            v[i] = fast ? v[i] * f : ldexp(v[i], e);
-        }
     }
-    uint8_t *out = c->mask + k * m * m;
+    write_tile(t, c, k, e, status);
+}
+
+/* A re-solve from the previous mask and prices (at most n): if the previous mask is valid
+ * and still optimal, settle_potentials finds its new prices from the previous ones in a few
+ * steps. 1 when the tile is solved and verified to NM_GAP_TOL, as a cold solve is; 0 to
+ * solve it cold. */
+static int warm_tile(nm_tile *t, const nm_exact_ctx *c, int64_t k, int e)
+{
+    const int m = c->m, mp = t->mp, st = t->stride;
+    if (e == INT32_MIN || !NM_NORMAL_SCALE(e))
+        return 0;
+    const int64_t r0 = (k / c->src.tcols) * m, c0 = (k % c->src.tcols) * m;
+    const uint8_t *wx = c->warm_mask + r0 * c->mask_rs + c0;
     for (int i = 0; i < m; i++)
-        memcpy(out + i * m, t->x + i * mp, (size_t)m);
-    c->status[k] = status;
+        for (int j = 0; j < m; j++)
+            t->x[i * mp + j] = wx[i * c->mask_rs + j] != 0;
+    nm_recount(t);
+    if (!nm_feasible(t))
+        return 0;
+    const double f = nm_pow2(-e), *wu = c->warm_u + k * m, *wv = c->warm_v + k * m;
+    for (int a = 0; a < st; a++)
+        t->pot[a] = 0.0;
+    for (int i = 0; i < m; i++) {
+        const double pu = wu[i] * f, pv = -wv[i] * f;
+        if (!(fabs(pu) < HUGE_VAL && fabs(pv) < HUGE_VAL))
+            return 0;
+        t->pot[NM_NODE_ROW(i)] = pu;
+        t->pot[NM_NODE_COL(m, i)] = pv;
+    }
+    if (!nm_settle_potentials(t, NM_BF_EPS))
+        return 0;
+    if (!t->sat)
+        fill_short(t);
+    double *u = c->u + k * m, *v = c->v + k * m;
+    prices(t, u, v);
+    if (!verified(t, u, v, NM_GAP_TOL))
+        return 0;
+    write_tile(t, c, k, e, NM_TILE_OK);
+    return 1;
 }
 
 /* One tile in flight. The Dijkstra of a single tile is a chain of dependent steps (argmin,
@@ -476,11 +529,15 @@ static inline __attribute__((always_inline)) int slot_begin(slot_t *sl, const nm
     t->sat = c->sat;
     int err = NM_OK;
     sl->k = k;
-    sl->e = load_tile(t, c->tiles + k * c->m * c->m, &err);
+    sl->e = load_tile(t, nm_tile_scores(c, k, t->in), &err);
     if (err != NM_OK)
         return err;
     if (sl->e == INT32_MIN) {
         finish_tile(t, c, k, sl->e, 1);
+        sl->state = SLOT_IDLE;
+        return NM_OK;
+    }
+    if (c->warm_mask && warm_tile(t, c, k, sl->e)) {
         sl->state = SLOT_IDLE;
         return NM_OK;
     }

@@ -218,7 +218,8 @@ enum { Q4_SKIPPED, Q4_SOLVED, Q4_UNCERTIFIED };
 
 static inline __attribute__((always_inline)) int q4_tile(const nm_exact_ctx *c, int64_t k)
 {
-    const double *src = c->tiles + k * 16;
+    double buf[16] NM_A64;
+    const double *src = nm_tile_scores(c, k, buf);
     const nm_vd zero = {0};
     double mx;
     if (nm_scan_scores(src, 16, &mx))
@@ -290,10 +291,11 @@ static inline __attribute__((always_inline)) int q4_tile(const nm_exact_ctx *c, 
     v *= g;
     memcpy(c->u + k * 4, &u, sizeof u);
     memcpy(c->v + k * 4, &v, sizeof v);
-    uint8_t *out = c->mask + k * 16;
+    int64_t ors;
+    uint8_t *out = nm_tile_mask_out(c, k, &ors);
     for (int i = 0; i < 4; i++)
         for (int j = 0; j < 4; j++)
-            out[4 * i + j] = (uint8_t)(q.x[i][j] & 1);
+            out[ors * i + j] = (uint8_t)(q.x[i][j] & 1);
     c->status[k] = NM_TILE_OK;
     return Q4_SOLVED;
 }

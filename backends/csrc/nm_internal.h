@@ -163,6 +163,7 @@ typedef struct {
     double s[NM_MAX_M * NM_MAX_M] NM_A64;
     double sT[NM_MAX_M * NM_MAX_M] NM_A64;
     uint8_t x[NM_MAX_M * NM_MAX_M] NM_A64;
+    double in[NM_MAX_M * NM_MAX_M] NM_A64; /* a tile read from a matrix (nm_tile_scores) */
     double pot[NM_NODES] NM_A64;
     double dist[NM_NODES] NM_A64;
     int64_t done[NM_NODES] NM_A64; /* 0, or -1 (all bits) once settled */
@@ -172,15 +173,121 @@ typedef struct {
     double cost[] NM_A64;
 } nm_tile;
 
-/* One nm_exact call: inputs, outputs, and the first error (nm_set_error). */
+/* A matrix read in place (nm_exact_matrix, nm_certify): see nmopt_kernels.h. */
+typedef struct {
+    const void *data;
+    int dtype, absolute;
+    int64_t rs, cs, tcols; /* strides in elements; tiles per row of tiles */
+} nm_src;
+
+/* The sizes of a matrix call (nm_exact_matrix, nm_certify) are valid. */
+static inline int nm_matrix_args_ok(int dtype, int64_t rows, int64_t cols, int m, int n,
+                                    int64_t mask_rs, int nthreads)
+{
+    return rows >= 0 && cols >= 0 && m >= 1 && m <= NM_MAX_M && n >= 1 && n <= m &&
+           nthreads >= 1 && rows % m == 0 && cols % m == 0 && dtype >= NM_F64 &&
+           dtype <= NM_BF16 && mask_rs >= cols;
+}
+
+/* IEEE half and bfloat16 bits to double (exact). */
+static inline double nm_half(uint16_t h)
+{
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, ex = (h >> 10) & 0x1f, man = h & 0x3ff;
+    float f;
+    if (ex == 0) { /* zero or subnormal: man * 2^-24 */
+        f = (float)man * 5.9604644775390625e-08f;
+        return sign ? -(double)f : (double)f;
+    }
+    const uint32_t bits = sign | (ex == 31 ? 0x7f800000u | (man << 13)
+                                           : ((ex + 112) << 23) | (man << 13));
+    memcpy(&f, &bits, sizeof f);
+    return (double)f;
+}
+
+static inline double nm_bf16(uint16_t h)
+{
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return (double)f;
+}
+
+/* Copy the scores of tile k (m x m, row-major) into buf, as float64: |x| when absolute.
+ * Checking them is the caller's (nm_scan_scores). */
+static inline __attribute__((always_inline)) void nm_read_tile(const nm_src *src, int m,
+                                                               int64_t k, double *buf)
+{
+    const int64_t r0 = (k / src->tcols) * m, c0 = (k % src->tcols) * m;
+    const int64_t rs = src->rs, cs = src->cs;
+    const int ab = src->absolute;
+#define NM_READ(TYPE, CONV)                                                                   \
+    do {                                                                                      \
+        const TYPE *base = (const TYPE *)src->data + r0 * rs + c0 * cs;                       \
+        for (int i = 0; i < m; i++) {                                                         \
+            const TYPE *row = base + i * rs;                                                  \
+            double *out = buf + i * m;                                                        \
+            if (cs == 1 && ab)                                                                \
+                for (int j = 0; j < m; j++)                                                   \
+                    out[j] = fabs(CONV(row[j]));                                              \
+            else if (cs == 1)                                                                 \
+                for (int j = 0; j < m; j++)                                                   \
+                    out[j] = CONV(row[j]);                                                    \
+            else                                                                              \
+                for (int j = 0; j < m; j++) {                                                 \
+                    const double x = CONV(row[j * cs]);                                       \
+                    out[j] = ab ? fabs(x) : x;                                                \
+                }                                                                             \
+        }                                                                                     \
+    } while (0)
+#define NM_ID(x) ((double)(x))
+    switch (src->dtype) {
+    case NM_F64: NM_READ(double, NM_ID); break;
+    case NM_F32: NM_READ(float, NM_ID); break;
+    case NM_F16: NM_READ(uint16_t, nm_half); break;
+    default: NM_READ(uint16_t, nm_bf16); break;
+    }
+#undef NM_ID
+#undef NM_READ
+}
+
+/* One nm_exact call: inputs, outputs, and the first error (nm_set_error). The scores come
+ * from `tiles` ((t, m, m) float64), or when it is NULL from `src`, a matrix read in place;
+ * the mask goes to the tiles of `mask` or, with a matrix, into `mask` with row stride
+ * mask_rs. warm_*: the mask and prices of a previous solve to start from, or NULL. */
 typedef struct {
     const double *tiles;
+    nm_src src;
     int m, n, sat, flags;
     uint8_t *mask;
+    int64_t mask_rs;
     double *u, *v;
+    const uint8_t *warm_mask; /* (rows, cols), row stride mask_rs, or NULL */
+    const double *warm_u, *warm_v;
     int8_t *status;
     int err;
 } nm_exact_ctx;
+
+/* Scores of tile k: in place for float64 tiles, else read into buf (m*m doubles). */
+static inline __attribute__((always_inline)) const double *nm_tile_scores(const nm_exact_ctx *c,
+                                                                          int64_t k, double *buf)
+{
+    if (c->tiles)
+        return c->tiles + k * c->m * c->m;
+    nm_read_tile(&c->src, c->m, k, buf);
+    return buf;
+}
+
+/* Where row 0 of tile k's mask goes, and the stride between its rows. */
+static inline uint8_t *nm_tile_mask_out(const nm_exact_ctx *c, int64_t k, int64_t *stride)
+{
+    const int m = c->m;
+    if (c->tiles) {
+        *stride = m;
+        return c->mask + k * m * m;
+    }
+    *stride = c->mask_rs;
+    return c->mask + (k / c->src.tcols) * m * c->mask_rs + (k % c->src.tcols) * m;
+}
 
 /* 2^k as a double, for -1022 <= k <= 1023 (exact, no libm call). */
 static inline double nm_pow2(int k)
@@ -248,11 +355,13 @@ int nm_general_tile(nm_slot *slots, const nm_exact_ctx *c, int64_t k);
 void nm_q4_run(nm_exact_ctx *c, nm_slot *slots, int64_t lo, int64_t hi);
 
 /* Fallback (nm_exact_fallback.c): degrees recounted from the mask, the mask's validity, cycle
- * cancelling (1 on success), and a valid starting mask (empty, or full: n per row/column).
+ * cancelling (1 on success), a valid starting mask (empty, or full: n per row/column), and
+ * the potentials of a warm start (nm_settle_potentials, 1 when the mask is still optimal).
  * nm_exact_general.c, their caller, redeclares them cold. */
 void nm_recount(nm_tile *t);
 int nm_feasible(const nm_tile *t);
 int nm_cycle_cancel(nm_tile *t, double eps);
+int nm_settle_potentials(nm_tile *t, double eps);
 void nm_trivial_mask(nm_tile *t, int full);
 
 #endif

@@ -53,6 +53,32 @@ int nm_rowwise(const double *tiles, int64_t t, int m, int n, uint8_t *mask, int 
 int nm_exact(const double *tiles, int64_t t, int m, int n, int saturate, int flags,
              uint8_t *mask, double *u, double *v, int8_t *status, int nthreads);
 
+/* Element types of a matrix read in place (nm_exact_matrix, nm_certify). */
+enum { NM_F64 = 0, NM_F32 = 1, NM_F16 = 2, NM_BF16 = 3 };
+
+/* nm_exact on a (rows, cols) matrix read where it lies: element (i, j) at data + i * rs +
+ * j * cs elements of type dtype; the score is |x| when absolute, else x (must be >= 0).
+ * rows and cols are multiples of m; tile k = (k / (cols/m), k % (cols/m)) as in nm_exact's
+ * tile order. mask (rows, cols) uint8 with row stride mask_rs; u, v (t, m) and status (t)
+ * as nm_exact. warm_mask (rows, cols; row stride mask_rs), warm_u and warm_v (t, m), or
+ * all NULL: the mask and prices of a previous solve to start from (saturate = 0 only). A
+ * tile whose previous mask is still optimal is re-certified by a few Bellman-Ford passes
+ * from the previous prices, else it is solved cold: the result is the same optimum. */
+int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
+                    int64_t rs, int64_t cs, int m, int n, int saturate, int flags,
+                    const uint8_t *warm_mask, const double *warm_u, const double *warm_v,
+                    uint8_t *mask, int64_t mask_rs, double *u, double *v, int8_t *status,
+                    int nthreads);
+
+/* The certificate of a mask and prices on the same matrix, computed independently of the
+ * solver: per tile the kept score, the dual bound n*sum(u) + n*sum(v) + sum(max(0, s-u-v)),
+ * the rows plus columns keeping fewer than n (short), and bad = 1 where a row or column
+ * keeps more than n (or, with saturate, not exactly n). NM_ERR_VALUE on a bad score. */
+int nm_certify(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
+               int64_t rs, int64_t cs, int m, int n, int saturate, const uint8_t *mask,
+               int64_t mask_rs, const double *u, const double *v, double *kept, double *bound,
+               int32_t *nshort, int8_t *bad, int nthreads);
+
 /* out = w * mask (float multiply, as numpy does). */
 int nm_apply_mask_f32(const float *w, const uint8_t *mask, int64_t size, float *out,
                       int nthreads);

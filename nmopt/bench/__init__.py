@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 
 #: Benchmarks in the order ``nmopt bench --help`` lists them.
-BENCHMARKS = ("gap", "train", "speed", "kernels", "posttrain")
+BENCHMARKS = ("gap", "train", "speed", "kernels", "posttrain", "prune_memory")
 
 
 def add_parsers(subparsers) -> list[str]:

@@ -3,7 +3,8 @@
 A MODEL is a Hugging Face model directory (``config.json`` plus weights) or a ``.gguf`` file,
 which ``transformers`` dequantizes to float32 on load (its tokenizer comes from the same file).
 The pruned model is written as a plain float safetensors directory that ``from_pretrained``
-loads back without ``gguf``, staged next to OUT_DIR and renamed into place only when complete.
+loads back without ``gguf``, staged next to OUT_DIR (``AtomicFiles.add_dir``) and moved into place
+only when complete.
 ``transformers``, ``accelerate`` and ``gguf`` are the optional extra ``nmopt[hf]``; they are
 imported inside the functions that use them.
 """
@@ -14,8 +15,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,60 +204,6 @@ def perplexity(model, ids, seqlen: int, max_tokens: int | None = None) -> float:
     finally:
         model.train(was_training)
     return math.exp(nll / count)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-class StagedDir:
-    """Context manager: build a directory as a temporary one next to ``dest``, then rename it.
-
-    On success it replaces ``dest`` (an existing one only with ``force``: moved aside, restored
-    if the rename fails, then removed); on any exception, ``KeyboardInterrupt`` included, the
-    staged directory is removed and ``dest`` is untouched.
-    """
-
-    def __init__(self, dest: str | os.PathLike, force: bool = False) -> None:
-        self.dest, self.force = Path(dest), force
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        parent = self.dest.parent if str(self.dest.parent) else Path(".")
-        if not parent.is_dir():
-            raise ValueError(f"--out {str(self.dest)!r}: directory {str(parent)!r} does not exist")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".tmp", dir=parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        tmp, dest = self.tmp, self.dest
-        if exc_type is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        old = None
-        try:
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700, safetensors writes 0600 files
-            for path in tmp.rglob("*"):
-                os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
-            if dest.exists() or dest.is_symlink():
-                if not self.force:
-                    raise FileExistsError(f"--out {str(dest)!r} exists; pass --force to overwrite it")
-                old = Path(str(tmp)[:-4] + ".old")
-                os.replace(dest, old)
-            try:
-                os.replace(tmp, dest)
-            except BaseException:
-                if old is not None:
-                    os.replace(old, dest)
-                    old = None
-                raise
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if old is not None:
-            (shutil.rmtree if old.is_dir() and not old.is_symlink() else os.unlink)(old)
 
 
 @contextlib.contextmanager

@@ -13,11 +13,10 @@ import sys
 from pathlib import Path
 
 from nmopt import solvers
-from nmopt.checkpoint import AtomicFiles, write_checkpoint
+from nmopt.checkpoint import AtomicFiles, check_writable, error_writing, write_checkpoint
 from nmopt.errors import UsageError
 from nmopt.posttrain import PruneConfig, prune_model
 from nmopt.posttrain.pretrained import (
-    StagedDir,
     calibration_windows,
     encode,
     is_model_path,
@@ -39,6 +38,8 @@ def check_outputs(model_path, out, masks=None, report=None, force: bool = False)
     if report and Path(report).suffix.lower() != ".json":
         raise ValueError(f"--report {report!r}: the report is written as .json")
     outs = [("--out", out)] + [(f, Path(v)) for f, v in (("--masks", masks), ("--report", report)) if v]
+    for flag, path in outs:  # first: a too-long name fails every later check with an OSError
+        check_writable(path, flag)  # missing or read-only directory, too long a name
     for i, (flag, path) in enumerate(outs):
         if os.path.realpath(path) == os.path.realpath(model_path):
             raise ValueError(f"{flag} {str(path)!r} is the input model; write to another path")
@@ -53,9 +54,6 @@ def check_outputs(model_path, out, masks=None, report=None, force: bool = False)
             raise ValueError(f"{flag} {str(path)!r} is a directory")
         if flag == "--out" and path.exists() and not path.is_dir():
             raise ValueError(f"--out {str(path)!r} is a file; OUT_DIR must be a directory")
-        parent = path.parent if str(path.parent) else Path(".")
-        if not parent.is_dir():
-            raise ValueError(f"{flag} {str(path)!r}: directory {str(parent)!r} does not exist")
 
 
 def prune_pretrained(model_path, out, config, calibration, *, nsamples: int = 32, seqlen: int = 512,
@@ -87,9 +85,13 @@ def prune_pretrained(model_path, out, config, calibration, *, nsamples: int = 32
         f"tokens of {calibration} (seed {seed})")
     result = prune_model(loaded.model, tokens, config, progress=progress)
     # the directory commits first: if that fails, AtomicFiles removes the staged files too
-    with AtomicFiles() as files, StagedDir(out, force) as staged:
-        save_pretrained_dir(loaded.model, loaded.tokenizer, staged,
-                            None if loaded.gguf else loaded.source_dtype)
+    with AtomicFiles(force=force) as files:
+        staged = files.add_dir(out)
+        try:
+            save_pretrained_dir(loaded.model, loaded.tokenizer, staged,
+                                None if loaded.gguf else loaded.source_dtype)
+        except Exception as exc:  # noqa: BLE001 - disk full, quota, I/O error: one line naming --out
+            raise error_writing(out, exc) from None
         if masks:
             write_checkpoint(files, layer_masks(loaded.model, result), masks)
         if report:

@@ -13,6 +13,7 @@ from torch import nn
 from nmopt.training.config import SparsityConfig
 from nmopt.training.layers import SparseConv, SparseLinear, _SparseLayer
 from nmopt.training.refresh import refresh_layers
+from nmopt.training.sharded import is_dtensor, is_fully_sharded, select
 
 _ATTR = "_nmopt_sparse"
 
@@ -157,7 +158,8 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
     Parameters
     ----------
     model : torch.nn.Module
-        Sparsify before wrapping in DistributedDataParallel (a wrapper is unwrapped).
+        Sparsify before wrapping in DistributedDataParallel (a wrapper is unwrapped) and before
+        FSDP2's ``fully_shard`` (the other order is refused).
     config : SparsityConfig, optional
         Pattern, transposability, solver, refresh schedule, STE/SR-STE, matmul
         (default ``SparsityConfig()``: transposable 2:4).
@@ -188,7 +190,10 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
     Masks are computed once here, then at every refresh; each is checked valid (rows and, for
     transposable masks, columns of every tile) before it is installed. Layers whose 2-D weight
     view is not a multiple of M (in features; and out features when transposable) are left dense
-    and reported, never masked across a partial group.
+    and reported, never masked across a partial group. All or nothing: if the first masks
+    cannot be computed (``RuntimeError``, e.g. a NaN weight, naming the layer) the model is left
+    exactly as it was; a weight on the meta device, sparse or already sharded is refused first
+    (``ValueError`` naming the layer).
     """
     config = SparsityConfig() if config is None else config
     if not isinstance(config, SparsityConfig):
@@ -200,6 +205,9 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
     root = _unwrap(model)
     if getattr(root, _ATTR, None) is not None:
         raise ValueError("model: already sparsified; call nmopt.densify_(model) first")
+    if is_fully_sharded(root):
+        raise ValueError("model: already wrapped by fully_shard (FSDP2); call "
+                         "nmopt.sparsify_(model, config) first, then fully_shard")
     keep = _module_filter(filter_fn)
     ctrl = SparseTraining(config, process_group)
     parents = {name: mod for name, mod in root.named_modules()}
@@ -214,27 +222,49 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
         if why is not None:
             ctrl.skipped[name] = why
             continue
+        _check_weight(name, module.weight)
         todo.append((name, module))
     # A module registered under several names (shared) is replaced under every one of them.
     aliases: dict[int, list[str]] = {}
     for name, module in root.named_modules(remove_duplicate=False):
         aliases.setdefault(id(module), []).append(name)
+    if any(not alias for name, module in todo for alias in aliases[id(module)]):
+        raise ValueError("model: the root module itself is a Linear/conv layer; wrap it in a "
+                         "container (e.g. nn.Sequential) to sparsify it in place")
+    # All or nothing: the sparse layers get their first masks before any replaces its module,
+    # so a failure (NaN weights, a solver error) leaves the model as it was.
     for name, module in todo:
         ones = torch.ones_like(module.weight, dtype=torch.bool)
         cls = SparseLinear if isinstance(module, nn.Linear) else SparseConv
-        layer = cls(module, config, ones)
+        ctrl.layers[name] = cls(module, config, ones)
+    try:
+        ctrl.refresh()
+    except RuntimeError as exc:
+        raise RuntimeError(f"sparsify_ failed, the model is unchanged: {exc}") from exc
+    for name, module in todo:
         for alias in aliases[id(module)]:
-            _set_submodule(root, alias, layer)
-        ctrl.layers[name] = layer
+            _set_submodule(root, alias, ctrl.layers[name])
     if ctrl.skipped:
         lines = "; ".join(f"{k or '<root>'}: {v}" for k, v in ctrl.skipped.items())
         warnings.warn(f"sparsify_: {len(ctrl.skipped)} layer(s) left dense: {lines}",
                       RuntimeWarning, stacklevel=2)
     root.__dict__[_ATTR] = ctrl
-    ctrl.refresh()
     if optimizer is not None:
         ctrl.attach(optimizer)
     return ctrl
+
+
+def _check_weight(name: str, weight) -> None:
+    """``ValueError`` naming the layer for a weight ``sparsify_`` cannot mask."""
+    if weight.is_meta:
+        raise ValueError(f"layer {name!r}: weight is on the meta device; materialise the model "
+                         "(to_empty + load) before sparsify_")
+    if is_dtensor(weight):
+        raise ValueError(f"layer {name!r}: weight is a DTensor (already sharded); call "
+                         "nmopt.sparsify_(model, config) before fully_shard")
+    if weight.layout != torch.strided:
+        raise ValueError(f"layer {name!r}: weight is a {weight.layout} tensor; sparsify_ needs "
+                         "a dense (strided) weight, convert it with .to_dense() first")
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -248,18 +278,23 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 def densify_(model: nn.Module, *, apply_mask: bool = False) -> nn.Module:
     """Undo :func:`sparsify_` in place: put the original dense modules back.
 
-    With ``apply_mask=True`` the weights are first multiplied by their masks (finalise the
-    pruning); otherwise they keep their dense straight-through values. The optimizer hook is
-    removed. Returns ``model``.
+    With ``apply_mask=True`` the pruned weights are first set to 0 (finalise the pruning; NaN
+    or inf in a pruned weight becomes 0 too); otherwise they keep their dense straight-through
+    values. The optimizer hook is removed. Refused under FSDP2's ``fully_shard`` (use
+    :func:`export_pruned_state_dict`). Returns ``model``.
     """
     root = _unwrap(model)
     ctrl = _controller(root)
+    if is_fully_sharded(root):
+        raise ValueError("model: wrapped by fully_shard (FSDP2), whose hooks hold the sparse "
+                         "layers; use nmopt.export_pruned_state_dict(model) (sharded, pruned "
+                         "weights) instead of densify_")
     ctrl.detach()
     for layer in ctrl.layers.values():
         original = layer._original
         if apply_mask:
             with torch.no_grad():
-                layer.weight.mul_(layer.mask)
+                layer.weight.masked_fill_(~layer.mask, 0)  # NaN/inf pruned too
         original.weight = layer.weight
         original.bias = layer.bias
         for alias, module in list(root.named_modules(remove_duplicate=False)):
@@ -270,17 +305,19 @@ def densify_(model: nn.Module, *, apply_mask: bool = False) -> nn.Module:
 
 
 def export_pruned_state_dict(model: nn.Module) -> dict:
-    """The state dict of the dense model with pruned weights (``W * mask``), mask keys dropped.
+    """The state dict of the dense model with pruned weights (``W * mask``, pruned entries exactly
+    0 even where W is NaN or inf), mask keys dropped.
 
     Keys are those of the original dense model (load it with ``strict=True``); the model is not
-    changed. Wrappers' prefixes (``module.``) are kept as ``model.state_dict()`` has them.
+    changed. Under FSDP2 the weights are DTensors with the model's sharding. Wrappers' prefixes
+    (``module.``) are kept as ``model.state_dict()`` has them.
     """
     ctrl = _controller(model)
     sd = model.state_dict()
     prefix = "module." if model is not _unwrap(model) else ""
     for name, layer in ctrl.layers.items():
         key = f"{prefix}{name}."
-        sd[key + "weight"] = (layer.weight.detach() * layer.mask).clone()
+        sd[key + "weight"] = select(layer.weight.detach(), layer.mask)
         sd.pop(key + "mask", None)
     return sd
 

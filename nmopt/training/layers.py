@@ -3,8 +3,9 @@
 A sparse layer holds the *same* ``weight`` and ``bias`` Parameter objects as the module it
 replaces (so optimizers built before or after :func:`nmopt.sparsify_` keep working and
 ``state_dict`` keys do not change) plus a ``mask`` buffer (bool, saved in ``state_dict``). The
-forward uses ``W * mask``; the backward-data GEMM uses the same mask (transposed); the weight
-gradient is dense (straight-through), plus ``decay * (~mask) * W`` for SR-STE.
+forward uses ``W * mask`` (a select: pruned weights count as 0 even if NaN or inf); the
+backward-data GEMM uses the same mask (transposed); the weight gradient is dense
+(straight-through), plus ``decay * (~mask) * W`` for SR-STE.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from torch import nn
 
 from nmopt.masks import check_mask
 from nmopt.training.config import SparsityConfig
-from nmopt.training.matmul import MaskedWeight, SparseLinearFn, build_plan
+from nmopt.training.matmul import MASKED, MaskedWeight, SparseLinearFn, build_plan
+from nmopt.training.sharded import is_dtensor
 
 
 def check_tile_mask(mask2d, n: int, m: int, transposable: bool, name: str = "mask") -> None:
@@ -59,12 +61,25 @@ class _SparseLayer(nn.Module):
         """The (out, in*k...) view of the weight the mask is defined on."""
         return self.weight.reshape(self.weight.shape[0], -1)
 
-    def set_mask(self, mask, seconds: float = 0.0, note: str = "", gap=None) -> None:
-        """Install a new mask (same shape, checked valid) and record the refresh statistics."""
+    def check_new_mask(self, mask, name: str = ""):
+        """``mask`` as this layer's bool mask (its shape and device); ``RuntimeError`` naming the
+        layer unless it is a valid mask of the configured pattern."""
         mask = mask.to(device=self.mask.device, dtype=torch.bool).reshape(self.mask.shape)
         cfg = self.config
+        label = f"sparse layer {name!r}: new mask" if name else \
+            f"mask of {type(self).__name__}{tuple(self.weight.shape)}"
         check_tile_mask(mask.reshape(self.mask.shape[0], -1), cfg.n, cfg.m, cfg.transposable,
-                        name=f"mask of {type(self).__name__}{tuple(self.weight.shape)}")
+                        name=label)
+        return mask
+
+    def set_mask(self, mask, seconds: float = 0.0, note: str = "", gap=None, *,
+                 checked: bool = False) -> None:
+        """Install a new mask (same shape, checked valid unless ``checked``) and record the
+        refresh statistics."""
+        if checked:
+            mask = mask.to(device=self.mask.device, dtype=torch.bool).reshape(self.mask.shape)
+        else:
+            mask = self.check_new_mask(mask)
         self.mask_changed = float((mask != self.mask).float().mean())
         with torch.no_grad():
             self.mask.copy_(mask)
@@ -89,6 +104,8 @@ class _SparseLayer(nn.Module):
     @property
     def matmul(self) -> str:
         """Which GEMMs run, for the weight's current device and dtype (and why)."""
+        if is_dtensor(self.weight):  # sharded (FSDP2): the plan is built on the unsharded weight
+            return self._plan_note or f"{MASKED} until the first forward (sharded weight)"
         self._get_plan()
         return self._plan_note
 

@@ -25,21 +25,32 @@ SEMI = "semi-structured 2:4"
 _PROBE_ROWS = 64
 
 
+def masked(weight, mask):
+    """``W * mask`` as a select: pruned entries are exactly 0, even where W is NaN or inf
+    (a product would give NaN * 0 = NaN)."""
+    return torch.where(mask, weight, weight.new_zeros(()))
+
+
+def sr_ste_term(weight, mask, decay: float):
+    """SR-STE's ``decay * (~mask) * W``, as a select: kept entries get exactly 0."""
+    return torch.where(mask, weight.new_zeros(()), weight * decay)
+
+
 class MaskedWeight(torch.autograd.Function):
-    """``W * mask`` forward; backward passes the dense gradient to every weight (STE), plus
-    ``decay * (~mask) * W`` for SR-STE."""
+    """``W * mask`` forward (:func:`masked`); backward passes the dense gradient to every weight
+    (STE), plus ``decay * (~mask) * W`` for SR-STE."""
 
     @staticmethod
     def forward(ctx, weight, mask, decay):
         ctx.decay = decay
         ctx.save_for_backward(weight, mask)
-        return weight * mask
+        return masked(weight, mask)
 
     @staticmethod
     def backward(ctx, grad):
         weight, mask = ctx.saved_tensors
         if ctx.decay:
-            grad = grad + ctx.decay * (~mask) * weight
+            grad = grad + sr_ste_term(weight, mask, ctx.decay)
         return grad, None, None
 
 
@@ -69,7 +80,7 @@ class SparseLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             gw = gy2.t().mm(x2.to(gy2.dtype))
             if ctx.decay:
-                gw = gw + ctx.decay * (~mask) * weight
+                gw = gw + sr_ste_term(weight, mask, ctx.decay)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy2.sum(dim=0)
         return gx, gw, gb, None, None, None
@@ -110,7 +121,8 @@ class CffiPlan:
         index, kept, indices, shape = layout
         w = weight.detach()
         # No transposed copy of W: W^T's values are gathered along W's rows.
-        vals = (torch.gather(w, 0, index).t() if transposed else torch.gather(w, 1, index)) * kept
+        vals = torch.gather(w, 0, index).t() if transposed else torch.gather(w, 1, index)
+        vals = torch.where(kept != 0, vals, vals.new_zeros(()))  # padding slots: 0, never NaN
         return PackedNM(vals.contiguous().numpy(), indices, self.n, self.m, shape)
 
     def pack(self, weight, mask):
@@ -123,7 +135,7 @@ class CffiPlan:
 
     def backward_data(self, gy2, packs, weight, mask):
         if not self.transposable:
-            return gy2.mm(weight * mask)
+            return gy2.mm(masked(weight, mask))
         if packs["wt"] is None:
             packs["wt"] = self._values(packs["weight"], self.layout_t, True)
         g = np.ascontiguousarray(gy2.detach().numpy(), dtype=np.float32)
@@ -181,7 +193,7 @@ class SemiStructuredPlan:
 
     def pack(self, weight, mask):
         """``(sparse W carrying W^T, None)`` or ``(sparse W, sparse W^T)`` for this step."""
-        wm = (weight.detach() * mask).contiguous()
+        wm = masked(weight.detach(), mask).contiguous()
         if self.key == "cusparselt-tile":
             cls = torch.sparse.SparseSemiStructuredTensorCUSPARSELT
             return cls.prune_dense_static_sort(wm, algorithm="largest_abs_values_greedy"), None
@@ -267,7 +279,7 @@ def _probe(plan, weight, mask) -> str | None:
     out_f, in_f = weight.shape
     x = torch.randn(_PROBE_ROWS, in_f, generator=gen, device=weight.device).to(weight.dtype)
     gy = torch.randn(_PROBE_ROWS, out_f, generator=gen, device=weight.device).to(weight.dtype)
-    wm = weight.detach() * mask
+    wm = masked(weight.detach(), mask)
     try:
         packs = plan.pack(weight, mask)
         got = (plan.forward(x, packs).float(), plan.backward_data(gy, packs, weight, mask).float())

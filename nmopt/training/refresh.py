@@ -11,6 +11,7 @@ from nmopt import solvers
 from nmopt.api import find_mask
 from nmopt.backends.torch_backend import mask_tensors
 from nmopt.training.layers import _SparseLayer
+from nmopt.training.sharded import Shards
 
 
 def _sync_device(device) -> None:
@@ -55,10 +56,12 @@ def _route(layer: _SparseLayer) -> str:
     return FIND_MASK
 
 
-def compute_masks(layers: list[_SparseLayer]) -> list[tuple]:
+def compute_masks(layers: list[_SparseLayer], weights: list | None = None) -> list[tuple]:
     """New masks of ``layers`` with their configured solver: a list of ``(mask, note, gap)``.
 
-    Solver routing (see :class:`~nmopt.training.SparsityConfig`): row-wise "auto" is the optimal
+    ``weights``: the 2-D weights to solve (default each layer's ``weight_2d()``; a sharded
+    layer passes its local rows or its gathered weight). Solver routing (see
+    :class:`~nmopt.training.SparsityConfig`): row-wise "auto" is the optimal
     top-N, "greedy" the greedy and transposable "auto" the exact torch kernel, all on the
     weights' device and batched over every layer's tiles in one kernel call, except that CPU
     weights use ``find_mask(solver="auto")`` when it has a provably optimal solver (compiled C
@@ -66,6 +69,8 @@ def compute_masks(layers: list[_SparseLayer]) -> list[tuple]:
     through :func:`nmopt.find_mask` (on the host for CPU-only solvers).
     """
 
+    if weights is None:
+        weights = [layer.weight_2d().detach() for layer in layers]
     out: list = [None] * len(layers)
     routes = [_route(layer) for layer in layers]
     for route, (method, label) in DEVICE_ROUTES.items():
@@ -73,9 +78,8 @@ def compute_masks(layers: list[_SparseLayer]) -> list[tuple]:
         if not idx:
             continue
         cfg = layers[idx[0]].config
-        weights = [layers[i].weight_2d().detach() for i in idx]
-        masks = mask_tensors(weights, cfg.pattern_str, transposable=method != "rowwise",
-                             method=method)
+        masks = mask_tensors([weights[i] for i in idx], cfg.pattern_str,
+                             transposable=method != "rowwise", method=method)
         gap = None if method == "greedy" else 0.0
         for i, mask in zip(idx, masks):
             out[i] = (mask, f"{label} on {mask.device}", gap)
@@ -83,7 +87,7 @@ def compute_masks(layers: list[_SparseLayer]) -> list[tuple]:
         if route != FIND_MASK:
             continue
         cfg = layers[i].config
-        w = layers[i].weight_2d().detach()
+        w = weights[i]
         res = find_mask(w, cfg.pattern_str, transposable=cfg.transposable, solver=cfg.solver)
         where = "" if w.device.type == "cpu" else ", host round trip"
         out[i] = (res.mask, f"{res.solver} on {res.backend} via find_mask{where}", res.gap)
@@ -106,70 +110,138 @@ def _fingerprint(mask):
     return torch.stack([(flat * pos).sum(), (flat * (pos * pos % 1000003)).sum(), flat.sum()])
 
 
-def _compute_timed(layers, which) -> dict:
-    """Masks of ``layers[k]`` for k in ``which``: {k: (mask, seconds, note, gap)}; the batch's
-    time is shared among its layers in proportion to their size."""
-    which = list(which)
+def _check_finite(name: str, weight) -> None:
+    bad = int((~torch.isfinite(weight)).sum())
+    if bad:
+        raise RuntimeError(
+            f"sparse layer {name!r}: weight has {bad} NaN/inf entr{'y' if bad == 1 else 'ies'}, "
+            "so no mask can be computed from it (no mask was changed). If training diverged: "
+            "lower the learning rate, clip gradients or check the loss scaling")
+
+
+def _compute_timed(layers, weights: dict, which) -> dict:
+    """Masks of ``layers[k]`` for k in ``which``, solving ``weights[k]``:
+    {k: (mask, seconds, note, gap)}; the batch's time is shared among its layers in proportion
+    to their size. ``RuntimeError`` naming the layer for a NaN or inf weight."""
+    for k in which:
+        _check_finite(layers[k][0], weights[k])
+    empty = [k for k in which if weights[k].numel() == 0]  # a rank holding no rows of a layer
+    out = {k: (torch.zeros(weights[k].shape, dtype=torch.bool, device=weights[k].device), 0.0,
+               "", None) for k in empty}
+    which = [k for k in which if k not in out]
     if not which:
-        return {}
+        return out
     t0 = time.perf_counter()
-    results = compute_masks([layers[k][1] for k in which])
+    results = compute_masks([layers[k][1] for k in which], [weights[k] for k in which])
     for mask, _, _ in results:
         _sync_device(mask.device)
     seconds = time.perf_counter() - t0
-    total = sum(layers[k][1].mask.numel() for k in which)
-    return {k: (mask, seconds * layers[k][1].mask.numel() / total, note, gap)
-            for k, (mask, note, gap) in zip(which, results)}
-
-
-def _install(layers, which) -> None:
-    for k, (mask, seconds, note, gap) in _compute_timed(layers, which).items():
-        layers[k][1].set_mask(mask, seconds, note, gap)
+    total = sum(weights[k].numel() for k in which)
+    out.update({k: (torch.as_tensor(mask).to(torch.bool).reshape(weights[k].shape),
+                    seconds * weights[k].numel() / total, note, gap)
+                for k, (mask, note, gap) in zip(which, results)})
+    return out
 
 
 def refresh_layers(layers: list[tuple[str, _SparseLayer]], sync: str = "broadcast",
                    process_group=None) -> float:
     """Recompute the masks of ``layers`` (in this order on every rank); return the wall time.
 
-    Under torch.distributed with ``sync="broadcast"`` layer k is computed on rank
-    ``k % world`` and broadcast from there, so every rank ends with the same masks and the work
-    is shared. ``sync="check"`` computes on every rank and raises ``RuntimeError`` naming the
-    first layer whose masks differ between ranks.
+    All or nothing: every new mask is computed and checked before any is installed, so a
+    failure (NaN weights, a solver error, an invalid mask, on any rank) raises and leaves every
+    layer with its previous mask, on every rank. Under torch.distributed with
+    ``sync="broadcast"`` layer k is computed on rank ``k % world`` and broadcast from there, so
+    every rank ends with the same masks and the work is shared. ``sync="check"`` computes on
+    every rank and raises ``RuntimeError`` naming the first layer whose masks differ between
+    ranks. FSDP2-sharded layers are solved rank-locally where each rank holds whole tiles, else
+    gathered (see :mod:`nmopt.training.sharded`).
     """
     start = time.perf_counter()
-    info = _dist(process_group) if sync != "none" else None
-    if info is None or sync == "check":
-        _install(layers, range(len(layers)))
-        if info is not None:
-            _check_identical(layers, info)
-        return time.perf_counter() - start
+    if not layers:
+        return 0.0
+    shards = Shards(layers)  # collective when weights are DTensors
+    dinfo = _dist(process_group)
+    info = dinfo if sync != "none" else None
+    weights = {k: shards.local[k][0] if k in shards.local else
+               shards.full[k] if k in shards.full else layer.weight_2d().detach()
+               for k, (_, layer) in enumerate(layers)}
+    shared = [k for k in range(len(layers)) if k not in shards.local]
+    mine = shared
+    if info is not None and sync == "broadcast":
+        mine = [k for k in shared if k % info[1] == info[0]]
+    error, new = None, {}
+    try:
+        new = _compute_timed(layers, weights, [*shards.local, *mine])
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        error = exc
+    if dinfo is not None and (info is not None or shards.local):
+        _agree(error, dinfo, layers[0][1].mask.device)
+    elif error is not None:
+        raise error
+    if shards.local:
+        full = shards.gather({k: new[k][0] for k in shards.local})
+        for k, mask in full.items():
+            _, seconds, note, gap = new[k]
+            note = note or "computed on the other ranks"
+            new[k] = (mask, seconds, f"{note}, rank-local shards all-gathered", gap)
+    if info is not None and sync == "broadcast":
+        _broadcast(layers, shared, new, info)
+    if info is not None and sync == "check":  # before the checks, which then agree on ranks
+        _check_identical([(layers[k][0], new[k][0]) for k in shared], info)
+    candidates = {k: layers[k][1].check_new_mask(new[k][0], layers[k][0]) for k in new}
+    for k, (_, layer) in enumerate(layers):
+        _, seconds, note, gap = new[k]
+        layer.set_mask(candidates[k], seconds, note, gap, checked=True)
+    return time.perf_counter() - start
+
+
+def _agree(error, info, device) -> None:
+    """Raise on every rank if the mask computation failed on any (so none waits for a mask that
+    never comes and none installs masks the others do not)."""
     dist = torch.distributed
     rank, world, group = info
-    mine = _compute_timed(layers, [k for k in range(len(layers)) if k % world == rank])
-    for k, (_name, layer) in enumerate(layers):
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not int(flag.item()):
+        return
+    said = [None] * world
+    dist.all_gather_object(said, None if error is None else f"{type(error).__name__}: {error}",
+                           group=group)
+    if error is not None:
+        raise error
+    first = next(r for r, s in enumerate(said) if s)
+    raise RuntimeError(f"mask refresh failed on rank {first}, so no rank installed new masks "
+                       f"(every layer keeps its previous mask): {said[first]}")
+
+
+def _broadcast(layers, keys, new: dict, info) -> None:
+    """Layer k's mask from rank ``k % world`` to every rank, into ``new``."""
+    dist = torch.distributed
+    rank, world, group = info
+    for k in keys:
+        layer = layers[k][1]
         owner = k % world
         src = owner if group is None else dist.get_global_rank(group, owner)
         if owner == rank:
-            mask, seconds, note, gap = mine[k]
+            mask, seconds, note, gap = new[k]
             buf = mask.reshape(layer.mask.shape).to(device=layer.mask.device, dtype=torch.uint8)
         else:
             buf = torch.empty(layer.mask.shape, dtype=torch.uint8, device=layer.mask.device)
             seconds, note, gap = 0.0, "", None
         dist.broadcast(buf, src=src, group=group)
-        note = note or f"computed on rank {owner} and broadcast"
-        layer.set_mask(buf.bool(), seconds, note, gap)
-    return time.perf_counter() - start
+        new[k] = (buf.bool(), seconds, note or f"computed on rank {owner} and broadcast", gap)
 
 
-def _check_identical(layers, info) -> None:
+def _check_identical(named_masks, info) -> None:
     dist = torch.distributed
     _, _, group = info
-    for name, layer in layers:
-        fp = _fingerprint(layer.mask)
+    for name, mask in named_masks:
+        fp = _fingerprint(mask)
         lo, hi = fp.clone(), fp.clone()
         dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
         dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
         if not torch.equal(lo, hi):
             raise RuntimeError(f"sparse layer {name!r}: ranks computed different masks "
                                "(non-deterministic solver or diverged weights); use "
-                               "SparsityConfig(sync='broadcast')")
+                               "SparsityConfig(sync='broadcast'). Every layer keeps its "
+                               "previous mask")

@@ -1,0 +1,173 @@
+"""Prune safetensors checkpoints as a stream: a file, or a Hugging Face model directory.
+
+:func:`prune_path` reads one block of rows at a time (:mod:`nmopt.safetensors_stream`, plain
+reads, no memory map), prunes it with :func:`nmopt.prune.prune_layer` and writes it straight
+into its output file, whose header is laid out first; the ``masks`` file (one file, also for a
+directory) is written the same way. Peak memory is one block (``BLOCK_WEIGHTS`` weights while
+solving, ``COPY_BYTES`` while copying) whatever the size of the model, its shards or its largest
+tensor. A directory's output mirrors its input: the same shard files holding the same tensors,
+the index with its ``weight_map`` and ``total_size`` updated, and every other file (config,
+tokenizer, ...) copied, except dense weights in other formats (listed in the report). Every
+output appears complete or not at all (:class:`nmopt.checkpoint.AtomicFiles`).
+``fmt="nm-packed"`` stores the pruned tensors in the nm-packed format (:mod:`nmopt.nm_format`);
+an nm-packed input is read as its dense tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nmopt._report import json_text
+from nmopt.checkpoint import AtomicFiles, CheckpointError, error_writing
+from nmopt.nm_format import INDEX, VALUES, TensorFile, encode, layout
+from nmopt.nm_format import metadata as packed_metadata
+from nmopt.patterns import parse_pattern
+from nmopt.prune import PruneResult, _totals, file_report, prune_file, prune_layer, select_layers
+from nmopt.safetensors_stream import HF_INDEX, Entry, SafetensorsWriter, model_shards
+
+FORMATS = ("dense", "nm-packed")
+COPY_BYTES = 16 << 20
+#: Weight files of other formats: not copied into a pruned directory (they would be unpruned).
+OTHER_WEIGHTS = re.compile(r"^(pytorch_model|tf_model|flax_model)\b.*|.*\.(safetensors|gguf|h5|msgpack|ckpt)$")
+
+
+def prune_path(input_path, out_path, pattern, *, fmt: str = "dense", masks_path=None,
+               report_path=None, transposable: bool = True, saturate: bool = False,
+               solver="auto", backend=None, include: str | None = None,
+               exclude: str | None = None, progress: bool | None = None,
+               force: bool = True) -> dict[str, Any]:
+    """Prune a checkpoint file or model directory into ``out_path``; return the report.
+
+    A directory (``model.safetensors`` or shards with ``model.safetensors.index.json``) and a
+    ``.safetensors`` file written as ``.safetensors`` are streamed; PyTorch files go through
+    :func:`nmopt.prune.prune_file` (loaded whole). ``fmt``: ``"dense"`` or ``"nm-packed"``;
+    ``masks_path``: one ``.safetensors`` file of boolean masks; ``report_path``: the JSON
+    report; ``force``: replace existing outputs. Selection, solver options and the report are
+    those of :func:`nmopt.prune.prune_state_dict`.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"--format: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    src, out = Path(input_path), Path(out_path)
+    streamed = src.is_dir() or (src.suffix.lower() == out.suffix.lower() == ".safetensors")
+    if not streamed:
+        if fmt != "dense":
+            raise ValueError(f"--format {fmt}: streams safetensors only; give IN and --out as .safetensors "
+                             "(PyTorch files are loaded whole and written dense)")
+        return prune_file(src, out, pattern, masks_path=masks_path, report_path=report_path,
+                          transposable=transposable, saturate=saturate, solver=solver,
+                          backend=backend, include=include, exclude=exclude, progress=progress,
+                          force=force)[1]
+    from tqdm.auto import tqdm
+
+    p = parse_pattern(pattern)
+    solve = dict(transposable=transposable, saturate=saturate, solver=solver, backend=backend)
+    shards, index = model_shards(src) if src.is_dir() else ([src.name], None)
+    base = src if src.is_dir() else src.parent
+    with contextlib.ExitStack() as inputs:
+        readers = [inputs.enter_context(TensorFile(base / s)) for s in shards]
+        entries: dict[str, Any] = {}
+        for reader in readers:
+            for name, e in reader.entries.items():
+                if name in entries:
+                    raise CheckpointError(f"input {str(src)!r}: tensor {name!r} is in two shards")
+                entries[name] = e
+        names, copied = select_layers(entries, include, exclude)
+        if not names:
+            raise ValueError(f"nothing to prune in {str(src)!r}: no 2-D/4-D float weight was "
+                             "selected (embeddings need --include; check --include/--exclude)")
+        layouts = {n: layout(entries[n], p) for n in names} if fmt == "nm-packed" else {}
+        bar = tqdm(total=sum(e.nbytes for e in entries.values()), unit="B", unit_scale=True,
+                   desc="pruning", leave=False, disable=None if progress is None else not progress)
+        inputs.callback(bar.close)
+        layers, weight_map, sizes, skipped = [], {}, 0, []
+        with AtomicFiles(force=force) as files, contextlib.ExitStack() as outputs:
+            root = Path(files.add_dir(out)) if src.is_dir() else None
+            masks = outputs.enter_context(SafetensorsWriter(
+                files.add(masks_path), [(n, "BOOL", entries[n].shape) for n in names],
+                {"format": "pt"}, output=masks_path)) if masks_path else None
+            for reader, shard in zip(readers, shards):
+                specs = [s for n, e in reader.entries.items()
+                         for s in (layouts[n].entries() if n in layouts else [(n, e.code, e.shape)])]
+                meta = {"format": "pt", **reader.metadata}
+                mine = [layouts[n] for n in reader.entries if n in layouts]
+                target = root / shard if root is not None else files.add(out)
+                with SafetensorsWriter(target, specs, packed_metadata(meta, mine) if mine else meta,
+                                       output=out / shard if root is not None else out) as w:
+                    for name, e in reader.entries.items():
+                        bar.set_postfix_str(f"{len(layers)}/{len(names)} layers {name}", refresh=False)
+                        if name in names:
+                            layers.append(_prune_one(reader, w, masks, e, layouts.get(name), p, solve))
+                        else:
+                            _copy(reader, w, e)
+                        bar.update(e.nbytes)
+                weight_map.update({s[0]: shard for s in specs})
+                sizes += sum(Entry(*s).nbytes for s in specs)
+            if masks is not None:
+                masks.close()
+            if root is not None:
+                try:
+                    skipped = _copy_others(src, root, shards, index, weight_map, sizes)
+                except OSError as exc:
+                    raise error_writing(out, exc) from None
+            result = PruneResult(tensors={}, masks={}, layers=layers, copied=copied, pattern=str(p),
+                                 transposable=bool(transposable), saturate=bool(saturate),
+                                 totals=_totals(layers))
+            report = file_report(result, src, out, masks_path, solver)
+            report.update(format=fmt, not_copied=skipped)
+            if report_path is not None:
+                try:
+                    Path(files.add(report_path)).write_text(json_text(report), encoding="utf-8")
+                except OSError as exc:
+                    raise error_writing(report_path, exc) from None
+    return report
+
+
+def _prune_one(reader: TensorFile, out: SafetensorsWriter, masks, e, lay, p, solve):
+    """Prune tensor ``e`` of ``reader`` block by block into ``out`` (and ``masks``)."""
+
+    def emit(r0, r1, mask, pruned):
+        if lay is None:
+            out.write(e.name, pruned)
+        else:
+            values, index = encode(lay, pruned, mask)
+            out.write(e.name + VALUES, values)
+            out.write(e.name + INDEX, index)
+        if masks is not None:
+            masks.write(e.name, np.asarray(mask))
+
+    return prune_layer(e.name, e.shape, e.dtype, lambda r0, r1: reader.read(e.name, r0, r1), emit, p,
+                       **solve)
+
+
+def _copy(reader: TensorFile, out: SafetensorsWriter, e) -> None:
+    """Copy tensor ``e`` unchanged, ``COPY_BYTES`` at a time."""
+    step = max(1, COPY_BYTES // max(1, e.nbytes // max(1, e.rows)))
+    for r0 in range(0, e.rows, step):
+        out.write(e.name, reader.read(e.name, r0, min(e.rows, r0 + step)))
+
+
+def _copy_others(src: Path, root: Path, shards: list[str], index, weight_map, sizes) -> list[str]:
+    """The index (weight_map and total_size updated) and the directory's other files; returns
+    the weight files of other formats left out."""
+    if index is not None:
+        new = dict(index, metadata={**(index.get("metadata") or {}), "total_size": sizes},
+                   weight_map=weight_map)
+        (root / HF_INDEX).write_text(json.dumps(new, indent=2) + "\n", encoding="utf-8")
+    skipped = []
+    for item in sorted(src.iterdir()):
+        if item.name in shards or item.name == HF_INDEX:
+            continue
+        if item.is_file() and OTHER_WEIGHTS.match(item.name):
+            skipped.append(item.name)
+        elif item.is_dir():
+            shutil.copytree(item, root / item.name)
+        else:
+            shutil.copy2(item, root / item.name)
+    return skipped

@@ -1,0 +1,176 @@
+"""``find_mask`` on the C kernels reading the weights where they lie, its independent
+certificate (``nm_certify``), and warm starts: the same optimum as the tiled path, any dtype
+and strides, torch CPU tensors without copies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nmopt
+from nmopt.backends import BACKENDS
+
+pytestmark = pytest.mark.skipif(BACKENDS.instance("cffi").unavailable_reason() is not None,
+                                reason="C kernels not built")
+torch = pytest.importorskip("torch")
+
+PATTERNS = ["1:1", "1:2", "2:4", "3:4", "3:8", "4:8", "8:16", "5:13", "16:32"]
+
+
+def _reference(w64, pattern, saturate=False):
+    """The tiled path on float64 (mcf: OR-Tools, another exact solver)."""
+    return nmopt.find_mask(w64, pattern, solver="mcf", saturate=saturate, backend="numpy")
+
+
+def _check(res, scores, pattern, ref):
+    nmopt.check_mask(res.mask, pattern, True)
+    assert res.solver == "exact" and res.backend == "cffi"
+    assert res.optimal and res.gap <= 1e-9
+    assert res.objective == pytest.approx(ref.objective, rel=1e-9, abs=1e-300)
+    kept = float(np.asarray(scores, dtype=np.float64)[np.asarray(res.mask)].sum())
+    assert res.objective == pytest.approx(kept, rel=1e-12, abs=1e-300)
+    bound = nmopt.dual_bound(scores, pattern, res.u, res.v, saturate=res.saturate)
+    assert bound == pytest.approx(res.bound, rel=1e-9, abs=1e-300)
+    assert bound >= res.objective * (1 - 1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(pattern=st.sampled_from(PATTERNS), tr=st.integers(1, 4), tc=st.integers(1, 4),
+       dtype=st.sampled_from(["float64", "float32", "float16"]),
+       layout=st.sampled_from(["c", "f", "reversed", "sliced"]), saturate=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_in_place_matches_an_independent_exact_solver(pattern, tr, tc, dtype, layout, saturate,
+                                                      seed):
+    m = int(pattern.split(":")[1])
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((tr * m, 2 * tc * m)).astype(dtype)
+    w = {"c": base[:, : tc * m], "f": np.asfortranarray(base[:, : tc * m]),
+         "reversed": base[:, ::-1][:, : tc * m], "sliced": base[:, ::2]}[layout]
+    w64 = np.abs(w.astype(np.float64))
+    res = nmopt.find_mask(w, pattern, saturate=saturate)
+    _check(res, w64, pattern, _reference(w64, pattern, saturate))
+    assert isinstance(res.mask, np.ndarray) and res.mask.dtype == bool
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_torch_cpu_tensors_are_read_in_place(dtype):
+    rng = np.random.default_rng(1)
+    t = torch.from_numpy(rng.standard_normal((32, 48)).astype(np.float32)).to(getattr(torch, dtype))
+    res = nmopt.find_mask(t, "4:8")
+    w64 = t.abs().double().numpy()
+    _check(res, w64, "4:8", _reference(w64, "4:8"))
+    assert isinstance(res.mask, torch.Tensor) and res.mask.dtype == torch.bool
+    # the mask is the kernel's output buffer, not a copy of it
+    assert res.mask.is_contiguous() and res.mask.shape == t.shape
+    # a transposed view and a conv weight as well
+    _check(nmopt.find_mask(t.T, "4:8"), w64.T, "4:8", _reference(np.ascontiguousarray(w64.T), "4:8"))
+    conv = t.reshape(32, 3, 4, 4)
+    assert nmopt.find_mask(conv, "4:8").objective == pytest.approx(res.objective, rel=1e-12)
+
+
+def test_torch_cpu_row_wise_runs_on_the_c_kernels():
+    t = torch.randn(64, 64)
+    res = nmopt.find_mask(t, "2:4", transposable=False)
+    assert res.backend == "cffi" and isinstance(res.mask, torch.Tensor)
+    assert res.objective == pytest.approx(nmopt.find_mask(t.numpy(), "2:4",
+                                                          transposable=False).objective)
+
+
+def test_scores_are_read_in_place_and_checked():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((16, 16)).astype(np.float32)
+    s = (np.abs(w) * rng.random((1, 16))).astype(np.float32)
+    res = nmopt.find_mask(w, "2:4", scores=s)
+    _check(res, s.astype(np.float64), "2:4", _reference(s.astype(np.float64), "2:4"))
+    bad = s.copy()
+    bad[3, 4] = -1.0
+    with pytest.raises(ValueError, match=r"scores: holds negative values \(first at index \(3, 4\)"):
+        nmopt.find_mask(w, "2:4", scores=bad)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_bad_weights_get_the_same_error_as_before(value):
+    w = np.ones((8, 8), dtype=np.float32)
+    w[2, 5] = value
+    with pytest.raises(ValueError, match=r"weights: holds NaN or inf \(first at index \(2, 5\)"):
+        nmopt.find_mask(w, "2:4")
+
+
+def test_an_invalid_mask_from_the_kernel_is_refused(monkeypatch):
+    cffi = BACKENDS.instance("cffi")
+    real = cffi.exact_matrix
+
+    def broken(*args, **kw):
+        mask, u, v, status = real(*args, **kw)
+        mask[0, :] = True  # row 0 keeps all M of its first tile
+        return mask, u, v, status
+
+    monkeypatch.setattr(cffi, "exact_matrix", broken)
+    with pytest.raises(RuntimeError, match="invalid mask: tile 0 breaks 2:4"):
+        nmopt.find_mask(np.random.default_rng(0).standard_normal((8, 8)), "2:4")
+
+
+def test_the_certificate_does_not_trust_the_kernel(monkeypatch):
+    cffi = BACKENDS.instance("cffi")
+    real = cffi.exact_matrix
+
+    def loose(*args, **kw):
+        mask, u, v, status = real(*args, **kw)
+        return mask, u * 0, v * 0, status  # valid prices, but not optimal ones
+
+    monkeypatch.setattr(cffi, "exact_matrix", loose)
+    w = np.random.default_rng(0).standard_normal((8, 8))
+    res = nmopt.find_mask(w, "2:4")
+    assert not res.optimal and res.gap > 0.1
+    assert res.bound == pytest.approx(np.abs(w).sum())  # B(0, 0) = every score
+    nan = lambda *a, **k: (lambda r: (r[0], r[1] * np.nan, r[2], r[3]))(real(*a, **k))  # noqa: E731
+    monkeypatch.setattr(cffi, "exact_matrix", nan)
+    with pytest.raises(RuntimeError, match="prices that are not finite"):
+        nmopt.find_mask(w, "2:4")
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "8:16", "16:32", "3:8"])
+def test_warm_start_gives_the_cold_optimum(pattern):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((128, 256)).astype(np.float32)
+    prev = nmopt.find_mask(w, pattern)
+    for step in (1e-3, 1e-1, 10.0):  # a small change, a larger one, unrelated weights
+        w2 = w + step * rng.standard_normal(w.shape).astype(np.float32)
+        warm = nmopt.find_mask(w2, pattern, warm_start=prev)
+        cold = nmopt.find_mask(w2, pattern)
+        nmopt.check_mask(warm.mask, pattern, True)
+        assert warm.optimal and warm.objective == pytest.approx(cold.objective, rel=1e-12)
+        assert nmopt.dual_bound(np.abs(w2), pattern, warm.u, warm.v) == pytest.approx(warm.bound)
+        prev = warm
+
+
+def test_warm_start_from_a_torch_result_and_a_broken_one():
+    t = torch.randn(64, 64)
+    prev = nmopt.find_mask(t, "4:8")
+    t2 = t + 1e-3 * torch.randn(64, 64)
+    assert nmopt.find_mask(t2, "4:8", warm_start=prev).objective == pytest.approx(
+        nmopt.find_mask(t2, "4:8").objective, rel=1e-12)
+    prev.mask[:8, :8] = True  # an invalid previous mask: those tiles start cold
+    prev.u[:] = np.nan
+    res = nmopt.find_mask(t2, "4:8", warm_start=prev)
+    assert res.optimal and res.objective == pytest.approx(nmopt.find_mask(t2, "4:8").objective)
+
+
+def test_warm_start_mismatches_are_refused():
+    w = np.random.default_rng(4).standard_normal((16, 16))
+    prev = nmopt.find_mask(w, "4:8")
+    with pytest.raises(ValueError, match="warm_start: the previous result is 4:8, this call 2:4"):
+        nmopt.find_mask(w, "2:4", warm_start=prev)
+    with pytest.raises(ValueError, match=r"warm_start: the previous mask has shape \(16, 16\)"):
+        nmopt.find_mask(w[:8], "4:8", warm_start=prev)
+    with pytest.raises(ValueError, match="transposable=True, saturate=False; pass the same"):
+        nmopt.find_mask(w, "4:8", saturate=True, warm_start=prev)
+    with pytest.raises(TypeError, match="warm_start: expected the MaskResult"):
+        nmopt.find_mask(w, "4:8", warm_start=prev.mask)
+    # edge tiles and other solvers take the tiled path: the warm start is accepted, unused
+    odd = np.random.default_rng(5).standard_normal((10, 12))
+    res = nmopt.find_mask(odd, "4:8", warm_start=nmopt.find_mask(odd, "4:8"))
+    assert res.optimal
+    assert nmopt.find_mask(w, "4:8", solver="mcf", warm_start=prev).optimal

@@ -1,0 +1,173 @@
+"""The nm-packed checkpoint format: exact round trips, sizes, refusals, directories."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+import nmopt
+from nmopt.checkpoint import load, save
+from nmopt.cli import main
+from nmopt.nm_format import INDEX, KEY, VALUES, decode, encode, layout, pack_bits, unpack_bits
+from nmopt.patterns import parse_pattern
+from nmopt.prune_stream import prune_path
+from nmopt.safetensors_stream import CODES, HF_INDEX, Entry
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _bits(t):
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _round_trip(tmp_path, tensors, pattern, **kw):
+    src = tmp_path / "in.safetensors"
+    save(tensors, src)
+    prune_path(src, tmp_path / "dense.safetensors", pattern, progress=False, **kw)
+    prune_path(src, tmp_path / "packed.safetensors", pattern, fmt="nm-packed", progress=False, **kw)
+    return load(tmp_path / "dense.safetensors"), nmopt.load_pruned(tmp_path / "packed.safetensors")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "3:5"])
+def test_round_trip_exact_2d_and_4d(tmp_path, dtype, pattern):
+    g = torch.Generator().manual_seed(0)
+    m = parse_pattern(pattern).m
+    tensors = {"lin.weight": torch.randn(4 * m, 3 * m, generator=g).to(dtype),
+               "conv.weight": torch.randn(2 * m, m, 1, 2, generator=g).to(dtype),
+               "lin.bias": torch.randn(4 * m, generator=g).to(dtype), "count": torch.tensor(3)}
+    dense, packed = _round_trip(tmp_path, tensors, pattern)
+    assert set(packed) == set(dense)
+    for name, t in dense.items():
+        assert packed[name].dtype == t.dtype and packed[name].shape == t.shape
+        assert torch.equal(_bits(packed[name]), _bits(t)), name
+    stored = safetensors_torch.load_file(str(tmp_path / "packed.safetensors"))  # safetensors' own reader
+    assert {"lin.weight" + VALUES, "lin.weight" + INDEX, "conv.weight" + INDEX, "lin.bias"} <= set(stored)
+    assert stored["conv.weight" + VALUES].dtype == dtype
+
+
+def test_groups_keeping_fewer_than_n_round_trip():
+    w = np.arange(1, 2 * 16 + 1, dtype=np.float32).reshape(2, 16)
+    mask = np.zeros_like(w, dtype=bool)
+    mask[0, [1, 3]] = True       # 2 of 4 in group 0 (full, 4:8)
+    mask[0, 13] = True           # 1 in group 1
+    mask[1, [0, 2, 5, 7]] = True  # full, group 1 of row 1 keeps none
+    lay = layout(Entry("w", "F32", w.shape), "4:8")
+    values, index = encode(lay, w * mask, mask)
+    assert values.shape == (2, 8) and index.shape == (2, 3)  # 8 slots x 3 bits = 3 bytes
+    assert np.array_equal(decode(lay, values, index), w * mask)
+
+
+def test_bit_layout_is_lsb_first():
+    assert pack_bits(np.array([[1, 3]], np.uint8), 2).tolist() == [[0b1101]]
+    assert pack_bits(np.array([[5, 2, 7]], np.uint8), 3).tolist() == [[0b010_101 | (0b11 << 6), 0b1]]
+
+
+@given(st.integers(1, 8), st.integers(1, 7), st.integers(1, 40), st.data())
+@settings(max_examples=60, deadline=None)
+def test_bits_round_trip(bits, rows, width, data):
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    pos = np.random.default_rng(seed).integers(0, 2**bits, (rows, width)).astype(np.uint8)
+    packed = pack_bits(pos, bits)
+    assert packed.shape == (rows, -(-width * bits // 8))
+    assert np.array_equal(unpack_bits(packed, bits, width), pos)
+
+
+@given(st.sampled_from(["1:2", "2:4", "3:4", "4:8", "5:8", "8:16", "7:32"]), st.integers(1, 6),
+       st.integers(1, 4), st.sampled_from(["F16", "BF16", "F32", "F64"]), st.integers(0, 2**32 - 1))
+@settings(max_examples=60, deadline=None)
+def test_any_nm_mask_round_trips(pattern, rows, groups, code, seed):
+    p = parse_pattern(pattern)
+    rng = np.random.default_rng(seed)
+    store = {"F16": np.uint16, "BF16": np.uint16, "F32": np.uint32, "F64": np.uint64}[code]
+    w = rng.integers(1, np.iinfo(store).max, (rows, groups * p.m), dtype=store)  # any bits, NaNs too
+    mask = np.zeros(w.shape, bool)
+    for r in range(rows):
+        for g in range(groups):
+            keep = rng.choice(p.m, rng.integers(0, p.n + 1), replace=False)
+            mask[r, g * p.m + keep] = True
+    w = np.where(mask, w, 0).astype(store)
+    lay = layout(Entry("w", code, w.shape), p)
+    values, index = encode(lay, w, mask)
+    assert values.dtype == store and np.array_equal(decode(lay, values, index), w)
+
+
+@pytest.mark.parametrize("pattern,expected", [("2:4", 0.5625), ("4:8", 0.59375)])
+def test_bf16_size_ratio(tmp_path, pattern, expected):
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"l{i}.weight": torch.randn(256, 256, generator=g).bfloat16() for i in range(4)}
+    _round_trip(tmp_path, tensors, pattern)
+    ratio = (tmp_path / "packed.safetensors").stat().st_size / (tmp_path / "dense.safetensors").stat().st_size
+    assert ratio == pytest.approx(expected, abs=0.005)
+
+
+def test_refuses_tensors_not_nm_along_rows(tmp_path):
+    save({"odd.weight": torch.randn(8, 10)}, tmp_path / "in.safetensors")
+    with pytest.raises(ValueError, match=r"tensor 'odd.weight' \[8, 10\] cannot be stored 4:8 along its rows: "
+                                         r"10 columns is not a multiple of M=8.*--exclude"):
+        prune_path(tmp_path / "in.safetensors", tmp_path / "o.safetensors", "4:8", fmt="nm-packed",
+                   progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+    lay = layout(Entry("w", "F32", (1, 4)), "2:4")
+    with pytest.raises(ValueError, match="'w' is not 2:4 along its rows.*keep 3 > N=2"):
+        encode(lay, np.ones((1, 4), np.float32), np.array([[True, True, True, False]]))
+    with pytest.raises(ValueError, match="dtype int64 is not a float"):
+        layout(Entry("n", CODES["int64"], (4, 4)), "2:4")
+
+
+def write_model(directory):
+    g = torch.Generator().manual_seed(3)
+    parts = {"model-00001-of-00002.safetensors": {"a.weight": torch.randn(8, 16, generator=g).bfloat16(),
+                                                  "embed.weight": torch.randn(10, 4, generator=g)},
+             "model-00002-of-00002.safetensors": {"b.weight": torch.randn(4, 2, 2, 2, generator=g),
+                                                  "b.bias": torch.randn(4, generator=g)}}
+    directory.mkdir()
+    for shard, tensors in parts.items():
+        save(tensors, directory / shard)
+    weight_map = {k: shard for shard, tensors in parts.items() for k in tensors}
+    (directory / HF_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (directory / "config.json").write_text("{}")
+    return directory
+
+
+def test_directory_round_trip_keeps_shard_layout(tmp_path, capsys):
+    model = write_model(tmp_path / "model")
+    argv = ["prune", str(model), "--pattern", "2:4", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "dense")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "packed"), "--format", "nm-packed"]) == 0
+    names = sorted(p.name for p in model.iterdir())
+    assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == names
+    old = json.loads((model / HF_INDEX).read_text())["weight_map"]
+    new = json.loads((tmp_path / "packed" / HF_INDEX).read_text())["weight_map"]
+    assert {k.removesuffix(VALUES).removesuffix(INDEX): v for k, v in new.items()} == old
+    dense, packed = nmopt.load_pruned(tmp_path / "dense"), nmopt.load_pruned(tmp_path / "packed")
+    assert set(dense) == set(packed) == set(old)
+    for name, t in dense.items():
+        assert torch.equal(_bits(packed[name]), _bits(t)), name
+    # a packed directory as input: pruning again with the same pattern restores the dense one
+    assert main([*argv, "--out", str(tmp_path / "again")]) == 0
+    capsys.readouterr()
+    assert main(["prune", str(tmp_path / "packed"), "--pattern", "2:4", "--out", str(tmp_path / "back"),
+                 "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "back").iterdir()) == names
+    back = nmopt.load_pruned(tmp_path / "back")
+    for name, t in dense.items():
+        assert torch.equal(_bits(back[name]), _bits(t)), name
+    shard = next(iter(set(new.values())))
+    meta = safetensors_torch.safe_open(str(tmp_path / "packed" / shard), "pt").metadata()
+    assert json.loads(meta[KEY])["version"] == 1
+
+
+def test_packed_file_as_input_of_a_pytorch_output(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    dense, _ = _round_trip(tmp_path, {"w": torch.randn(16, 16, generator=g)}, "2:4")
+    assert main(["prune", str(tmp_path / "packed.safetensors"), "--pattern", "2:4",
+                 "--out", str(tmp_path / "o.pt"), "--no-progress"]) == 0
+    assert torch.equal(load(tmp_path / "o.pt")["w"], dense["w"])

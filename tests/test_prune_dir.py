@@ -1,0 +1,208 @@
+"""``nmopt prune`` on Hugging Face model directories and safetensors files, streamed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+import nmopt
+from nmopt import prune as prune_mod
+from nmopt.checkpoint import load, save
+from nmopt.cli import main
+from nmopt.prune import prune_state_dict
+from nmopt.prune_stream import prune_path
+from nmopt.safetensors_stream import HF_INDEX, SafetensorsReader
+
+OTHER = {"config.json": "{}\n", "tokenizer.json": '{"model": {}}\n', "generation_config.json": "{}\n"}
+PRUNED = {"layers.0.q.weight", "layers.0.up.weight", "layers.1.q.weight", "layers.1.conv.weight"}
+
+
+def shards():
+    g = torch.Generator().manual_seed(0)
+    return [
+        {"model.embed_tokens.weight": torch.randn(32, 16, generator=g),
+         "layers.0.q.weight": torch.randn(16, 16, generator=g),
+         "layers.0.norm.weight": torch.ones(16)},
+        {"layers.0.up.weight": torch.randn(24, 16, generator=g).bfloat16(),
+         "layers.1.q.weight": torch.randn(16, 24, generator=g).half(),
+         "steps": torch.tensor(7)},
+        {"layers.1.conv.weight": torch.randn(8, 4, 2, 2, generator=g),
+         "layers.1.bias": torch.randn(8, generator=g)},
+    ]
+
+
+def write_model(directory: Path, parts=None) -> Path:
+    parts = parts or shards()
+    directory.mkdir()
+    weight_map = {}
+    for i, tensors in enumerate(parts):
+        name = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        save(tensors, directory / name)
+        weight_map.update({k: name for k in tensors})
+    (directory / HF_INDEX).write_text(json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map}))
+    for name, text in OTHER.items():
+        (directory / name).write_text(text)
+    return directory
+
+
+@pytest.fixture
+def model(tmp_path):
+    return write_model(tmp_path / "model")
+
+
+def _bits(t):
+    return t.view(torch.uint8) if t.dtype != torch.int64 else t
+
+
+def test_directory_mirrored_and_every_tensor_valid(model, tmp_path, capsys):
+    out, masks, report = tmp_path / "out", tmp_path / "m.safetensors", tmp_path / "r.json"
+    assert main(["prune", str(model), "--pattern", "2:4", "--out", str(out), "--masks", str(masks),
+                 "--report", str(report), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "total (4 layers)" in text and "wrote pruned model directory" in text
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in model.iterdir())
+    for name, content in OTHER.items():
+        assert (out / name).read_text() == content
+    index, old_index = (json.loads((d / HF_INDEX).read_text()) for d in (out, model))
+    assert index["weight_map"] == old_index["weight_map"]
+    kept = load(masks)
+    assert set(kept) == PRUNED
+    for shard in set(index["weight_map"].values()):
+        original, pruned = load(model / shard), safetensors_torch.load_file(str(out / shard))
+        assert set(pruned) == set(original)
+        for name, w in original.items():
+            assert pruned[name].dtype == w.dtype and pruned[name].shape == w.shape
+            if name in PRUNED:
+                nmopt.check_mask(kept[name], "2:4")
+                assert torch.equal(_bits(pruned[name]), _bits(w.masked_fill(~kept[name], 0)))
+            else:
+                assert torch.equal(_bits(pruned[name]), _bits(w))
+    sizes = sum(sum(t.numel() * t.element_size() for t in load(out / s).values())
+                for s in set(index["weight_map"].values()))
+    assert index["metadata"]["total_size"] == sizes
+    data = json.loads(report.read_text())
+    assert {x["name"] for x in data["layers"]} == PRUNED and data["format"] == "dense"
+    assert data["totals"]["optimal"] and data["input"] == str(model)
+
+
+def test_single_file_model_dir_and_other_weights_not_copied(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    save({"a.weight": torch.randn(8, 8), "b": torch.ones(3)}, model / "model.safetensors")
+    (model / "pytorch_model.bin").write_bytes(b"dense")
+    (model / "config.json").write_text("{}")
+    assert main(["prune", str(model), "--pattern", "2:4", "--out", str(tmp_path / "o")]) == 0
+    assert "not copied (dense weights in another format): pytorch_model.bin" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["config.json", "model.safetensors"]
+    nmopt.check_mask(load(tmp_path / "o" / "model.safetensors")["a.weight"] != 0, "2:4")
+
+
+def test_failure_leaves_nothing_and_existing_output_refused(model, tmp_path, capsys, monkeypatch):
+    real, calls = prune_mod.find_mask, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("solver exploded")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prune_mod, "find_mask", failing)
+    argv = ["prune", str(model), "--pattern", "2:4", "--out", str(tmp_path / "out"),
+            "--masks", str(tmp_path / "m.safetensors"), "--report", str(tmp_path / "r.json")]
+    assert main(argv) == 1
+    assert "solver exploded" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no output, no temporary
+    monkeypatch.setattr(prune_mod, "find_mask", real)
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main([*argv, "--force"]) == 0
+
+
+@pytest.mark.parametrize("argv,text", [
+    (["--out", "{m}/inside"], "inside the input directory"),
+    (["--out", "{d}/file.txt"], "is a file"),
+    (["--out", "{d}/o.pt", "--format", "nm-packed", "--include", "x"], "--format nm-packed writes"),
+])
+def test_usage_errors(model, tmp_path, capsys, argv, text):
+    (tmp_path / "file.txt").write_text("x")
+    src = model if "{m}" in argv[1] or "file" in argv[1] else model / "model-00001-of-00003.safetensors"
+    argv = [a.format(m=model, d=tmp_path) for a in argv]
+    assert main(["prune", str(src), "--pattern", "2:4", *argv]) == 2
+    assert text in capsys.readouterr().err
+
+
+def test_single_file_stream_equals_load_whole(tmp_path):
+    tensors = {k: v for part in shards() for k, v in part.items()}
+    src = tmp_path / "in.safetensors"
+    save(tensors, src)
+    report = prune_path(src, tmp_path / "out.safetensors", "4:8", masks_path=tmp_path / "m.safetensors",
+                        progress=False)
+    old = prune_state_dict(load(src), "4:8", progress=False)
+    new, kept = load(tmp_path / "out.safetensors"), load(tmp_path / "m.safetensors")
+    assert set(new) == set(old.tensors) and set(kept) == set(old.masks)
+    for name, t in old.tensors.items():
+        assert new[name].dtype == t.dtype and torch.equal(_bits(new[name]), _bits(t)), name
+    for name, m in old.masks.items():
+        assert torch.equal(kept[name], m), name
+    for row, ref in zip(report["layers"], old.layers):
+        assert row["name"] == ref.name and row["objective"] == pytest.approx(ref.objective, rel=1e-12)
+    with SafetensorsReader(tmp_path / "out.safetensors") as f:
+        assert f.metadata == {"format": "pt"}
+
+
+def test_blocks_give_the_masks_of_one_call(monkeypatch):
+    w = torch.randn(64, 40, generator=torch.Generator().manual_seed(1))
+    whole = prune_state_dict({"w": w}, "4:8", progress=False)
+    monkeypatch.setattr(prune_mod, "BLOCK_WEIGHTS", 8 * 40)  # 8 blocks of 8 rows
+    blocks = prune_state_dict({"w": w}, "4:8", progress=False)
+    assert torch.equal(whole.masks["w"], blocks.masks["w"])
+    assert blocks.layers[0].objective == pytest.approx(whole.layers[0].objective, rel=1e-12)
+    assert blocks.layers[0].deficit == whole.layers[0].deficit
+
+
+_MEMORY = r"""
+import sys
+from nmopt.cli import main
+def status(key):
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(key + ":"))
+before = status("VmRSS")
+rc = main(sys.argv[1:])
+print(rc, before, status("VmHWM"))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_memory_is_bounded_by_a_block_not_the_model(tmp_path):
+    from nmopt.bench.prune_memory import generate
+
+    made = generate(tmp_path / "model", 96, 1024, 4, "float32")  # 24 x 1024^2 float32
+    res = subprocess.run([sys.executable, "-c", _MEMORY, "prune", str(tmp_path / "model"), "--pattern", "4:8",
+                          "--out", str(tmp_path / "out"), "--masks", str(tmp_path / "m.safetensors"),
+                          "--no-progress"], capture_output=True, text=True, check=False)
+    rc, before, peak = (int(x) for x in res.stdout.split()[-3:])
+    assert rc == 0, res.stderr
+    growth = (peak - before) * 1024
+    assert growth < made["bytes"] / 2, (growth, made)
+    with SafetensorsReader(tmp_path / "m.safetensors") as f:
+        mask = f.read("model.layers.5.mlp.weight")
+    assert nmopt.is_valid_mask(mask, "4:8") and np.count_nonzero(mask) > 0
+
+
+def test_bench_prune_memory_small(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["bench", "prune-memory", "--size-mib", "1", "--dim", "128", "--shards", "2", "--quiet",
+                 "--tmp", str(tmp_path), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["run"] for r in data["rows"]] == ["stream", "stream nm-packed", "load whole"]
+    assert all(r["returncode"] == 0 and r["peak_rss_mib"] > 0 for r in data["rows"])
+    assert data["rows"][1]["output_fraction"] < 0.6 and data["target"]["met"]
