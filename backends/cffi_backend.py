@@ -108,6 +108,19 @@ def matrix_arg(x):
     return x.data_ptr(), code, x.stride(0), x.stride(1), x
 
 
+def _cert_arrays(t: int):
+    """Per-tile certificate outputs: kept score, bound, short rows + columns, broken."""
+    return np.empty(t), np.empty(t), np.empty(t, dtype=np.int32), np.empty(t, dtype=np.int8)
+
+
+def _cert_args(k, cert):
+    if cert is None:
+        return (k.ffi.NULL,) * 4
+    kept, bound, nshort, bad = cert
+    return (k.ffi.from_buffer("double[]", kept), k.ffi.from_buffer("double[]", bound),
+            k.ffi.from_buffer("int32_t[]", nshort), k.ffi.from_buffer("int8_t[]", bad))
+
+
 @register
 class CffiBackend(Backend):
     """C kernels on the CPU, threads across tiles; preferred for numpy inputs when built."""
@@ -199,12 +212,15 @@ class CffiBackend(Backend):
         _check(rc, "exact")
         return mask.view(np.bool_), u, v, status
 
-    def exact_matrix(self, x, n, m, *, absolute, saturate=False, warm=None, flags: int = 0):
+    def exact_matrix(self, x, n, m, *, absolute, saturate=False, warm=None, certify=False,
+                     flags: int = 0):
         """:meth:`exact` on a 2-D matrix read in place (``matrix_arg``; rows and columns
         multiples of ``m``): scores ``|x|`` when ``absolute``, else ``x``. ``warm``: the mask
         (rows, cols) and tile prices u, v (T, M) of a previous solve to start from (at most N
-        only). Returns ``(mask (rows, cols) bool, u, v, status)``; raises ``ValueError`` on a
-        NaN, infinite (or, for scores, negative) value."""
+        only). Returns ``(mask (rows, cols) bool, u, v, status)``, and with ``certify`` also
+        :meth:`certify_matrix`'s four arrays, computed by its C routine on each block of tiles
+        right after the solve. Raises ``ValueError`` on a NaN, infinite (or, for scores,
+        negative) value."""
         ptr, code, rs, cs, owner = matrix_arg(x)
         rows, cols = owner.shape
         k = _load()
@@ -223,18 +239,20 @@ class CffiBackend(Backend):
                 raise ValueError("warm: the previous mask or prices do not match the matrix")
             wx = k.ffi.from_buffer("uint8_t[]", w_mask)
             wu, wv = k.ffi.from_buffer("double[]", w_u), k.ffi.from_buffer("double[]", w_v)
+        cert = _cert_arrays(t) if certify else None
         rc = k.lib.nm_exact_matrix(k.ffi.cast("void *", ptr), code, int(bool(absolute)), rows,
                                    cols, rs, cs, m, n, int(bool(saturate)), int(flags), wx, wu,
-                                   wv,
-                                   k.ffi.from_buffer("uint8_t[]", mask), cols,
+                                   wv, k.ffi.from_buffer("uint8_t[]", mask), cols,
                                    k.ffi.from_buffer("double[]", u),
                                    k.ffi.from_buffer("double[]", v),
-                                   k.ffi.from_buffer("int8_t[]", status), self.num_threads)
+                                   k.ffi.from_buffer("int8_t[]", status),
+                                   *_cert_args(k, cert), self.num_threads)
         del owner
         if rc == -2:
             raise ValueError("scores: a value is NaN, infinite or negative")
         _check(rc, "exact")
-        return mask.view(np.bool_), u, v, status
+        out = (mask.view(np.bool_), u, v, status)
+        return out + (*cert[:3], cert[3].view(np.bool_)) if certify else out
 
     def certify_matrix(self, x, n, m, *, absolute, saturate, mask, u, v):
         """The certificate of ``mask`` (rows, cols) and prices ``u``, ``v`` (T, M) on ``x``,
@@ -250,16 +268,12 @@ class CffiBackend(Backend):
         v = np.ascontiguousarray(v, dtype=np.float64)
         if mask.shape != (rows, cols) or u.shape != (t, m) or v.shape != (t, m):
             raise ValueError("certify: mask, u or v does not match the matrix")
-        kept, bound = np.empty(t), np.empty(t)
-        nshort, bad = np.empty(t, dtype=np.int32), np.empty(t, dtype=np.int8)
+        kept, bound, nshort, bad = cert = _cert_arrays(t)
         rc = k.lib.nm_certify(k.ffi.cast("void *", ptr), code, int(bool(absolute)), rows, cols,
                               rs, cs, m, n, int(bool(saturate)),
                               k.ffi.from_buffer("uint8_t[]", mask), cols,
                               k.ffi.from_buffer("double[]", u), k.ffi.from_buffer("double[]", v),
-                              k.ffi.from_buffer("double[]", kept),
-                              k.ffi.from_buffer("double[]", bound),
-                              k.ffi.from_buffer("int32_t[]", nshort),
-                              k.ffi.from_buffer("int8_t[]", bad), self.num_threads)
+                              *_cert_args(k, cert), self.num_threads)
         del owner
         if rc == -2:
             raise ValueError("scores: a value is NaN, infinite or negative")

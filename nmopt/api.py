@@ -160,27 +160,22 @@ def _check_warm(warm, p, shape, transposable, saturate):
 
 
 def _solve_in_place(src, p, grid, saturate, warm, engine, start, fallbacks):
-    """The whole call on the C kernels, reading the weights where they lie: solve, then
-    certify apart from the solver. None when a value is not finite (the general path then
-    raises the error that names it)."""
+    """The whole call on the C kernels, reading the weights where they lie: solve, and
+    certify by a separate C routine (``nm_certify``) on each block of tiles right after it is
+    solved. None when a value is not finite (the general path then raises the error that
+    names it)."""
     x, absolute, kind = src
     if warm is not None:
         prev = warm.mask.detach().cpu().numpy() if is_torch_tensor(warm.mask) else warm.mask
         warm = (np.reshape(prev, (grid.rows, grid.cols)), *grid.matrices_to_prices(warm.u, warm.v))
     try:
-        mask, u_t, v_t, status = engine.exact_matrix(x, p.n, p.m, absolute=absolute,
-                                                     saturate=saturate, warm=warm)
+        mask, u_t, v_t, status, kept, tile_bound, short, bad = engine.exact_matrix(
+            x, p.n, p.m, absolute=absolute, saturate=saturate, warm=warm, certify=True)
     except ValueError:
         return None
     warn_unverified("exact", status)
     if not (np.isfinite(u_t).all() and np.isfinite(v_t).all()):
         raise RuntimeError("solver 'exact' returned prices that are not finite")
-    if not saturate:
-        np.maximum(u_t, 0.0, out=u_t)
-        np.maximum(v_t, 0.0, out=v_t)
-    kept, tile_bound, short, bad = engine.certify_matrix(x, p.n, p.m, absolute=absolute,
-                                                         saturate=saturate, mask=mask, u=u_t,
-                                                         v=v_t)
     if bad.any():
         raise RuntimeError(f"solver 'exact' returned an invalid mask: tile "
                            f"{int(np.flatnonzero(bad)[0])} breaks {p}")

@@ -6,64 +6,105 @@
  *
  * the LP dual bound, valid for any prices (>= 0 for at most n; any sign for exactly n), and
  * the rows and columns that keep more than n (bad), or with saturate not exactly n, or fewer
- * than n (short, the deficit). Scores are checked here again (NM_ERR_VALUE). */
+ * than n (short, the deficit); at most n also needs prices >= 0. Scores are checked here again
+ * (NM_ERR_VALUE). nm_exact_matrix runs nm_certify_range on each block of tiles it has just
+ * solved, while they are in cache; nm_certify runs it on a whole matrix. */
 #include "nm_internal.h"
+
+NM_SIMD_CLONES int nm_certify_range(const nm_src *src, const nm_cert *out, int m, int n, int sat,
+                     const uint8_t *mask, int64_t mask_rs, const double *u, const double *v,
+                     int64_t lo, int64_t hi)
+{
+    double s[NM_MAX_M * NM_MAX_M] NM_A64;
+    for (int64_t k = lo; k < hi; k++) {
+        nm_read_tile(src, m, k, s);
+        double mx;
+        if (nm_scan_scores(s, m * m, &mx))
+            return NM_ERR_VALUE;
+        const uint8_t *x = mask + (k / src->tcols) * m * mask_rs + (k % src->tcols) * m;
+        const double *uk = u + k * m, *vk = v + k * m;
+        double kept = 0.0, slack = 0.0, prices = 0.0;
+        int cdeg[NM_MAX_M] = {0};
+        int bad = 0, nshort = 0;
+        for (int j = 0; j < m; j++) {
+            prices += uk[j] + vk[j];
+            bad |= !sat && (uk[j] < 0.0 || vk[j] < 0.0); /* at most n: prices are >= 0 */
+        }
+        if (m % NM_W == 0) { /* NM_W columns at a time; the mask holds 0 and 1 only */
+            const nm_vd zero = {0};
+            nm_vd vkept = zero, vslack = zero;
+            nm_vi vc[NM_MAX_M / NM_W];
+            for (int q = 0; q < m / NM_W; q++)
+                vc[q] = (nm_vi){0};
+            for (int i = 0; i < m; i++) {
+                const uint8_t *xi = x + i * mask_rs;
+                const nm_vd ui = zero + uk[i];
+                nm_vi rows = {0};
+                for (int j0 = 0; j0 < m; j0 += NM_W) {
+                    nm_vb b;
+                    memcpy(&b, xi + j0, sizeof b);
+                    const nm_vi keep = __builtin_convertvector(b != 0, nm_vi); /* 0 or -1 */
+                    const nm_vd sv = nm_vload_d(s + i * m + j0);
+                    const nm_vd r = sv - ui - nm_vload_d(vk + j0);
+                    vkept += (nm_vd)((nm_vi)sv & keep);
+                    vslack += (nm_vd)((nm_vi)r & (r > zero));
+                    rows -= keep;
+                    vc[j0 / NM_W] -= keep;
+                }
+                const int rdeg = (int)nm_hsum_i(rows);
+                bad |= rdeg > n || (sat && rdeg != n);
+                nshort += rdeg < n;
+            }
+            kept = nm_hsum(vkept);
+            slack = nm_hsum(vslack);
+            for (int j = 0; j < m; j++)
+                cdeg[j] = (int)vc[j / NM_W][j % NM_W];
+        } else {
+            for (int i = 0; i < m; i++) {
+                const uint8_t *xi = x + i * mask_rs;
+                const double *si = s + i * m;
+                int rdeg = 0;
+                for (int j = 0; j < m; j++) {
+                    const int keep = xi[j] != 0;
+                    const double r = si[j] - uk[i] - vk[j];
+                    kept += keep ? si[j] : 0.0;
+                    slack += r > 0.0 ? r : 0.0;
+                    rdeg += keep;
+                    cdeg[j] += keep;
+                }
+                bad |= rdeg > n || (sat && rdeg != n);
+                nshort += rdeg < n;
+            }
+        }
+        for (int j = 0; j < m; j++) {
+            bad |= cdeg[j] > n || (sat && cdeg[j] != n);
+            nshort += cdeg[j] < n;
+        }
+        out->kept[k] = kept;
+        out->bound[k] = n * prices + slack;
+        out->nshort[k] = nshort;
+        out->bad[k] = (int8_t)bad;
+    }
+    return NM_OK;
+}
 
 typedef struct {
     nm_src src;
+    nm_cert out;
     int m, n, sat;
     const uint8_t *mask;
     int64_t mask_rs;
     const double *u, *v;
-    double *kept, *bound;
-    int32_t *nshort;
-    int8_t *bad;
     int err;
 } certify_ctx;
 
 NM_SIMD_CLONES static void certify_task(void *vctx, int64_t lo, int64_t hi)
 {
     certify_ctx *c = (certify_ctx *)vctx;
-    const int m = c->m, n = c->n;
-    double s[NM_MAX_M * NM_MAX_M];
-    for (int64_t k = lo; k < hi; k++) {
-        nm_read_tile(&c->src, m, k, s);
-        double mx;
-        if (nm_scan_scores(s, m * m, &mx)) {
-            nm_set_error(&c->err, NM_ERR_VALUE);
-            return;
-        }
-        const uint8_t *x = c->mask + (k / c->src.tcols) * m * c->mask_rs +
-                           (k % c->src.tcols) * m;
-        const double *u = c->u + k * m, *v = c->v + k * m;
-        double kept = 0.0, slack = 0.0, prices = 0.0;
-        int cdeg[NM_MAX_M] = {0};
-        int bad = 0, nshort = 0;
-        for (int i = 0; i < m; i++) {
-            const uint8_t *xi = x + i * c->mask_rs;
-            const double *si = s + i * m;
-            int rdeg = 0;
-            for (int j = 0; j < m; j++) {
-                const int keep = xi[j] != 0;
-                const double r = si[j] - u[i] - v[j];
-                kept += keep ? si[j] : 0.0;
-                slack += r > 0.0 ? r : 0.0;
-                rdeg += keep;
-                cdeg[j] += keep;
-            }
-            prices += u[i] + v[i];
-            bad |= rdeg > n || (c->sat && rdeg != n);
-            nshort += rdeg < n;
-        }
-        for (int j = 0; j < m; j++) {
-            bad |= cdeg[j] > n || (c->sat && cdeg[j] != n);
-            nshort += cdeg[j] < n;
-        }
-        c->kept[k] = kept;
-        c->bound[k] = n * prices + slack;
-        c->nshort[k] = nshort;
-        c->bad[k] = (int8_t)bad;
-    }
+    const int rc = nm_certify_range(&c->src, &c->out, c->m, c->n, c->sat, c->mask, c->mask_rs,
+                                    c->u, c->v, lo, hi);
+    if (rc != NM_OK)
+        nm_set_error(&c->err, rc);
 }
 
 int nm_certify(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
@@ -78,8 +119,8 @@ int nm_certify(const void *data, int dtype, int absolute, int64_t rows, int64_t 
         return NM_OK;
     if (!data || !mask || !u || !v || !kept || !bound || !nshort || !bad)
         return NM_ERR_ARG;
-    certify_ctx c = {{data, dtype, absolute != 0, rs, cs, cols / m}, m, n, saturate != 0,
-                     mask, mask_rs, u, v, kept, bound, nshort, bad, 0};
+    certify_ctx c = {{data, dtype, absolute != 0, rs, cs, cols / m}, {kept, bound, nshort, bad},
+                     m, n, saturate != 0, mask, mask_rs, u, v, 0};
     nm_parallel_for(nthreads, t, nm_grain(t, nthreads, 16, 64), certify_task, &c);
     return c.err;
 }

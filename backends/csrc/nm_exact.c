@@ -36,7 +36,8 @@ double nm_gap_tol(void) { return NM_GAP_TOL; }
 double nm_fallback_tol(void) { return NM_FALLBACK_TOL; }
 
 /* Tiles [lo, hi) on one thread, with a workspace of its own: the M = 4 path unless a flag
- * asks for the general one, else the general path. */
+ * asks for the general one, else the general path. (M = 4 ignores warm starts: its register
+ * path solves a tile faster than a warm start re-certifies it.) */
 NM_SIMD_CLONES static void exact_task(void *vctx, int64_t lo, int64_t hi)
 {
     nm_exact_ctx *c = (nm_exact_ctx *)vctx;
@@ -45,11 +46,23 @@ NM_SIMD_CLONES static void exact_task(void *vctx, int64_t lo, int64_t hi)
         nm_set_error(&c->err, NM_ERR_NOMEM);
         return;
     }
-    if (c->m == 4 && !(c->flags & (NM_FLAG_FORCE_FALLBACK | NM_FLAG_COLD_FALLBACK |
-                                   NM_FLAG_GENERAL_PATH)) && !c->warm_mask)
-        nm_q4_run(c, slots, lo, hi);
-    else
-        nm_general_run(c, slots, lo, hi);
+    const int q4 = c->m == 4 && !(c->flags & (NM_FLAG_FORCE_FALLBACK | NM_FLAG_COLD_FALLBACK |
+                                              NM_FLAG_GENERAL_PATH));
+    /* with a certificate: blocks of about 16K scores, certified while still in cache */
+    const int64_t block = c->cert.kept ? 1 + 16384 / ((int64_t)c->m * c->m) : hi - lo;
+    for (int64_t b = lo; b < hi && nm_get_error(&c->err) == NM_OK; b += block) {
+        const int64_t e = b + block < hi ? b + block : hi;
+        if (q4)
+            nm_q4_run(c, slots, b, e);
+        else
+            nm_general_run(c, slots, b, e);
+        if (c->cert.kept && nm_get_error(&c->err) == NM_OK) {
+            const int rc = nm_certify_range(&c->src, &c->cert, c->m, c->n, c->sat, c->mask,
+                                            c->mask_rs, c->u, c->v, b, e);
+            if (rc != NM_OK)
+                nm_set_error(&c->err, rc);
+        }
+    }
     nm_slots_free(slots);
 }
 
@@ -88,7 +101,7 @@ int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int
                     int64_t rs, int64_t cs, int m, int n, int saturate, int flags,
                     const uint8_t *warm_mask, const double *warm_u, const double *warm_v,
                     uint8_t *mask, int64_t mask_rs, double *u, double *v, int8_t *status,
-                    int nthreads)
+                    double *kept, double *bound, int32_t *nshort, int8_t *bad, int nthreads)
 {
     if (!nm_matrix_args_ok(dtype, rows, cols, m, n, mask_rs, nthreads))
         return NM_ERR_ARG;
@@ -104,6 +117,8 @@ int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int
     c.warm_mask = saturate ? NULL : warm_mask;
     c.warm_u = warm_u;
     c.warm_v = warm_v;
+    if (kept && bound && nshort && bad)
+        c.cert = (nm_cert){kept, bound, nshort, bad};
     nm_parallel_for(nthreads, t, nm_grain(t, nthreads, 16, 1), exact_task, &c);
     return c.err;
 }

@@ -113,83 +113,98 @@ int nm_cycle_cancel(nm_tile *t, double eps)
     return 0;
 }
 
-/* Shortest-path potentials of the current mask's residual network (at most n), by a
- * queue-based Bellman-Ford that starts from t->pot: when those are nearly feasible (a
- * previous solve's, the scores having changed a little) only the nodes they violate are
- * visited again. A relaxation counts only when it gains more than eps. 1 with t->pot
- * updated; 0 when a node is relaxed more than V times (a negative cycle: the mask is no
- * longer optimal) or after 4 V relaxations in all (a cold solve is then cheaper). */
-int nm_settle_potentials(nm_tile *t, double eps)
+/* Shortest-path potentials of the current mask's residual network (at most n), by
+ * Bellman-Ford passes that start from t->pot: when those are nearly feasible (a previous
+ * solve's, the scores having changed a little) a few passes settle them. A pass relaxes
+ * rows -> columns (unkept arcs, cost -s), columns -> T -> columns, columns -> rows (kept arcs,
+ * cost +s), rows -> S -> rows and S <-> T, NM_W columns at a time; a relaxation counts only
+ * when it gains more than eps. 1 with t->pot updated; 0 when the passes do not settle within
+ * min(2m + 2, 16) passes (a negative cycle, the mask no longer optimal, or too slow a start:
+ * the caller then solves the tile cold). */
+NM_SIMD_CLONES int nm_settle_potentials(nm_tile *t, double eps)
 {
     const int m = t->m, n = t->n, mp = t->mp, S = NM_NODE_S(m), T = NM_NODE_T;
-    const int V = 2 * m + 2, budget = 4 * V;
-    int work = 0, queue[2 * NM_MAX_M + 3], count[NM_NODES] = {0}, head = 0, size = 0, total = 0;
-    uint8_t queued[NM_NODES] = {0};
-    double *d = t->pot;
-    for (int i = 0; i < m; i++)
-        total += t->rdeg[i];
-#define PUSH(B)                                                                               \
-    do {                                                                                      \
-        if (!queued[B]) {                                                                     \
-            queued[B] = 1;                                                                    \
-            queue[(head + size++) % (V + 1)] = (B);                                           \
-        }                                                                                     \
-    } while (0)
-#define RELAX(A, B, C)                                                                        \
-    do {                                                                                      \
-        const double nd_ = d[A] + (C);                                                        \
-        if (nd_ < d[B] - eps) {                                                               \
-            d[B] = nd_;                                                                       \
-            if (++count[B] > V || ++work > budget)                                            \
-                return 0;                                                                     \
-            PUSH(B);                                                                          \
-        }                                                                                     \
-    } while (0)
-    PUSH(T);
-    PUSH(S);
+    const nm_vd zero = {0}, inf = zero + HUGE_VAL, veps = zero + eps;
+    double dc[NM_MAX_M] NM_A64, dr[NM_MAX_M];
+    int total = 0;
+    for (int j = 0; j < mp; j++)
+        dc[j] = j < m ? t->pot[NM_NODE_COL(m, j)] : HUGE_VAL;
     for (int i = 0; i < m; i++) {
-        PUSH(NM_NODE_ROW(i));
-        PUSH(NM_NODE_COL(m, i));
+        dr[i] = t->pot[NM_NODE_ROW(i)];
+        total += t->rdeg[i];
     }
-    while (size) {
-        const int a = queue[head];
-        head = (head + 1) % (V + 1);
-        size--;
-        queued[a] = 0;
-        if (NM_IS_ROW(m, a)) {
-            const int i = a - 1;
-            const double *si = t->s + i * mp;
-            const uint8_t *xi = t->x + i * mp;
+    double dS = t->pot[S], dT = t->pot[T];
+    const int bypass = !t->sat, back = !t->sat && total < n * m;
+    const int passes = 2 * m + 2 < 16 ? 2 * m + 2 : 16;
+    for (int pass = 0; pass <= passes; pass++) {
+        int changed = 0;
+        for (int i = 0; i < m; i++) { /* row i -> unkept columns */
+            const nm_vd di = zero + dr[i];
+            for (int j0 = 0; j0 < mp; j0 += NM_W) {
+                const nm_vi open = ~nm_vload_mask(t->x + i * mp + j0) & ((NM_LANE + j0) < m);
+                const nm_vd c = nm_vblend_d(open, di - nm_vload_d(t->s + i * mp + j0), inf);
+                const nm_vd old = nm_vload_d(dc + j0);
+                const nm_vi lt = c < old - veps;
+                const nm_vd nd = nm_vblend_d(lt, c, old);
+                memcpy(dc + j0, &nd, sizeof nd);
+                changed |= nm_hsum_i(lt) != 0;
+            }
+        }
+        for (int j = 0; j < m; j++) { /* columns <-> T */
+            if (t->cdeg[j] < n && dc[j] < dT - eps) {
+                dT = dc[j];
+                changed = 1;
+            }
+        }
+        for (int j = 0; j < m; j++)
+            if (t->cdeg[j] > 0 && dT < dc[j] - eps) {
+                dc[j] = dT;
+                changed = 1;
+            }
+        for (int i = 0; i < m; i++) { /* kept columns -> row i */
+            nm_vd best = inf;
+            for (int j0 = 0; j0 < mp; j0 += NM_W) {
+                const nm_vi kept = nm_vload_mask(t->x + i * mp + j0);
+                const nm_vd c = nm_vload_d(dc + j0) + nm_vload_d(t->s + i * mp + j0);
+                best = nm_vblend_d(kept & (c < best), c, best);
+            }
+            double b = best[0];
+            for (int q = 1; q < NM_W; q++)
+                b = best[q] < b ? best[q] : b;
+            if (b < dr[i] - eps) {
+                dr[i] = b;
+                changed = 1;
+            }
+        }
+        for (int i = 0; i < m; i++) /* rows -> S */
+            if (t->rdeg[i] > 0 && dr[i] < dS - eps) {
+                dS = dr[i];
+                changed = 1;
+            }
+        if (bypass && dS < dT - eps) {
+            dT = dS;
+            changed = 1;
+        }
+        if (back && dT < dS - eps) {
+            dS = dT;
+            changed = 1;
+        }
+        for (int i = 0; i < m; i++) /* S -> rows */
+            if (t->rdeg[i] < n && dS < dr[i] - eps) {
+                dr[i] = dS;
+                changed = 1;
+            }
+        if (!changed) {
             for (int j = 0; j < m; j++)
-                if (!xi[j])
-                    RELAX(a, NM_NODE_COL(m, j), -si[j]);
-            if (t->rdeg[i] > 0)
-                RELAX(a, S, 0.0);
-        } else if (NM_IS_COL(m, a)) {
-            const int j = NM_COL_OF(m, a);
-            const double *sj = t->sT + j * mp;
+                t->pot[NM_NODE_COL(m, j)] = dc[j];
             for (int i = 0; i < m; i++)
-                if (t->x[i * mp + j])
-                    RELAX(a, NM_NODE_ROW(i), sj[i]);
-            if (t->cdeg[j] < n)
-                RELAX(a, T, 0.0);
-        } else if (a == S) {
-            for (int i = 0; i < m; i++)
-                if (t->rdeg[i] < n)
-                    RELAX(S, NM_NODE_ROW(i), 0.0);
-            if (!t->sat)
-                RELAX(S, T, 0.0);
-        } else { /* T */
-            for (int j = 0; j < m; j++)
-                if (t->cdeg[j] > 0)
-                    RELAX(T, NM_NODE_COL(m, j), 0.0);
-            if (!t->sat && total < n * m)
-                RELAX(T, S, 0.0);
+                t->pot[NM_NODE_ROW(i)] = dr[i];
+            t->pot[S] = dS;
+            t->pot[T] = dT;
+            return 1;
         }
     }
-#undef RELAX
-#undef PUSH
-    return 1;
+    return 0;
 }
 
 /* A feasible mask: empty, or the circulant band (exactly n per row and column). */

@@ -430,7 +430,7 @@ static inline __attribute__((always_inline)) void write_tile(const nm_tile *t,
 static inline __attribute__((always_inline)) void finish_tile(nm_tile *t, const nm_exact_ctx *c,
                                                               int64_t k, int e, int ok)
 {
-    const int m = c->m, mp = t->mp;
+    const int m = c->m;
     double *u = c->u + k * m, *v = c->v + k * m;
     int8_t status = NM_TILE_OK;
     if (e == INT32_MIN) { /* all zero: any full mask is optimal, prices 0 */

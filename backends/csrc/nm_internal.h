@@ -250,6 +250,20 @@ static inline __attribute__((always_inline)) void nm_read_tile(const nm_src *src
 #undef NM_READ
 }
 
+/* Per-tile certificate outputs (see nm_certify in nmopt_kernels.h). */
+typedef struct {
+    double *kept, *bound;
+    int32_t *nshort;
+    int8_t *bad;
+} nm_cert;
+
+/* The certificate of tiles [lo, hi) of a mask and its prices (nm_certify.c): the kept score,
+ * the dual bound, the short rows and columns and the broken ones, computed apart from the
+ * solver. NM_ERR_VALUE on a bad score. */
+int nm_certify_range(const nm_src *src, const nm_cert *out, int m, int n, int sat,
+                     const uint8_t *mask, int64_t mask_rs, const double *u, const double *v,
+                     int64_t lo, int64_t hi);
+
 /* One nm_exact call: inputs, outputs, and the first error (nm_set_error). The scores come
  * from `tiles` ((t, m, m) float64), or when it is NULL from `src`, a matrix read in place;
  * the mask goes to the tiles of `mask` or, with a matrix, into `mask` with row stride
@@ -263,6 +277,7 @@ typedef struct {
     double *u, *v;
     const uint8_t *warm_mask; /* (rows, cols), row stride mask_rs, or NULL */
     const double *warm_u, *warm_v;
+    nm_cert cert; /* with a matrix: certify each block of tiles once solved (kept != NULL) */
     int8_t *status;
     int err;
 } nm_exact_ctx;

@@ -63,17 +63,20 @@ enum { NM_F64 = 0, NM_F32 = 1, NM_F16 = 2, NM_BF16 = 3 };
  * as nm_exact. warm_mask (rows, cols; row stride mask_rs), warm_u and warm_v (t, m), or
  * all NULL: the mask and prices of a previous solve to start from (saturate = 0 only). A
  * tile whose previous mask is still optimal is re-certified by a few Bellman-Ford passes
- * from the previous prices, else it is solved cold: the result is the same optimum. */
+ * from the previous prices, else it is solved cold: the result is the same optimum.
+ * kept, bound, nshort, bad (t), or all NULL: nm_certify's outputs, computed by its routine on
+ * each block of tiles as soon as it is solved (while in cache). */
 int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
                     int64_t rs, int64_t cs, int m, int n, int saturate, int flags,
                     const uint8_t *warm_mask, const double *warm_u, const double *warm_v,
                     uint8_t *mask, int64_t mask_rs, double *u, double *v, int8_t *status,
-                    int nthreads);
+                    double *kept, double *bound, int32_t *nshort, int8_t *bad, int nthreads);
 
 /* The certificate of a mask and prices on the same matrix, computed independently of the
  * solver: per tile the kept score, the dual bound n*sum(u) + n*sum(v) + sum(max(0, s-u-v)),
  * the rows plus columns keeping fewer than n (short), and bad = 1 where a row or column
- * keeps more than n (or, with saturate, not exactly n). NM_ERR_VALUE on a bad score. */
+ * keeps more than n (or, with saturate, not exactly n) or, at most n, a price is negative.
+ * NM_ERR_VALUE on a bad score. */
 int nm_certify(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
                int64_t rs, int64_t cs, int m, int n, int saturate, const uint8_t *mask,
                int64_t mask_rs, const double *u, const double *v, double *kept, double *bound,
