@@ -98,37 +98,44 @@ def test_bad_weights_get_the_same_error_as_before(value):
         nmopt.find_mask(w, "2:4")
 
 
-def test_an_invalid_mask_from_the_kernel_is_refused(monkeypatch):
+def _with_flags(monkeypatch, flags):
+    """Make find_mask's kernel call break its own output (C testing hooks) before the certificate."""
     cffi = BACKENDS.instance("cffi")
     real = cffi.exact_matrix
+    monkeypatch.setattr(cffi, "exact_matrix", lambda *a, **k: real(*a, **k, flags=flags))
 
-    def broken(*args, **kw):
-        mask, u, v, status = real(*args, **kw)
-        mask[0, :] = True  # row 0 keeps all M of its first tile
-        return mask, u, v, status
 
-    monkeypatch.setattr(cffi, "exact_matrix", broken)
+def test_an_invalid_mask_from_the_kernel_is_refused(monkeypatch):
+    _with_flags(monkeypatch, 8)  # NM_FLAG_BREAK_MASK: row 0 of a tile keeps all M
     with pytest.raises(RuntimeError, match="invalid mask: tile 0 breaks 2:4"):
         nmopt.find_mask(np.random.default_rng(0).standard_normal((8, 8)), "2:4")
 
 
 def test_the_certificate_does_not_trust_the_kernel(monkeypatch):
-    cffi = BACKENDS.instance("cffi")
-    real = cffi.exact_matrix
-
-    def loose(*args, **kw):
-        mask, u, v, status = real(*args, **kw)
-        return mask, u * 0, v * 0, status  # valid prices, but not optimal ones
-
-    monkeypatch.setattr(cffi, "exact_matrix", loose)
+    _with_flags(monkeypatch, 16)  # NM_FLAG_ZERO_PRICES: valid prices, not optimal ones
     w = np.random.default_rng(0).standard_normal((8, 8))
     res = nmopt.find_mask(w, "2:4")
     assert not res.optimal and res.gap > 0.1
     assert res.bound == pytest.approx(np.abs(w).sum())  # B(0, 0) = every score
-    nan = lambda *a, **k: (lambda r: (r[0], r[1] * np.nan, r[2], r[3]))(real(*a, **k))  # noqa: E731
-    monkeypatch.setattr(cffi, "exact_matrix", nan)
-    with pytest.raises(RuntimeError, match="prices that are not finite"):
-        nmopt.find_mask(w, "2:4")
+
+
+def test_the_standalone_certificate_flags_broken_masks_and_prices():
+    cffi = BACKENDS.instance("cffi")
+    w = np.random.default_rng(1).standard_normal((16, 16)).astype(np.float32)
+    mask, u, v, _ = cffi.exact_matrix(w, 2, 4, absolute=True)
+    kept, bound, short, bad = cffi.certify_matrix(w, 2, 4, absolute=True, saturate=False,
+                                                  mask=mask, u=u, v=v)
+    assert not bad.any() and np.allclose(kept, bound, rtol=1e-12)
+    broken = mask.copy()
+    broken[5, 4:8] = True  # tile (1, 1): a row keeps 4
+    assert cffi.certify_matrix(w, 2, 4, absolute=True, saturate=False, mask=broken, u=u,
+                               v=v)[3].nonzero()[0].tolist() == [5]
+    neg = v.copy()
+    neg[2, 0] = -1.0  # at most N: a negative price is refused, not used
+    assert cffi.certify_matrix(w, 2, 4, absolute=True, saturate=False, mask=mask, u=u,
+                               v=neg)[3].nonzero()[0].tolist() == [2]
+    assert not cffi.certify_matrix(w, 2, 4, absolute=True, saturate=True, mask=mask, u=u,
+                                   v=neg)[3][2]  # exactly N: any sign
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8", "8:16", "16:32", "3:8"])

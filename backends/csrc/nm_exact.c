@@ -56,6 +56,13 @@ NM_SIMD_CLONES static void exact_task(void *vctx, int64_t lo, int64_t hi)
             nm_q4_run(c, slots, b, e);
         else
             nm_general_run(c, slots, b, e);
+        if (c->flags & NM_FLAG_BREAK_MASK) {
+            int64_t rs;
+            memset(nm_tile_mask_out(c, b, &rs), 1, (size_t)c->m);
+        }
+        if (c->flags & NM_FLAG_ZERO_PRICES)
+            for (int64_t q = b * c->m; q < e * c->m; q++)
+                c->u[q] = c->v[q] = 0.0;
         if (c->cert.kept && nm_get_error(&c->err) == NM_OK) {
             const int rc = nm_certify_range(&c->src, &c->cert, c->m, c->n, c->sat, c->mask,
                                             c->mask_rs, c->u, c->v, b, e);

@@ -34,7 +34,11 @@ enum {
 enum {
     NM_FLAG_FORCE_FALLBACK = 1, /* run the fallback on every tile, from the solved mask */
     NM_FLAG_COLD_FALLBACK = 2,  /* run the fallback on every tile, from a trivial mask */
-    NM_FLAG_GENERAL_PATH = 4    /* M = 4: skip the register path, solve as for any M */
+    NM_FLAG_GENERAL_PATH = 4,   /* M = 4: skip the register path, solve as for any M */
+    NM_FLAG_BREAK_MASK = 8,     /* nm_exact_matrix: keep all of row 0 of each block's first
+                                 * tile, before the certificate (it must flag the tile) */
+    NM_FLAG_ZERO_PRICES = 16    /* nm_exact_matrix: prices 0 before the certificate (a valid
+                                 * but loose bound) */
 };
 
 /* Relative tolerances of the exact kernel's self-check (see nm_exact.c). */
