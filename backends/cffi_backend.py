@@ -88,6 +88,7 @@ def _bad_scores(tiles: np.ndarray, negative_ok: bool) -> ValueError:
 
 #: Element types the C kernels read in place (nmopt_kernels.h: NM_F64, NM_F32, NM_F16, NM_BF16).
 _DTYPE_CODES = {"float64": 0, "float32": 1, "float16": 2, "bfloat16": 3}
+_ROWWISE = 32  # NM_FLAG_ROWWISE
 
 
 def matrix_arg(x):
@@ -213,13 +214,14 @@ class CffiBackend(Backend):
         return mask.view(np.bool_), u, v, status
 
     def exact_matrix(self, x, n, m, *, absolute, saturate=False, warm=None, certify=False,
-                     flags: int = 0):
+                     rowwise=False, flags: int = 0):
         """:meth:`exact` on a 2-D matrix read in place (``matrix_arg``; rows and columns
         multiples of ``m``): scores ``|x|`` when ``absolute``, else ``x``. ``warm``: the mask
         (rows, cols) and tile prices u, v (T, M) of a previous solve to start from (at most N
         only). Returns ``(mask (rows, cols) bool, u, v, status)``, and with ``certify`` also
         :meth:`certify_matrix`'s four arrays, computed by its C routine on each block of tiles
-        right after the solve. Raises ``ValueError`` on a NaN, infinite (or, for scores,
+        right after the solve. ``rowwise``: row-wise N:M instead (the top N of every row of
+        every tile; v = 0). Raises ``ValueError`` on a NaN, infinite (or, for scores,
         negative) value."""
         ptr, code, rs, cs, owner = matrix_arg(x)
         rows, cols = owner.shape
@@ -241,7 +243,8 @@ class CffiBackend(Backend):
             wu, wv = k.ffi.from_buffer("double[]", w_u), k.ffi.from_buffer("double[]", w_v)
         cert = _cert_arrays(t) if certify else None
         rc = k.lib.nm_exact_matrix(k.ffi.cast("void *", ptr), code, int(bool(absolute)), rows,
-                                   cols, rs, cs, m, n, int(bool(saturate)), int(flags), wx, wu,
+                                   cols, rs, cs, m, n, int(bool(saturate)),
+                                   int(flags) | (_ROWWISE if rowwise else 0), wx, wu,
                                    wv, k.ffi.from_buffer("uint8_t[]", mask), cols,
                                    k.ffi.from_buffer("double[]", u),
                                    k.ffi.from_buffer("double[]", v),
@@ -254,11 +257,11 @@ class CffiBackend(Backend):
         out = (mask.view(np.bool_), u, v, status)
         return out + (*cert[:3], cert[3].view(np.bool_)) if certify else out
 
-    def certify_matrix(self, x, n, m, *, absolute, saturate, mask, u, v):
+    def certify_matrix(self, x, n, m, *, absolute, saturate, mask, u, v, rowwise=False):
         """The certificate of ``mask`` (rows, cols) and prices ``u``, ``v`` (T, M) on ``x``,
         computed apart from the solver (``backends/csrc/nm_certify.c``): per tile the kept
         score, the dual bound, the rows plus columns below N, and 1 where a row or column
-        breaks the pattern."""
+        breaks the pattern (``rowwise``: rows only)."""
         ptr, code, rs, cs, owner = matrix_arg(x)
         rows, cols = owner.shape
         k = _load()
@@ -270,7 +273,7 @@ class CffiBackend(Backend):
             raise ValueError("certify: mask, u or v does not match the matrix")
         kept, bound, nshort, bad = cert = _cert_arrays(t)
         rc = k.lib.nm_certify(k.ffi.cast("void *", ptr), code, int(bool(absolute)), rows, cols,
-                              rs, cs, m, n, int(bool(saturate)),
+                              rs, cs, m, n, int(bool(saturate)), _ROWWISE if rowwise else 0,
                               k.ffi.from_buffer("uint8_t[]", mask), cols,
                               k.ffi.from_buffer("double[]", u), k.ffi.from_buffer("double[]", v),
                               *_cert_args(k, cert), self.num_threads)

@@ -159,7 +159,7 @@ def _check_warm(warm, p, shape, transposable, saturate):
     return warm
 
 
-def _solve_in_place(src, p, grid, saturate, warm, engine, start, fallbacks):
+def _solve_in_place(src, p, grid, saturate, warm, engine, name, start, fallbacks):
     """The whole call on the C kernels, reading the weights where they lie: solve, and
     certify by a separate C routine (``nm_certify``) on each block of tiles right after it is
     solved. None when a value is not finite (the general path then raises the error that
@@ -170,25 +170,27 @@ def _solve_in_place(src, p, grid, saturate, warm, engine, start, fallbacks):
         warm = (np.reshape(prev, (grid.rows, grid.cols)), *grid.matrices_to_prices(warm.u, warm.v))
     try:
         mask, u_t, v_t, status, kept, tile_bound, short, bad = engine.exact_matrix(
-            x, p.n, p.m, absolute=absolute, saturate=saturate, warm=warm, certify=True)
+            x, p.n, p.m, absolute=absolute, saturate=saturate, warm=warm, certify=True,
+            rowwise=name == "rowwise")
     except ValueError:
         return None
-    warn_unverified("exact", status)
+    warn_unverified(name, status)
     if not (np.isfinite(u_t).all() and np.isfinite(v_t).all()):
-        raise RuntimeError("solver 'exact' returned prices that are not finite")
+        raise RuntimeError(f"solver {name!r} returned prices that are not finite")
     if bad.any():
-        raise RuntimeError(f"solver 'exact' returned an invalid mask: tile "
+        raise RuntimeError(f"solver {name!r} returned an invalid mask: tile "
                            f"{int(np.flatnonzero(bad)[0])} breaks {p}")
     with np.errstate(over="ignore"):
         objective, bound = float(kept.sum()), float(tile_bound.sum())
-    bound = _checked_bound("exact", bound, objective, "weights" if absolute else "scores")
+    bound = _checked_bound(name, bound, objective, "weights" if absolute else "scores")
     big_u, big_v = grid.prices_to_matrices(u_t, v_t)
     gap = (bound - objective) / bound if bound > 0 else 0.0
     return MaskResult(
         mask=kind.bool_array(mask), objective=objective, bound=bound, gap=gap,
-        optimal=gap <= OPTIMALITY_TOL, deficit=int(short.sum()), solver="exact",
+        optimal=gap <= OPTIMALITY_TOL, deficit=int(short.sum()), solver=name,
         backend=engine.name, seconds=time.perf_counter() - start, u=big_u, v=big_v,
-        pattern=str(p), transposable=True, saturate=bool(saturate), fallbacks=fallbacks)
+        pattern=str(p), transposable=name != "rowwise", saturate=bool(saturate),
+        fallbacks=fallbacks)
 
 
 def _checked_bound(name, bound, objective, what):
@@ -263,8 +265,9 @@ def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = F
         inst, engine, fallbacks = plan(solver, backend, p.n, p.m, transposable=bool(transposable),
                                        saturate=bool(saturate), num_tiles=grid.num_tiles,
                                        edge_tiles=edge_tiles, framework=framework)
-        if inst.name == "exact" and engine.name == "cffi" and not edge_tiles:
-            res = _solve_in_place(src, p, grid, bool(saturate), warm, engine, start, fallbacks)
+        if inst.name in ("exact", "rowwise") and engine.name == "cffi" and not edge_tiles:
+            res = _solve_in_place(src, p, grid, bool(saturate), warm, engine, inst.name, start,
+                                  fallbacks)
             if res is not None:
                 return res
     s, kind = _prepare(weights, scores)

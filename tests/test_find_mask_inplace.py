@@ -70,12 +70,24 @@ def test_torch_cpu_tensors_are_read_in_place(dtype):
     assert nmopt.find_mask(conv, "4:8").objective == pytest.approx(res.objective, rel=1e-12)
 
 
-def test_torch_cpu_row_wise_runs_on_the_c_kernels():
-    t = torch.randn(64, 64)
-    res = nmopt.find_mask(t, "2:4", transposable=False)
-    assert res.backend == "cffi" and isinstance(res.mask, torch.Tensor)
-    assert res.objective == pytest.approx(nmopt.find_mask(t.numpy(), "2:4",
-                                                          transposable=False).objective)
+@pytest.mark.parametrize("pattern", ["1:1", "2:4", "3:8", "8:16", "5:13"])
+@pytest.mark.parametrize("saturate", [False, True])
+def test_row_wise_runs_in_place_on_the_c_kernels(pattern, saturate):
+    m = int(pattern.split(":")[1])
+    w = np.random.default_rng(7).standard_normal((3 * m, 4 * m)).astype(np.float32)
+    w[0, :m] = 0.0  # a zero group: ties and a price of 0
+    t = torch.from_numpy(w)
+    res = nmopt.find_mask(t, pattern, transposable=False, saturate=saturate)
+    assert res.backend == "cffi" and res.solver == "rowwise" and not res.transposable
+    assert isinstance(res.mask, torch.Tensor) and res.optimal
+    nmopt.check_mask(res.mask, pattern, False)
+    tiled = nmopt.find_mask(np.abs(w[:-1]), pattern, transposable=False, saturate=saturate)
+    ref = nmopt.find_mask(np.abs(w), pattern, transposable=False, saturate=saturate,
+                          backend="numpy")  # the tiled path on the numpy backend
+    assert res.objective == pytest.approx(ref.objective, rel=1e-12)
+    assert np.array_equal(res.mask.numpy(), ref.mask) and res.deficit == ref.deficit
+    np.testing.assert_allclose(res.u, ref.u)
+    assert tiled.optimal  # an edge tile: the tiled path
 
 
 def test_scores_are_read_in_place_and_checked():

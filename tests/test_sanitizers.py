@@ -116,6 +116,11 @@ for m in (1, 3, 4, 8, 13, 32, 64):
                 kept, bound, short, bad = b.certify_matrix(x, n, m, absolute=True, saturate=sat,
                                                            mask=mask, u=u, v=v)
                 assert not bad.any() and (bound >= kept * (1 - 1e-9)).all()
+                mask2, u2, v2, st2, *cert = b.exact_matrix(x, n, m, absolute=True, saturate=sat,
+                                                           rowwise=True, certify=True)
+                assert not cert[3].any()
+                b.certify_matrix(x, n, m, absolute=True, saturate=sat, mask=mask2, u=u2, v=v2,
+                                 rowwise=True)
             x2 = x + 1e-3 * rng.standard_normal(x.shape)
             b.exact_matrix(x2, n, m, absolute=True, warm=(mask, u, v))
         try:

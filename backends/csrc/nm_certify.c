@@ -12,7 +12,7 @@
 #include "nm_internal.h"
 
 NM_SIMD_CLONES int nm_certify_range(const nm_src *src, const nm_cert *out, int m, int n, int sat,
-                     const uint8_t *mask, int64_t mask_rs, const double *u, const double *v,
+                                    int rowwise, const uint8_t *mask, int64_t mask_rs, const double *u, const double *v,
                      int64_t lo, int64_t hi)
 {
     double s[NM_MAX_M * NM_MAX_M] NM_A64;
@@ -76,7 +76,7 @@ NM_SIMD_CLONES int nm_certify_range(const nm_src *src, const nm_cert *out, int m
                 nshort += rdeg < n;
             }
         }
-        for (int j = 0; j < m; j++) {
+        for (int j = 0; j < m && !rowwise; j++) {
             bad |= cdeg[j] > n || (sat && cdeg[j] != n);
             nshort += cdeg[j] < n;
         }
@@ -91,7 +91,7 @@ NM_SIMD_CLONES int nm_certify_range(const nm_src *src, const nm_cert *out, int m
 typedef struct {
     nm_src src;
     nm_cert out;
-    int m, n, sat;
+    int m, n, sat, rowwise;
     const uint8_t *mask;
     int64_t mask_rs;
     const double *u, *v;
@@ -101,14 +101,14 @@ typedef struct {
 NM_SIMD_CLONES static void certify_task(void *vctx, int64_t lo, int64_t hi)
 {
     certify_ctx *c = (certify_ctx *)vctx;
-    const int rc = nm_certify_range(&c->src, &c->out, c->m, c->n, c->sat, c->mask, c->mask_rs,
-                                    c->u, c->v, lo, hi);
+    const int rc = nm_certify_range(&c->src, &c->out, c->m, c->n, c->sat, c->rowwise, c->mask,
+                                    c->mask_rs, c->u, c->v, lo, hi);
     if (rc != NM_OK)
         nm_set_error(&c->err, rc);
 }
 
 int nm_certify(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
-               int64_t rs, int64_t cs, int m, int n, int saturate, const uint8_t *mask,
+               int64_t rs, int64_t cs, int m, int n, int saturate, int flags, const uint8_t *mask,
                int64_t mask_rs, const double *u, const double *v, double *kept, double *bound,
                int32_t *nshort, int8_t *bad, int nthreads)
 {
@@ -120,7 +120,7 @@ int nm_certify(const void *data, int dtype, int absolute, int64_t rows, int64_t 
     if (!data || !mask || !u || !v || !kept || !bound || !nshort || !bad)
         return NM_ERR_ARG;
     certify_ctx c = {{data, dtype, absolute != 0, rs, cs, cols / m}, {kept, bound, nshort, bad},
-                     m, n, saturate != 0, mask, mask_rs, u, v, 0};
+                     m, n, saturate != 0, (flags & NM_FLAG_ROWWISE) != 0, mask, mask_rs, u, v, 0};
     nm_parallel_for(nthreads, t, nm_grain(t, nthreads, 16, 64), certify_task, &c);
     return c.err;
 }

@@ -37,8 +37,11 @@ enum {
     NM_FLAG_GENERAL_PATH = 4,   /* M = 4: skip the register path, solve as for any M */
     NM_FLAG_BREAK_MASK = 8,     /* nm_exact_matrix: keep all of row 0 of each block's first
                                  * tile, before the certificate (it must flag the tile) */
-    NM_FLAG_ZERO_PRICES = 16    /* nm_exact_matrix: prices 0 before the certificate (a valid
+    NM_FLAG_ZERO_PRICES = 16,   /* nm_exact_matrix: prices 0 before the certificate (a valid
                                  * but loose bound) */
+    NM_FLAG_ROWWISE = 32        /* nm_exact_matrix and nm_certify: row-wise N:M (the top n of
+                                 * every row of every tile, prices u = the (n+1)-th largest,
+                                 * v = 0; columns unconstrained) instead of transposable */
 };
 
 /* Relative tolerances of the exact kernel's self-check (see nm_exact.c). */
@@ -80,9 +83,9 @@ int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int
  * solver: per tile the kept score, the dual bound n*sum(u) + n*sum(v) + sum(max(0, s-u-v)),
  * the rows plus columns keeping fewer than n (short), and bad = 1 where a row or column
  * keeps more than n (or, with saturate, not exactly n) or, at most n, a price is negative.
- * NM_ERR_VALUE on a bad score. */
+ * flags: NM_FLAG_ROWWISE checks rows only. NM_ERR_VALUE on a bad score. */
 int nm_certify(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
-               int64_t rs, int64_t cs, int m, int n, int saturate, const uint8_t *mask,
+               int64_t rs, int64_t cs, int m, int n, int saturate, int flags, const uint8_t *mask,
                int64_t mask_rs, const double *u, const double *v, double *kept, double *bound,
                int32_t *nshort, int8_t *bad, int nthreads);
 
