@@ -93,6 +93,10 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> None:
 def error_writing(path: str | os.PathLike, exc: BaseException, nbytes: int | None = None,
                   ) -> OutputWriteError:
     """One line for a failed write of output ``path``: the cause, e.g. no space left."""
+    cause = exc  # torch.save's own error hides the OSError of the write in its context
+    while not isinstance(cause, OSError) and (cause.__cause__ or cause.__context__) is not None:
+        cause = cause.__cause__ or cause.__context__
+    exc = cause if isinstance(cause, OSError) else exc
     text = str(exc)
     full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in text
     if not full and nbytes:

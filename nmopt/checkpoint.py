@@ -53,6 +53,40 @@ def checkpoint_format(path: str | os.PathLike, what: str = "checkpoint") -> str:
     return FORMATS[suffix]
 
 
+#: Files that mark a directory as a model (one that an output directory may replace).
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
+
+
+def input_clash(input_path: str | os.PathLike, path: str | os.PathLike) -> str | None:
+    """Why output ``path`` must not be written when reading ``input_path`` (None if it may).
+
+    An output replacing a directory that holds the input would delete the input, and one
+    inside an input directory would change it. ``path`` itself is what gets replaced, so a
+    symlink there is not followed (its directory's are).
+    """
+    inp, out = Path(os.path.realpath(input_path)), Path(path)
+    dest = (Path(os.path.realpath(out)) if out.name in ("", ".", "..")
+            else Path(os.path.realpath(out.parent if str(out.parent) else ".")) / out.name)
+    if inp != dest and inp.is_relative_to(dest):
+        return f"contains the input {str(input_path)!r}; replacing it would delete the input"
+    if inp.is_dir() and inp != dest and dest.is_relative_to(inp):
+        return "is inside the input directory; write to another path"
+    return None
+
+
+def replace_refusal(path: str | os.PathLike) -> str | None:
+    """Why an existing output ``path`` must not be replaced even with ``--force`` (None if it
+    may): a non-empty directory that holds no model (``MODEL_FILES``), so that ``--force``
+    never deletes unrelated files."""
+    dest = Path(path)
+    if dest.is_dir() and not dest.is_symlink() and any(dest.iterdir()) \
+            and not any((dest / f).exists() for f in MODEL_FILES):
+        return ("is a directory that holds no model (no config.json, model.safetensors or "
+                "its index); nmopt replaces only model directories, even with --force: remove "
+                "it yourself or write elsewhere")
+    return None
+
+
 def _have_torch() -> bool:
     return importlib.util.find_spec("torch") is not None
 
@@ -153,7 +187,8 @@ def _write(tensors: dict[str, Any], tmp: str, fmt: str, metadata: dict[str, str]
     if fmt == "torch":
         import torch
 
-        torch.save(dict(tensors), tmp)
+        with open(tmp, "wb") as f:  # a failed write then shows its OSError (error_writing)
+            torch.save(dict(tensors), f)
         return
     meta = dict(metadata or {})
     if is_torch:

@@ -16,7 +16,14 @@ from pathlib import Path
 import nmopt
 from nmopt import backends, bench, solvers
 from nmopt._report import Column, format_table
-from nmopt.checkpoint import CheckpointError, OutputExistsError, check_writable, checkpoint_format
+from nmopt.checkpoint import (
+    CheckpointError,
+    OutputExistsError,
+    check_writable,
+    checkpoint_format,
+    input_clash,
+    replace_refusal,
+)
 from nmopt.demo import DEMO_TIME_LIMIT, run_demo
 from nmopt.errors import UsageError
 from nmopt.patterns import parse_pattern
@@ -108,12 +115,18 @@ def _check_outputs(args) -> None:
     for flag, path in outs:
         if _same_file(inp, path):
             raise UsageError(f"{flag} {str(path)!r} is the input file; write to another path")
+        why = input_clash(inp, path)  # --out holding the input, --masks inside the input dir
+        if why:
+            raise UsageError(f"{flag} {str(path)!r} {why}")
     for i, (flag, path) in enumerate(outs):
         for flag2, path2 in outs[i + 1:]:
             if _same_file(path, path2):
                 raise UsageError(f"{flag} and {flag2} name the same file {str(path)!r}")
         if path.exists() and not args.force:
             raise UsageError(f"{flag} {str(path)!r} exists; pass --force to overwrite it")
+        why = replace_refusal(path)
+        if why:
+            raise UsageError(f"{flag} {str(path)!r} {why}")
         if path.is_dir() and not (in_dir and flag == "--out"):
             raise UsageError(f"{flag} {str(path)!r} is a directory")
 

@@ -129,6 +129,10 @@ def decode(lay: PackedLayout, values: np.ndarray, index: np.ndarray) -> np.ndarr
     store = values.dtype
     v = np.ascontiguousarray(values).view(_PACKABLE[store.itemsize])
     positions = unpack_bits(index, lay.bits, lay.width)
+    if lay.pattern.n > 1 and positions.size:  # a group's N positions are distinct (the format)
+        ordered = np.sort(positions.reshape(positions.shape[0], -1, lay.pattern.n), axis=2)
+        if (ordered[..., 1:] == ordered[..., :-1]).any():
+            raise ValueError("a group of M holds the same position twice")
     dense = unpack(PackedNM(v, positions, lay.pattern.n, lay.pattern.m, (v.shape[0], lay.cols)))
     return dense.view(store).reshape((v.shape[0], *lay.dense.shape[1:]))
 
@@ -147,16 +151,23 @@ class TensorFile(SafetensorsReader):
         if KEY in meta:
             try:
                 info = json.loads(meta.pop(KEY))
+                if info.get("version") != VERSION:
+                    raise ValueError(f"version {info.get('version')!r}; this nmopt reads version "
+                                     f"{VERSION} (upgrade nmopt)")
                 for name, d in info["tensors"].items():
                     values = stored[name + VALUES]
                     lay = PackedLayout(Entry(name, values.code, tuple(d["shape"])), parse_pattern(d["pattern"]))
+                    if d.get("index_bits", lay.bits) != lay.bits:
+                        raise ValueError(f"tensor {name!r}: index_bits {d['index_bits']!r} is not "
+                                         f"{lay.bits} for {lay.pattern}")
                     if [(n, c, tuple(s)) for n, c, s in lay.entries()] != [
                             (e.name, e.code, e.shape) for e in (values, stored[name + INDEX])]:
                         raise ValueError(f"tensor {name!r}: stored shapes do not match {d}")
                     self.packed[name] = lay
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 self.close()
-                raise CheckpointError(f"input {str(self.path)!r}: invalid nm-packed metadata ({exc})") from None
+                why = f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
+                raise CheckpointError(f"input {str(self.path)!r}: invalid nm-packed metadata ({why})") from None
         hidden = {n + suffix for n in self.packed for suffix in (VALUES, INDEX)}
         self.entries = {}
         for e in stored.values():
@@ -171,8 +182,12 @@ class TensorFile(SafetensorsReader):
         lay = self.packed.get(name)
         if lay is None:
             return super().read(name, start, stop)
-        return decode(lay, self.read_entry(self.stored[name + VALUES], start, stop),
-                      self.read_entry(self.stored[name + INDEX], start, stop))
+        try:
+            return decode(lay, self.read_entry(self.stored[name + VALUES], start, stop),
+                          self.read_entry(self.stored[name + INDEX], start, stop))
+        except ValueError as exc:
+            raise CheckpointError(f"input {str(self.path)!r}: tensor {name!r}: corrupt nm-packed "
+                                  f"data ({exc})") from None
 
 
 def load_pruned(path: str | os.PathLike) -> dict[str, Any]:

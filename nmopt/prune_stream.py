@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -69,6 +70,8 @@ def prune_path(input_path, out_path, pattern, *, fmt: str = "dense", masks_path=
     p = parse_pattern(pattern)
     solve = dict(transposable=transposable, saturate=saturate, solver=solver, backend=backend)
     shards, index = model_shards(src) if src.is_dir() else ([src.name], None)
+    if src.is_dir():
+        _check_others(src, shards)  # before any work: a file that could not be copied
     base = src if src.is_dir() else src.parent
     with contextlib.ExitStack() as inputs:
         readers = [inputs.enter_context(TensorFile(base / s)) for s in shards]
@@ -83,6 +86,10 @@ def prune_path(input_path, out_path, pattern, *, fmt: str = "dense", masks_path=
             raise ValueError(f"nothing to prune in {str(src)!r}: no 2-D/4-D float weight was "
                              "selected (embeddings need --include; check --include/--exclude)")
         layouts = {n: layout(entries[n], p) for n in names} if fmt == "nm-packed" else {}
+        for clash in (s[0] for lay in layouts.values() for s in lay.entries() if s[0] in entries):
+            raise ValueError(f"--format nm-packed: the input already has a tensor {clash!r}, the "
+                             "name of a packed part; rename it, --exclude its weight or use "
+                             "--format dense")
         bar = tqdm(total=sum(e.nbytes for e in entries.values()), unit="B", unit_scale=True,
                    desc="pruning", leave=False, disable=None if progress is None else not progress)
         inputs.callback(bar.close)
@@ -151,6 +158,14 @@ def _copy(reader: TensorFile, out: SafetensorsWriter, e) -> None:
     step = max(1, COPY_BYTES // max(1, e.nbytes // max(1, e.rows)))
     for r0 in range(0, e.rows, step):
         out.write(e.name, reader.read(e.name, r0, min(e.rows, r0 + step)))
+
+
+def _check_others(src: Path, shards: list[str]) -> None:
+    """CheckpointError naming the first file of ``src`` that copying would fail on (a broken link)."""
+    for item in sorted(src.rglob("*")):
+        if item.is_symlink() and not item.exists():
+            raise CheckpointError(f"input {str(item)!r}: a broken symbolic link (to "
+                                  f"{os.readlink(item)!r}), which cannot be copied; remove it or fix it")
 
 
 def _copy_others(src: Path, root: Path, shards: list[str], index, weight_map, sizes) -> list[str]:

@@ -383,3 +383,20 @@ def test_sparse_and_meta_tensors_are_named(tmp_path, kind):
     torch.save({"ok": torch.ones(2), "layer.weight": bad}, path)
     with pytest.raises(CheckpointError, match=f"tensor 'layer.weight' is .*{kind}"):
         load(path)
+
+
+def test_a_failed_pt_write_names_its_cause_not_torch_internals(tmp_path):
+    """torch.save's ``inline_container.cc ... unexpected pos`` hid why a .pt write failed."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # writes past 4 KiB fail (EFBIG)
+    try:
+        with pytest.raises(OutputWriteError) as info:
+            save({"w": torch.zeros(64, 64)}, tmp_path / "o.pt")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(info.value) == f"output {str(tmp_path / 'o.pt')!r}: file too large"
+    assert _listing(tmp_path) == []
+    full = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 896 vs 790")
+    full.__context__ = OSError(errno.ENOSPC, "No space left on device")
+    assert str(atomic.error_writing("o.pt", full)) == "output 'o.pt': no space left on device"

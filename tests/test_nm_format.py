@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import nmopt
-from nmopt.checkpoint import load, save
+from nmopt.checkpoint import CheckpointError, load, save
 from nmopt.cli import main
 from nmopt.nm_format import INDEX, KEY, VALUES, decode, encode, layout, pack_bits, unpack_bits
 from nmopt.patterns import parse_pattern
@@ -171,3 +171,41 @@ def test_packed_file_as_input_of_a_pytorch_output(tmp_path):
     assert main(["prune", str(tmp_path / "packed.safetensors"), "--pattern", "2:4",
                  "--out", str(tmp_path / "o.pt"), "--no-progress"]) == 0
     assert torch.equal(load(tmp_path / "o.pt")["w"], dense["w"])
+
+
+def test_a_tensor_named_like_a_packed_part_is_refused_before_work(tmp_path):
+    """It failed mid-write with "tensor 'a.weight.nm_values': 128 bytes written beyond its size"."""
+    save({"a.weight": torch.randn(8, 8), "a.weight.nm_values": torch.randn(8)}, tmp_path / "in.safetensors")
+    with pytest.raises(ValueError, match="already has a tensor 'a.weight.nm_values'.*--format dense"):
+        prune_path(tmp_path / "in.safetensors", tmp_path / "o.safetensors", "4:8", fmt="nm-packed",
+                   progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+def test_corrupt_packed_files_are_refused_naming_file_and_tensor(tmp_path):
+    """Duplicate or out-of-range positions, an unknown version or index width loaded silently
+    (wrong weights) or as a bare ValueError."""
+    from safetensors import safe_open
+
+    save({"w": torch.randn(12, 12)}, tmp_path / "in.safetensors")
+    prune_path(tmp_path / "in.safetensors", tmp_path / "p.safetensors", "3:6", fmt="nm-packed",
+               progress=False)
+    with safe_open(str(tmp_path / "p.safetensors"), "pt") as f:
+        meta, good = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+    def write(name, tensors=good, **info):
+        d = json.loads(meta[KEY])
+        d.update({k: v for k, v in info.items() if k == "version"})
+        d["tensors"]["w"].update({k: v for k, v in info.items() if k != "version"})
+        path = tmp_path / f"{name}.safetensors"
+        safetensors_torch.save_file(tensors, str(path), metadata={**meta, KEY: json.dumps(d)})
+        return path
+
+    cases = {"same position twice": write("dup", {**good, "w" + INDEX: torch.zeros_like(good["w" + INDEX])}),
+             "version 2; this nmopt reads version 1": write("ver", version=2),
+             "index_bits 4 is not 3": write("bits", index_bits=4),
+             "positions must be < M=6, found 7": write("range", {**good, "w" + INDEX: torch.from_numpy(
+                 pack_bits(np.tile(np.array([5, 6, 7], np.uint8), (12, 2)), 3))})}
+    for text, path in cases.items():
+        with pytest.raises(CheckpointError, match=f"^input '{path}': .*{text}"):
+            nmopt.load_pruned(path)

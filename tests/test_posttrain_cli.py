@@ -139,6 +139,9 @@ def test_refuses_an_existing_out_dir_without_force(tiny, tmp_path, capsys):
     (out / "old.txt").write_text("old")
     assert main(_args(tiny, out, method="magnitude")) == 2
     assert "exists; pass --force" in _one_error_line(capsys)
+    assert main(_args(tiny, out, "--force", method="magnitude")) == 2  # holds no model
+    assert "holds no model" in _one_error_line(capsys) and (out / "old.txt").exists()
+    (out / "config.json").write_text("{}")  # a previous output: replaced whole
     assert main(_args(tiny, out, "--force", method="magnitude")) == 0
     assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
     assert _leftovers(tmp_path) == []
@@ -218,9 +221,11 @@ def test_keyboard_interrupt_leaves_existing_out_dir_intact(tiny, tmp_path, capsy
     out = tmp_path / "pruned"
     out.mkdir()
     (out / "keep.txt").write_text("keep")
+    (out / "config.json").write_text("{}")  # a previous output
     monkeypatch.setattr(prune_cli, "save_pretrained_dir", interrupted)
     assert main(_args(tiny, out, "--force", method="magnitude")) == 130
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and _leftovers(tmp_path) == []
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "keep.txt"]
+    assert _leftovers(tmp_path) == []
 
 
 def test_bench_posttrain_on_the_tiny_model(tiny, tmp_path, capsys):

@@ -206,3 +206,55 @@ def test_bench_prune_memory_small(tmp_path, capsys):
     assert [r["run"] for r in data["rows"]] == ["stream", "stream nm-packed", "load whole"]
     assert all(r["returncode"] == 0 and r["peak_rss_mib"] > 0 for r in data["rows"])
     assert data["rows"][1]["output_fraction"] < 0.6 and data["target"]["met"]
+
+
+def test_outputs_that_would_destroy_the_input_are_refused_before_work(model, tmp_path, capsys):
+    """--force used to replace a directory holding the input (deleting it) and to write --masks
+    or --report over a file of the input directory."""
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    shard = model / "model-00001-of-00003.safetensors"
+    cases = [(["--out", str(tmp_path)], f"--out '{tmp_path}' contains the input"),
+             (["--out", str(tmp_path / "o"), "--masks", str(shard)], "is inside the input directory"),
+             (["--out", str(tmp_path / "o"), "--report", str(model / "config.json")],
+              "is inside the input directory")]
+    for argv, text in cases:
+        assert main(["prune", str(model), "--pattern", "2:4", "--force", "--no-progress", *argv]) == 2
+        err = capsys.readouterr().err
+        assert text in err and err.count("\n") == 1, err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert main(["prune", str(model), "--pattern", "2:4", "--out", str(tmp_path / "o")]) == 0
+    assert main(["prune", str(model), "--pattern", "4:8", "--out", str(tmp_path / "o"), "--force"]) == 0
+
+
+def test_a_broken_link_in_the_model_directory_is_refused_before_work(model, tmp_path, capsys,
+                                                                      monkeypatch):
+    """It failed after every layer was solved, as "output ...: no such file or directory"."""
+    (model / "tokenizer.model").symlink_to(tmp_path / "gone")
+    monkeypatch.setattr(prune_mod, "find_mask", lambda *a, **k: pytest.fail("solved first"))
+    assert main(["prune", str(model), "--pattern", "2:4", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert f"input '{model / 'tokenizer.model'}': a broken symbolic link" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_model_cli_refuses_outputs_that_would_destroy_the_input(model, tmp_path):
+    from nmopt.posttrain.prune_cli import check_outputs
+
+    with pytest.raises(ValueError, match="contains the input .*would delete the input"):
+        check_outputs(model, tmp_path, force=True)
+    with pytest.raises(ValueError, match="--report .* is inside the input directory"):
+        check_outputs(model, tmp_path / "o", report=model / "config.json", force=True)
+
+
+def test_force_replaces_only_model_directories(model, tmp_path, capsys):
+    victim = tmp_path / "victim"
+    (victim / "deep").mkdir(parents=True)
+    (victim / "deep" / "precious.txt").write_text("keep me")
+    argv = ["prune", str(model), "--pattern", "2:4", "--out", str(victim), "--force", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds no model" in err and err.count("\n") == 0
+    assert (victim / "deep" / "precious.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()  # an empty directory, and a previous output, are replaced
+    assert main([*argv[:5], str(tmp_path / "empty"), "--force", "--no-progress"]) == 0
+    assert main([*argv[:5], str(tmp_path / "empty"), "--force", "--no-progress"]) == 0

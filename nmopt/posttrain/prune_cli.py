@@ -13,7 +13,14 @@ import sys
 from pathlib import Path
 
 from nmopt import solvers
-from nmopt.checkpoint import AtomicFiles, check_writable, error_writing, write_checkpoint
+from nmopt.checkpoint import (
+    AtomicFiles,
+    check_writable,
+    error_writing,
+    input_clash,
+    replace_refusal,
+    write_checkpoint,
+)
 from nmopt.errors import UsageError
 from nmopt.posttrain import PruneConfig, prune_model
 from nmopt.posttrain.pretrained import (
@@ -45,11 +52,17 @@ def check_outputs(model_path, out, masks=None, report=None, force: bool = False)
             raise ValueError(f"{flag} {str(path)!r} is the input model; write to another path")
         if flag == "--out" and path.resolve().is_relative_to(model_path.resolve()):
             raise ValueError(f"--out {str(path)!r} is inside the input model directory")
+        why = input_clash(model_path, path)  # a directory holding the model, a file inside it
+        if why:
+            raise ValueError(f"{flag} {str(path)!r} {why}")
         for flag2, path2 in outs[i + 1:]:
             if os.path.realpath(path) == os.path.realpath(path2):
                 raise ValueError(f"{flag} and {flag2} name the same path {str(path)!r}")
         if path.exists() and not force:
             raise ValueError(f"{flag} {str(path)!r} exists; pass --force to overwrite it")
+        why = replace_refusal(path)
+        if why:
+            raise ValueError(f"{flag} {str(path)!r} {why}")
         if flag != "--out" and path.is_dir():
             raise ValueError(f"{flag} {str(path)!r} is a directory")
         if flag == "--out" and path.exists() and not path.is_dir():
