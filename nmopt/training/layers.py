@@ -35,6 +35,14 @@ def check_tile_mask(mask2d, n: int, m: int, transposable: bool, name: str = "mas
         raise RuntimeError(f"{name}: not a valid {n}:{m} {kind} mask: {exc}") from None
 
 
+# A sparse layer's attribute holding ``(key, MaskResult)`` of its last ``find_mask`` refresh,
+# passed as ``warm_start`` to the next one with the same key (weights' shape, pattern,
+# transposable, solver): the exact C kernel then re-solves from the previous mask and prices, to
+# the same optimum (see ``refresh.compute_masks``). A cache: not in the state dict nor in pickles,
+# dropped on any other route or key, kept only where the C kernel uses it (M > 4).
+WARM_START = "_nmopt_warm_start"
+
+
 class _SparseLayer(nn.Module):
     """Shared state of sparse layers: mask buffer, config, refresh statistics, GEMM plan."""
 
@@ -56,6 +64,13 @@ class _SparseLayer(nn.Module):
         self._plan_key = None
         self._plan = None
         self._plan_note = ""
+
+    def __getstate__(self):
+        """Pickled (``torch.save(model)``, ``copy.deepcopy``) without the refresh's warm-start
+        result: a cache, rebuilt by the next refresh."""
+        state = super().__getstate__()
+        state.pop(WARM_START, None)
+        return state
 
     def weight_2d(self):
         """The (out, in*k...) view of the weight the mask is defined on."""
