@@ -175,7 +175,7 @@ def _solve_in_place(src, p, grid, saturate, warm, engine, name, start, fallbacks
     except ValueError:
         return None
     warn_unverified(name, status)
-    if not (np.isfinite(u_t).all() and np.isfinite(v_t).all()):
+    if not np.isfinite(tile_bound).all() and np.isfinite(kept).all():  # a price is inf or NaN
         raise RuntimeError(f"solver {name!r} returned prices that are not finite")
     if bad.any():
         raise RuntimeError(f"solver {name!r} returned an invalid mask: tile "
