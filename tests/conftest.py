@@ -57,3 +57,43 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn_ranks(worker: str, tmp: Path, *args: str, world: int = 2, timeout: int = 120) -> list[Path]:
+    """Run ``worker`` (Python source) as ``world`` processes, argv ``rank world port out *args``;
+    fail the test with a process's log if any fails or runs past ``timeout`` s. Returns the
+    ``out`` paths (one per rank) the workers wrote."""
+    import subprocess
+
+    script = tmp / "worker.py"
+    script.write_text(worker)
+    port = str(_free_port())
+    outs = [tmp / f"rank{r}.pt" for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), port, str(outs[r]),
+                               *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"{world} worker processes did not finish within {timeout} s")
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log
+    return outs
+
+
+@pytest.fixture(scope="session")
+def spawn_ranks():
+    """:func:`_spawn_ranks`: multi-process tests (DDP, FSDP2) on one machine."""
+    return _spawn_ranks

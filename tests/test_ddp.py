@@ -4,9 +4,6 @@ where a machine has them (marked ``gpu``)."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -79,12 +76,6 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 TWO_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2 \
     and torch.distributed.is_nccl_available()
 
@@ -94,27 +85,10 @@ TWO_GPUS = torch.cuda.is_available() and torch.cuda.device_count() >= 2 \
     pytest.param("nccl", marks=[pytest.mark.gpu, pytest.mark.skipif(
         not TWO_GPUS, reason="NCCL with two ranks needs two CUDA devices (none here)")]),
 ])
-def test_two_rank_ddp_masks_identical(tmp_path, backend):
+def test_two_rank_ddp_masks_identical(tmp_path, backend, spawn_ranks):
     import nmopt
 
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    port = str(free_port())
-    outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port, str(outs[r]),
-                               backend],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("DDP workers did not finish within 120 s")
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log
+    outs = spawn_ranks(WORKER, tmp_path, backend)
     r0, r1 = (torch.load(o) for o in outs)
     for key in ("rank_dependent", "auto"):
         a, b = r0[key], r1[key]

@@ -4,9 +4,6 @@ where each rank's rows are whole M-row tile bands (no weight gathered), gathered
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -150,33 +147,11 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def ranks(tmp_path_factory, spawn_ranks):
     """The two ranks' results (see WORKER)."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    script = tmp / "worker.py"
-    script.write_text(WORKER)
-    port = str(free_port())
-    outs = [tmp / f"rank{r}.pt" for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port, str(outs[r])],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=180)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("FSDP2 workers did not finish within 180 s")
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log
+    outs = spawn_ranks(WORKER, tmp, timeout=180)
     return [torch.load(o, weights_only=False) for o in outs]
 
 
