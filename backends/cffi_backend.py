@@ -96,7 +96,8 @@ def matrix_arg(x):
     CPU tensor, read in place (strides in elements), or None when the C kernels cannot read it."""
     if isinstance(x, np.ndarray):
         code = _DTYPE_CODES.get(x.dtype.name)
-        if code is None or x.ndim != 2 or any(st % x.itemsize for st in x.strides):
+        if code is None or x.ndim != 2 or not x.flags.aligned \
+                or any(st % x.itemsize for st in x.strides):
             return None
         return x.ctypes.data, code, x.strides[0] // x.itemsize, x.strides[1] // x.itemsize, x
     torch = sys.modules.get("torch")

@@ -193,3 +193,18 @@ def test_warm_start_mismatches_are_refused():
     res = nmopt.find_mask(odd, "4:8", warm_start=nmopt.find_mask(odd, "4:8"))
     assert res.optimal
     assert nmopt.find_mask(w, "4:8", solver="mcf", warm_start=prev).optimal
+
+
+def test_unaligned_broadcast_and_read_only_inputs():
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((16, 16)).astype(np.float32)
+    ref = nmopt.find_mask(w.astype(np.float64), "4:8", solver="mcf")
+    raw = np.frombuffer(b"\0" + w.tobytes(), dtype=np.uint8, offset=1)
+    unaligned = raw.view(np.float32).reshape(16, 16) if raw.ctypes.data % 4 == 0 else \
+        np.ndarray((16, 16), np.float32, buffer=raw.data)
+    assert not unaligned.flags.writeable
+    res = nmopt.find_mask(unaligned, "4:8")  # the tiled path when unaligned, else in place
+    assert res.objective == pytest.approx(ref.objective, rel=1e-9) and res.optimal
+    row = np.broadcast_to(w[:1], (16, 16))  # stride 0 along the rows
+    _check(nmopt.find_mask(row, "4:8"), np.abs(row.astype(np.float64)), "4:8",
+           _reference(np.abs(np.ascontiguousarray(row, dtype=np.float64)), "4:8"))
