@@ -139,7 +139,8 @@ def _in_place(weights, scores):
 
 
 def _check_warm(warm, p, shape, transposable, saturate):
-    """The previous result's column prices per tile, or None; refuse a mismatched one."""
+    """The previous result to start from, or None (none given, or a row-wise or exactly-N
+    problem, which start cold); refuse one of another pattern, shape or problem."""
     if warm is None:
         return None
     if not isinstance(warm, MaskResult):
