@@ -17,6 +17,7 @@ import nmopt
 from nmopt import backends
 from nmopt.posttrain import PruneConfig
 from nmopt.posttrain import admm as admm_mod
+from nmopt.posttrain import hessian as hessian_mod
 from nmopt.training import refresh
 from nmopt.training.layers import WARM_START
 
@@ -101,11 +102,11 @@ def test_warm_only_after_a_small_change(monkeypatch):
 
 def test_warm_admm_is_gated_by_the_change(monkeypatch):
     W, stats = admm_layer()
-    seen = spy(monkeypatch, admm_mod)
+    seen = spy(monkeypatch, hessian_mod)  # every projection: first, iterations, final
     admm_mod.admm(W, stats, PruneConfig(pattern="8:16", method="admm", admm_iters=30))
     # cold while the support moves a lot (the first iteration moved few, the second many),
-    # warm once it has settled
-    assert seen[:2] == [None, None] and seen[-1] is not None
+    # warm once it has settled; the first and final projections are cold
+    assert seen[:3] == [None, None, None] and seen[-2] is not None and seen[-1] is None
 
 
 def test_no_warm_start_kept_where_the_kernel_ignores_it():
@@ -128,12 +129,14 @@ def admm_layer():
 def test_warm_admm_gives_the_cold_layer(monkeypatch):
     W, stats = admm_layer()
     cfg = PruneConfig(pattern="8:16", method="admm", admm_iters=30)
-    seen = spy(monkeypatch, admm_mod)
+    seen = spy(monkeypatch, hessian_mod)
     monkeypatch.setattr(admm_mod, "_WARM_MAX_CHANGED", 1.0)  # always warm
     warm = admm_mod.admm(W.clone(), stats, cfg)
-    assert seen[0] is None and len(seen) >= 3 and all(s is not None for s in seen[1:])
+    iterations = seen[1:-1]  # between the cold first and final projections
+    assert seen[0] is None and seen[-1] is None and len(iterations) >= 3
+    assert iterations[0] is None and all(s is not None for s in iterations[1:])
     monkeypatch.undo()
-    spy(monkeypatch, admm_mod, drop=True)
+    spy(monkeypatch, hessian_mod, drop=True)
     cold = admm_mod.admm(W.clone(), stats, cfg)
     assert torch.equal(warm.mask, cold.mask)
     assert torch.equal(warm.weight, cold.weight)

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from nmopt.api import find_mask
-from nmopt.posttrain.hessian import cg_refit, damped, exact_mask
+from nmopt.posttrain.hessian import cg_refit, damped, exact_mask, exact_result
 from nmopt.posttrain.methods import MethodResult
 
 # The support counts as settled when at most this fraction of the kept weights moved in an
@@ -48,14 +47,6 @@ def _factor(H: torch.Tensor, damp: float, dtype) -> tuple:
     evals, evecs = torch.linalg.eigh(Hn)
     evals = evals.clamp_min(0)  # round-off can leave tiny negatives on a PSD matrix
     return Hn.to(dtype), evals.to(dtype), evecs.to(dtype), d.to(dtype)
-
-
-def _project(scores: torch.Tensor, cfg, warm=None) -> tuple:
-    """:func:`~nmopt.posttrain.hessian.exact_mask` started from ``warm`` (a previous
-    projection's result, or None): the same mask, and the result to warm-start the next one."""
-    res = find_mask(scores, cfg.pattern, transposable=cfg.transposable, solver=cfg.solver,
-                    warm_start=warm)
-    return torch.as_tensor(res.mask).to(device=scores.device, dtype=torch.bool), res
 
 
 def admm(W: torch.Tensor, stats, cfg, cache: dict | None = None) -> MethodResult:
@@ -92,7 +83,7 @@ def admm(W: torch.Tensor, stats, cfg, cache: dict | None = None) -> MethodResult
         B = ((R @ evecs) / (evals + rho)[None, :]) @ evecs.T
         T = B + V / rho
         calm = max(changed, before) <= _WARM_MAX_CHANGED
-        new_mask, res = _project(T * T, cfg, res if calm else None)
+        new_mask, res = exact_result(T * T, cfg, res if calm else None)
         gaps.append(res.gap)
         Z = T * new_mask
         V += rho * (B - Z)

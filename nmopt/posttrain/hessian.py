@@ -6,6 +6,7 @@ All of it works in float32/float64 whatever the model's dtype, on the weight's d
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -149,11 +150,19 @@ def rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     return ErrorMeter(W, H)(W_hat)
 
 
-def exact_mask(scores: torch.Tensor, cfg) -> tuple[torch.Tensor, float]:
-    """Exact N:M mask maximising ``scores`` through :func:`nmopt.find_mask`, and its certified gap."""
-    res = find_mask(scores, cfg.pattern, transposable=cfg.transposable, solver=cfg.solver)
+def exact_result(scores: torch.Tensor, cfg, warm_start=None) -> tuple[torch.Tensor, Any]:
+    """Exact N:M mask maximising ``scores`` through :func:`nmopt.find_mask` (started from
+    ``warm_start``, a previous result, when given), on the scores' device, and the result."""
+    res = find_mask(scores, cfg.pattern, transposable=cfg.transposable, solver=cfg.solver,
+                    warm_start=warm_start)
     mask = res.mask if torch.is_tensor(res.mask) else torch.as_tensor(res.mask)
-    return mask.to(device=scores.device, dtype=torch.bool), float(res.gap)
+    return mask.to(device=scores.device, dtype=torch.bool), res
+
+
+def exact_mask(scores: torch.Tensor, cfg) -> tuple[torch.Tensor, float]:
+    """Exact N:M mask maximising ``scores``, and its certified gap."""
+    mask, res = exact_result(scores, cfg)
+    return mask, float(res.gap)
 
 
 def cg_refit(Hn: torch.Tensor, G: torch.Tensor, X0: torch.Tensor, mask: torch.Tensor, iters: int,
