@@ -86,6 +86,10 @@ def _bad_scores(tiles: np.ndarray, negative_ok: bool) -> ValueError:
                       f"index {where}")
 
 
+class BadScores(ValueError):
+    """A matrix read in place holds a NaN, infinite or (for scores) negative value."""
+
+
 #: Element types the C kernels read in place (nmopt_kernels.h: NM_F64, NM_F32, NM_F16, NM_BF16).
 _DTYPE_CODES = {"float64": 0, "float32": 1, "float16": 2, "bfloat16": 3}
 _ROWWISE = 32  # NM_FLAG_ROWWISE
@@ -222,9 +226,9 @@ class CffiBackend(Backend):
         only). Returns ``(mask (rows, cols) bool, u, v, status)``, and with ``certify`` also
         :meth:`certify_matrix`'s four arrays, computed by its C routine on each block of tiles
         right after the solve. ``rowwise``: row-wise N:M instead (the top N of every row of
-        every tile; v = 0). Raises ``ValueError`` on a NaN, infinite (or, for scores,
+        every tile; v = 0). Raises :class:`BadScores` on a NaN, infinite (or, for scores,
         negative) value."""
-        ptr, code, rs, cs, owner = matrix_arg(x)
+        ptr, code, rs, cs, owner = matrix_arg(x)  # owner keeps the memory alive
         rows, cols = owner.shape
         k = _load()
         t = (rows // m) * (cols // m)
@@ -251,9 +255,8 @@ class CffiBackend(Backend):
                                    k.ffi.from_buffer("double[]", v),
                                    k.ffi.from_buffer("int8_t[]", status),
                                    *_cert_args(k, cert), self.num_threads)
-        del owner
         if rc == -2:
-            raise ValueError("scores: a value is NaN, infinite or negative")
+            raise BadScores("scores: a value is NaN, infinite or negative")
         _check(rc, "exact")
         out = (mask.view(np.bool_), u, v, status)
         return out + (*cert[:3], cert[3].view(np.bool_)) if certify else out
@@ -263,7 +266,7 @@ class CffiBackend(Backend):
         computed apart from the solver (``backends/csrc/nm_certify.c``): per tile the kept
         score, the dual bound, the rows plus columns below N, and 1 where a row or column
         breaks the pattern (``rowwise``: rows only)."""
-        ptr, code, rs, cs, owner = matrix_arg(x)
+        ptr, code, rs, cs, owner = matrix_arg(x)  # owner keeps the memory alive
         rows, cols = owner.shape
         k = _load()
         t = (rows // m) * (cols // m)
@@ -278,9 +281,8 @@ class CffiBackend(Backend):
                               k.ffi.from_buffer("uint8_t[]", mask), cols,
                               k.ffi.from_buffer("double[]", u), k.ffi.from_buffer("double[]", v),
                               *_cert_args(k, cert), self.num_threads)
-        del owner
         if rc == -2:
-            raise ValueError("scores: a value is NaN, infinite or negative")
+            raise BadScores("scores: a value is NaN, infinite or negative")
         _check(rc, "certify")
         return kept, bound, nshort, bad.view(np.bool_)
 

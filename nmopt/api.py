@@ -9,7 +9,7 @@ import numpy as np
 from nmopt._arrays import ArrayKind, is_torch_tensor, to_float64
 from nmopt._tiles import TileGrid, as_matrix, check_scores, tile_counts
 from nmopt.backends import get as get_backend
-from nmopt.backends.cffi_backend import matrix_arg
+from nmopt.backends.cffi_backend import BadScores, matrix_arg
 from nmopt.certificates import OPTIMALITY_TOL, total_bound
 from nmopt.masks import check_mask
 from nmopt.patterns import parse_pattern
@@ -173,7 +173,7 @@ def _solve_in_place(src, p, grid, saturate, warm, engine, name, start, fallbacks
         mask, u_t, v_t, status, kept, tile_bound, short, bad = engine.exact_matrix(
             x, p.n, p.m, absolute=absolute, saturate=saturate, warm=warm, certify=True,
             rowwise=name == "rowwise")
-    except ValueError:
+    except BadScores:
         return None
     warn_unverified(name, status)
     if not np.isfinite(tile_bound).all() and np.isfinite(kept).all():  # a price is inf or NaN

@@ -57,16 +57,23 @@ def checkpoint_format(path: str | os.PathLike, what: str = "checkpoint") -> str:
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
 
-def input_clash(input_path: str | os.PathLike, path: str | os.PathLike) -> str | None:
-    """Why output ``path`` must not be written when reading ``input_path`` (None if it may).
+def _same_path(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
 
-    An output replacing a directory that holds the input would delete the input, and one
-    inside an input directory would change it. ``path`` itself is what gets replaced, so a
-    symlink there is not followed (its directory's are).
-    """
-    inp, out = Path(os.path.realpath(input_path)), Path(path)
-    dest = (Path(os.path.realpath(out)) if out.name in ("", ".", "..")
-            else Path(os.path.realpath(out.parent if str(out.parent) else ".")) / out.name)
+
+def _input_clash(input_path: Path, path: Path) -> str | None:
+    """Why output ``path`` must not be written when reading ``input_path`` (None if it may):
+    it is the input, replacing it would delete the input (a directory holding it), or it is
+    inside an input directory. ``path`` itself is what gets replaced, so a symlink there is not
+    followed (its directory's are)."""
+    if _same_path(input_path, path):
+        kind = "directory" if input_path.is_dir() else "file"
+        return f"is the input {kind}; write to another path"
+    inp = Path(os.path.realpath(input_path))
+    dest = (Path(os.path.realpath(path)) if path.name in ("", ".", "..")
+            else Path(os.path.realpath(path.parent if str(path.parent) else ".")) / path.name)
     if inp != dest and inp.is_relative_to(dest):
         return f"contains the input {str(input_path)!r}; replacing it would delete the input"
     if inp.is_dir() and inp != dest and dest.is_relative_to(inp):
@@ -74,17 +81,48 @@ def input_clash(input_path: str | os.PathLike, path: str | os.PathLike) -> str |
     return None
 
 
-def replace_refusal(path: str | os.PathLike) -> str | None:
-    """Why an existing output ``path`` must not be replaced even with ``--force`` (None if it
-    may): a non-empty directory that holds no model (``MODEL_FILES``), so that ``--force``
-    never deletes unrelated files."""
-    dest = Path(path)
-    if dest.is_dir() and not dest.is_symlink() and any(dest.iterdir()) \
-            and not any((dest / f).exists() for f in MODEL_FILES):
+def _replace_refusal(path: Path) -> str | None:
+    """Why an existing output must not be replaced even with ``--force``: a non-empty
+    directory that holds no model (``MODEL_FILES``), so that ``--force`` never deletes
+    unrelated files."""
+    if path.is_dir() and not path.is_symlink() and any(path.iterdir()) \
+            and not any((path / f).exists() for f in MODEL_FILES):
         return ("is a directory that holds no model (no config.json, model.safetensors or "
                 "its index); nmopt replaces only model directories, even with --force: remove "
                 "it yourself or write elsewhere")
     return None
+
+
+def check_output_paths(input_path: str | os.PathLike, outputs: list[tuple[str, str | os.PathLike]],
+                  force: bool = False, out_dir: bool = False) -> None:
+    """Every check of a run's outputs that can fail before any work; one CheckpointError each.
+
+    ``outputs`` are ``(flag, path)`` pairs, ``--out`` first. Each must be writable with a name
+    short enough for its temporary (:func:`check_writable`, done first: a too-long name fails
+    every later check); none may be the input, hold it or lie inside an input directory, and
+    no two may be the same; an existing one needs ``force`` and, with it, must be replaceable
+    (a model directory, or empty). With ``out_dir`` ``--out`` is a directory (a model's
+    output), else every output is a file.
+    """
+    inp = Path(input_path)
+    outs = [(flag, Path(path)) for flag, path in outputs]
+    for flag, path in outs:
+        check_writable(path, flag)  # missing or read-only directory, too long a name
+    for i, (flag, path) in enumerate(outs):
+        why = _input_clash(inp, path)
+        for flag2, path2 in outs[i + 1:]:
+            if _same_path(path, path2):
+                why = why or f"and {flag2} name the same path"
+        directory = out_dir and flag == "--out"
+        if not why and path.is_dir() and not directory:
+            why = "is a directory"
+        if not why and directory and path.exists() and not path.is_dir():
+            why = "is a file; OUT_DIR must be a directory (the output of a model directory)"
+        if not why and path.exists() and not force:
+            why = "exists; pass --force to overwrite it"
+        why = why or _replace_refusal(path)
+        if why:
+            raise CheckpointError(f"{flag} {str(path)!r} {why}")
 
 
 def _have_torch() -> bool:

@@ -19,10 +19,8 @@ from nmopt._report import Column, format_table
 from nmopt.checkpoint import (
     CheckpointError,
     OutputExistsError,
-    check_writable,
+    check_output_paths,
     checkpoint_format,
-    input_clash,
-    replace_refusal,
 )
 from nmopt.demo import DEMO_TIME_LIMIT, run_demo
 from nmopt.errors import UsageError
@@ -46,12 +44,6 @@ def _pattern(text: str) -> str:
 
 
 # -- prune -----------------------------------------------------------------------------------
-
-def _same_file(a: Path, b: Path) -> bool:
-    if a.exists() and b.exists():
-        return os.path.samefile(a, b)
-    return os.path.realpath(a) == os.path.realpath(b)
-
 
 def _check_outputs(args) -> None:
     """Every usage check of ``nmopt prune`` that can fail before any work is done."""
@@ -99,36 +91,12 @@ def _check_outputs(args) -> None:
         _ = backends.BACKENDS.instance("cffi").num_threads  # NMOPT_NUM_THREADS, checked up front
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    inp = Path(args.input)
-    outs = [("--out", Path(args.out))]
-    outs += [(flag, Path(v)) for flag, v in (("--masks", args.masks), ("--report", args.report))
-             if v]
-    for flag, path in outs:  # first: a too-long name fails every later check with an OSError
-        try:
-            check_writable(path, flag)  # missing or read-only directory, too long a name
-        except CheckpointError as exc:
-            raise UsageError(str(exc)) from None
-    if in_dir and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out!r} is a file; the output of a model directory is a directory")
-    if in_dir and Path(args.out).resolve().is_relative_to(Path(args.input).resolve()):
-        raise UsageError(f"--out {args.out!r} is inside the input directory; write to another path")
-    for flag, path in outs:
-        if _same_file(inp, path):
-            raise UsageError(f"{flag} {str(path)!r} is the input file; write to another path")
-        why = input_clash(inp, path)  # --out holding the input, --masks inside the input dir
-        if why:
-            raise UsageError(f"{flag} {str(path)!r} {why}")
-    for i, (flag, path) in enumerate(outs):
-        for flag2, path2 in outs[i + 1:]:
-            if _same_file(path, path2):
-                raise UsageError(f"{flag} and {flag2} name the same file {str(path)!r}")
-        if path.exists() and not args.force:
-            raise UsageError(f"{flag} {str(path)!r} exists; pass --force to overwrite it")
-        why = replace_refusal(path)
-        if why:
-            raise UsageError(f"{flag} {str(path)!r} {why}")
-        if path.is_dir() and not (in_dir and flag == "--out"):
-            raise UsageError(f"{flag} {str(path)!r} is a directory")
+    outs = [("--out", args.out)] + [(flag, v) for flag, v in (("--masks", args.masks),
+                                                               ("--report", args.report)) if v]
+    try:
+        check_output_paths(args.input, outs, args.force, out_dir=in_dir)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_prune(args) -> int:

@@ -169,7 +169,7 @@ def run(args, log=print) -> dict:
         model = None
         if args.model:
             shutil.rmtree(tmp / "ckpt")
-            # in a child: ru_maxrss counts the parent's memory at the fork, so the parent stays small
+            # in a child: the conversion loads torch and transformers, which this process never needs
             subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from nmopt.bench."
                             "prune_memory import convert_model; convert_model(sys.argv[1], Path(sys.argv[2]))",
                             args.model, str(tmp / "model")], check=True, capture_output=True)

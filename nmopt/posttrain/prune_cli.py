@@ -8,17 +8,14 @@ written all together or not at all.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 from nmopt import solvers
 from nmopt.checkpoint import (
     AtomicFiles,
-    check_writable,
+    check_output_paths,
     error_writing,
-    input_clash,
-    replace_refusal,
     write_checkpoint,
 )
 from nmopt.errors import UsageError
@@ -44,29 +41,8 @@ def check_outputs(model_path, out, masks=None, report=None, force: bool = False)
         raise ValueError(f"--masks {masks!r}: masks are written as .safetensors")
     if report and Path(report).suffix.lower() != ".json":
         raise ValueError(f"--report {report!r}: the report is written as .json")
-    outs = [("--out", out)] + [(f, Path(v)) for f, v in (("--masks", masks), ("--report", report)) if v]
-    for flag, path in outs:  # first: a too-long name fails every later check with an OSError
-        check_writable(path, flag)  # missing or read-only directory, too long a name
-    for i, (flag, path) in enumerate(outs):
-        if os.path.realpath(path) == os.path.realpath(model_path):
-            raise ValueError(f"{flag} {str(path)!r} is the input model; write to another path")
-        if flag == "--out" and path.resolve().is_relative_to(model_path.resolve()):
-            raise ValueError(f"--out {str(path)!r} is inside the input model directory")
-        why = input_clash(model_path, path)  # a directory holding the model, a file inside it
-        if why:
-            raise ValueError(f"{flag} {str(path)!r} {why}")
-        for flag2, path2 in outs[i + 1:]:
-            if os.path.realpath(path) == os.path.realpath(path2):
-                raise ValueError(f"{flag} and {flag2} name the same path {str(path)!r}")
-        if path.exists() and not force:
-            raise ValueError(f"{flag} {str(path)!r} exists; pass --force to overwrite it")
-        why = replace_refusal(path)
-        if why:
-            raise ValueError(f"{flag} {str(path)!r} {why}")
-        if flag != "--out" and path.is_dir():
-            raise ValueError(f"{flag} {str(path)!r} is a directory")
-        if flag == "--out" and path.exists() and not path.is_dir():
-            raise ValueError(f"--out {str(path)!r} is a file; OUT_DIR must be a directory")
+    outs = [("--out", out)] + [(f, v) for f, v in (("--masks", masks), ("--report", report)) if v]
+    check_output_paths(model_path, outs, force, out_dir=True)
 
 
 def prune_pretrained(model_path, out, config, calibration, *, nsamples: int = 32, seqlen: int = 512,
