@@ -221,9 +221,9 @@ class CffiBackend(Backend):
     def exact_matrix(self, x, n, m, *, absolute, saturate=False, warm=None, certify=False,
                      rowwise=False, flags: int = 0):
         """:meth:`exact` on a 2-D matrix read in place (``matrix_arg``; rows and columns
-        multiples of ``m``): scores ``|x|`` when ``absolute``, else ``x``. ``warm``: the mask
-        (rows, cols) and tile prices u, v (T, M) of a previous solve to start from (at most N
-        only). Returns ``(mask (rows, cols) bool, u, v, status)``, and with ``certify`` also
+        multiples of ``m``): scores ``|x|`` when ``absolute``, else ``x``. ``warm``: the tile
+        column prices v (T, M) of a previous solve to start from (at most N only; M = 4
+        ignores them). Returns ``(mask (rows, cols) bool, u, v, status)``, and with ``certify`` also
         :meth:`certify_matrix`'s four arrays, computed by its C routine on each block of tiles
         right after the solve. ``rowwise``: row-wise N:M instead (the top N of every row of
         every tile; v = 0). Raises :class:`BadScores` on a NaN, infinite (or, for scores,
@@ -236,21 +236,18 @@ class CffiBackend(Backend):
         u = np.empty((t, m))
         v = np.empty((t, m))
         status = np.empty(t, dtype=np.int8)
-        wx = wu = wv = k.ffi.NULL
+        wv = k.ffi.NULL
         if warm is not None:
-            w_mask, w_u, w_v = warm
-            w_mask = np.ascontiguousarray(w_mask, dtype=np.bool_).view(np.uint8)
-            w_u = np.ascontiguousarray(w_u, dtype=np.float64)
-            w_v = np.ascontiguousarray(w_v, dtype=np.float64)
-            if w_mask.shape != (rows, cols) or w_u.shape != (t, m) or w_v.shape != (t, m):
-                raise ValueError("warm: the previous mask or prices do not match the matrix")
-            wx = k.ffi.from_buffer("uint8_t[]", w_mask)
-            wu, wv = k.ffi.from_buffer("double[]", w_u), k.ffi.from_buffer("double[]", w_v)
+            warm = np.ascontiguousarray(warm, dtype=np.float64)
+            if warm.shape != (t, m):
+                raise ValueError(f"warm: expected the previous column prices as ({t}, {m}) tile "
+                                 f"prices, got shape {warm.shape}")
+            wv = k.ffi.from_buffer("double[]", warm)
         cert = _cert_arrays(t) if certify else None
         rc = k.lib.nm_exact_matrix(k.ffi.cast("void *", ptr), code, int(bool(absolute)), rows,
                                    cols, rs, cs, m, n, int(bool(saturate)),
-                                   int(flags) | (_ROWWISE if rowwise else 0), wx, wu,
-                                   wv, k.ffi.from_buffer("uint8_t[]", mask), cols,
+                                   int(flags) | (_ROWWISE if rowwise else 0), wv,
+                                   k.ffi.from_buffer("uint8_t[]", mask), cols,
                                    k.ffi.from_buffer("double[]", u),
                                    k.ffi.from_buffer("double[]", v),
                                    k.ffi.from_buffer("int8_t[]", status),

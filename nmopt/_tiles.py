@@ -133,7 +133,13 @@ class TileGrid:
         tr, tc, m = self.tile_rows, self.tile_cols, self.m
         pu = np.zeros((tr * m, tc))
         pu[: self.rows] = big_u
-        pv = np.zeros((tr, tc * m))
-        pv[:, : self.cols] = big_v
         u = pu.reshape(tr, m, tc).transpose(0, 2, 1).reshape(-1, m)
-        return np.ascontiguousarray(u), pv.reshape(-1, m)
+        return np.ascontiguousarray(u), self.cols_to_tile_prices(big_v)
+
+    def cols_to_tile_prices(self, big_v: np.ndarray) -> np.ndarray:
+        """The column half of :meth:`matrices_to_prices`: (tiles, M) from (tile_rows, cols)."""
+        if big_v.shape == (self.tile_rows, self.tile_cols * self.m):
+            return np.ascontiguousarray(big_v, dtype=np.float64).reshape(-1, self.m)
+        pv = np.zeros((self.tile_rows, self.tile_cols * self.m))
+        pv[:, : self.cols] = big_v
+        return pv.reshape(-1, self.m)

@@ -167,8 +167,7 @@ def _solve_in_place(src, p, grid, saturate, warm, engine, name, start, fallbacks
     names it)."""
     x, absolute, kind = src
     if warm is not None:
-        prev = warm.mask.detach().cpu().numpy() if is_torch_tensor(warm.mask) else warm.mask
-        warm = (np.reshape(prev, (grid.rows, grid.cols)), *grid.matrices_to_prices(warm.u, warm.v))
+        warm = grid.cols_to_tile_prices(warm.v)
     try:
         mask, u_t, v_t, status, kept, tile_bound, short, bad = engine.exact_matrix(
             x, p.n, p.m, absolute=absolute, saturate=saturate, warm=warm, certify=True,

@@ -171,8 +171,12 @@ def test_warm_start_from_a_torch_result_and_a_broken_one():
     t2 = t + 1e-3 * torch.randn(64, 64)
     assert nmopt.find_mask(t2, "4:8", warm_start=prev).objective == pytest.approx(
         nmopt.find_mask(t2, "4:8").objective, rel=1e-12)
-    prev.mask[:8, :8] = True  # an invalid previous mask: those tiles start cold
+    prev.mask[:8, :8] = True  # only the column prices are used: any values are a valid start
     prev.u[:] = np.nan
+    prev.v[:2] = np.nan
+    prev.v[2:4] = -1.0
+    prev.v[4:6] = 1e300
+    prev.v[6:8] = np.inf
     res = nmopt.find_mask(t2, "4:8", warm_start=prev)
     assert res.optimal and res.objective == pytest.approx(nmopt.find_mask(t2, "4:8").objective)
 

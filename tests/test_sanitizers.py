@@ -122,7 +122,7 @@ for m in (1, 3, 4, 8, 13, 32, 64):
                 b.certify_matrix(x, n, m, absolute=True, saturate=sat, mask=mask2, u=u2, v=v2,
                                  rowwise=True)
             x2 = x + 1e-3 * rng.standard_normal(x.shape)
-            b.exact_matrix(x2, n, m, absolute=True, warm=(mask, u, v))
+            b.exact_matrix(x2, n, m, absolute=True, warm=v)
         try:
             bad_w = w.copy(); bad_w[0, 0] = np.nan
             b.exact_matrix(bad_w, n, m, absolute=True)

@@ -6,11 +6,16 @@
  * u_i = p(row i) - p(T), v_j = p(T) - p(col j) (clipped at 0, which only touches empty rows
  * and columns).
  *
- * 1. Warm start, dual feasible: every row keeps its top n, u_i = its (n+1)-th largest score,
- *    v = 0. Only columns holding more than n violate the primal.
- * 2. Successive shortest paths: each unit of column excess goes to T along a shortest path
- *    (dense Dijkstra on reduced costs, stopped at T), then the potentials move by the
- *    distances. The potentials are the prices: the certificate comes out of the algorithm.
+ * 1. Dual start (nm_exact_start.c): column prices v >= 0, from a previous solve (warm start)
+ *    or from a few rounds of dual coordinate descent on the tile (0 with exactly n). Every row
+ *    keeps its top n of s - v (values >= 0 only), u_i = its (n+1)-th largest; a column with
+ *    a price keeps its full n flow to T. The result is dual feasible whatever v is; a good v
+ *    leaves few units to move (16:32: 36 per tile from v = 0, about 10 after three rounds).
+ * 2. Successive shortest paths: each unit of excess (a column keeping more than its flow to
+ *    T, or T receiving more than the rows keep) goes to a sink (a priced column keeping fewer,
+ *    or T) along a shortest path (dense Dijkstra on reduced costs, stopped at the first
+ *    sink), then the potentials move by the distances. The potentials are the prices: the
+ *    certificate comes out of the algorithm.
  * 3. Self-check: mask valid and |bound(u, v) - kept| <= NM_GAP_TOL * kept. A tile that fails
  *    is re-solved by cycle cancelling (Bellman-Ford on true costs, negative cycles cheaper than
  *    NM_BF_EPS ignored) and re-checked against NM_FALLBACK_TOL; still failing -> status 2.
@@ -65,7 +70,7 @@ static inline __attribute__((always_inline)) void rowwise_run(nm_exact_ctx *c, i
 
 /* Tiles [lo, hi) on one thread, with a workspace of its own: the M = 4 path unless a flag
  * asks for the general one, else the general path. (M = 4 ignores warm starts: its register
- * path solves a tile faster than a warm start re-certifies it.) */
+ * path starts from v = 0 and moves a unit or two per tile.) */
 NM_SIMD_CLONES static void exact_task(void *vctx, int64_t lo, int64_t hi)
 {
     nm_exact_ctx *c = (nm_exact_ctx *)vctx;
@@ -137,8 +142,7 @@ int nm_exact(const double *tiles, int64_t t, int m, int n, int saturate, int fla
 
 int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
                     int64_t rs, int64_t cs, int m, int n, int saturate, int flags,
-                    const uint8_t *warm_mask, const double *warm_u, const double *warm_v,
-                    uint8_t *mask, int64_t mask_rs, double *u, double *v, int8_t *status,
+                    const double *warm_v, uint8_t *mask, int64_t mask_rs, double *u, double *v, int8_t *status,
                     double *kept, double *bound, int32_t *nshort, int8_t *bad, int nthreads)
 {
     if (!nm_matrix_args_ok(dtype, rows, cols, m, n, mask_rs, nthreads))
@@ -146,15 +150,12 @@ int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int
     const int64_t t = (rows / m) * (cols / m);
     if (t == 0)
         return NM_OK;
-    if (!data || !mask || !u || !v || !status || (!warm_mask != !warm_u) ||
-        (!warm_u != !warm_v))
+    if (!data || !mask || !u || !v || !status)
         return NM_ERR_ARG;
     nm_exact_ctx c = exact_ctx(m, n, saturate, flags, mask, u, v, status);
     c.src = (nm_src){data, dtype, absolute != 0, rs, cs, cols / m};
     c.mask_rs = mask_rs;
-    c.warm_mask = saturate ? NULL : warm_mask;
-    c.warm_u = warm_u;
-    c.warm_v = warm_v;
+    c.warm_v = saturate ? NULL : warm_v;
     if (kept && bound && nshort && bad)
         c.cert = (nm_cert){kept, bound, nshort, bad};
     nm_parallel_for(nthreads, t, nm_grain(t, nthreads, 16, 1), exact_task, &c);

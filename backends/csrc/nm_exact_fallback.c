@@ -1,6 +1,6 @@
 /* Exact solver, the general path's fallback: cycle cancelling on true costs (Bellman-Ford),
  * for the tiles that the shortest paths do not certify (see nm_exact.c), with the mask helpers
- * that finish_tile (nm_exact_general.c) also uses, and the potentials of a warm start. Off the hot path: only tiles that fail the
+ * that finish_tile (nm_exact_general.c) also uses. Off the hot path: only tiles that fail the
  * self-check, all-zero tiles (nm_trivial_mask) and the testing flags come here. */
 #include <string.h>
 
@@ -109,100 +109,6 @@ int nm_cycle_cancel(nm_tile *t, double eps)
                 t->x[(b - 1) * mp + NM_COL_OF(m, a)] = 0;
             b = a;
         } while (b != c0);
-    }
-    return 0;
-}
-
-/* Shortest-path potentials of the current mask's residual network (at most n), by
- * Bellman-Ford passes that start from t->pot: when those are nearly feasible (a previous
- * solve's, the scores having changed a little) a few passes settle them. A pass relaxes
- * rows -> columns (unkept arcs, cost -s), columns -> T -> columns, columns -> rows (kept arcs,
- * cost +s), rows -> S -> rows and S <-> T, NM_W columns at a time; a relaxation counts only
- * when it gains more than eps. 1 with t->pot updated; 0 when the passes do not settle within
- * min(2m + 2, 16) passes (a negative cycle, the mask no longer optimal, or too slow a start:
- * the caller then solves the tile cold). */
-NM_SIMD_CLONES int nm_settle_potentials(nm_tile *t, double eps)
-{
-    const int m = t->m, n = t->n, mp = t->mp, S = NM_NODE_S(m), T = NM_NODE_T;
-    const nm_vd zero = {0}, inf = zero + HUGE_VAL, veps = zero + eps;
-    double dc[NM_MAX_M] NM_A64, dr[NM_MAX_M];
-    int total = 0;
-    for (int j = 0; j < mp; j++)
-        dc[j] = j < m ? t->pot[NM_NODE_COL(m, j)] : HUGE_VAL;
-    for (int i = 0; i < m; i++) {
-        dr[i] = t->pot[NM_NODE_ROW(i)];
-        total += t->rdeg[i];
-    }
-    double dS = t->pot[S], dT = t->pot[T];
-    const int bypass = !t->sat, back = !t->sat && total < n * m;
-    const int passes = 2 * m + 2 < 16 ? 2 * m + 2 : 16;
-    for (int pass = 0; pass <= passes; pass++) {
-        int changed = 0;
-        for (int i = 0; i < m; i++) { /* row i -> unkept columns */
-            const nm_vd di = zero + dr[i];
-            for (int j0 = 0; j0 < mp; j0 += NM_W) {
-                const nm_vi open = ~nm_vload_mask(t->x + i * mp + j0) & ((NM_LANE + j0) < m);
-                const nm_vd c = nm_vblend_d(open, di - nm_vload_d(t->s + i * mp + j0), inf);
-                const nm_vd old = nm_vload_d(dc + j0);
-                const nm_vi lt = c < old - veps;
-                const nm_vd nd = nm_vblend_d(lt, c, old);
-                memcpy(dc + j0, &nd, sizeof nd);
-                changed |= nm_hsum_i(lt) != 0;
-            }
-        }
-        for (int j = 0; j < m; j++) { /* columns <-> T */
-            if (t->cdeg[j] < n && dc[j] < dT - eps) {
-                dT = dc[j];
-                changed = 1;
-            }
-        }
-        for (int j = 0; j < m; j++)
-            if (t->cdeg[j] > 0 && dT < dc[j] - eps) {
-                dc[j] = dT;
-                changed = 1;
-            }
-        for (int i = 0; i < m; i++) { /* kept columns -> row i */
-            nm_vd best = inf;
-            for (int j0 = 0; j0 < mp; j0 += NM_W) {
-                const nm_vi kept = nm_vload_mask(t->x + i * mp + j0);
-                const nm_vd c = nm_vload_d(dc + j0) + nm_vload_d(t->s + i * mp + j0);
-                best = nm_vblend_d(kept & (c < best), c, best);
-            }
-            double b = best[0];
-            for (int q = 1; q < NM_W; q++)
-                b = best[q] < b ? best[q] : b;
-            if (b < dr[i] - eps) {
-                dr[i] = b;
-                changed = 1;
-            }
-        }
-        for (int i = 0; i < m; i++) /* rows -> S */
-            if (t->rdeg[i] > 0 && dr[i] < dS - eps) {
-                dS = dr[i];
-                changed = 1;
-            }
-        if (bypass && dS < dT - eps) {
-            dT = dS;
-            changed = 1;
-        }
-        if (back && dT < dS - eps) {
-            dS = dT;
-            changed = 1;
-        }
-        for (int i = 0; i < m; i++) /* S -> rows */
-            if (t->rdeg[i] < n && dS < dr[i] - eps) {
-                dr[i] = dS;
-                changed = 1;
-            }
-        if (!changed) {
-            for (int j = 0; j < m; j++)
-                t->pot[NM_NODE_COL(m, j)] = dc[j];
-            for (int i = 0; i < m; i++)
-                t->pot[NM_NODE_ROW(i)] = dr[i];
-            t->pot[S] = dS;
-            t->pot[T] = dT;
-            return 1;
-        }
     }
     return 0;
 }

@@ -1,5 +1,5 @@
 /* Exact solver, general path (any M <= NM_MAX_M; see nm_exact.c for the algorithm): the tile's
- * network in node arrays, the warm start, the shortest paths (dense Dijkstra), the prices and
+ * network in node arrays, the shortest paths (dense Dijkstra), the prices and
  * the self-check, and the slots that interleave a thread's tiles. The cycle-cancelling
  * fallback is in nm_exact_fallback.c. */
 #include <math.h>
@@ -53,71 +53,6 @@ static inline void set_row_arcs(nm_tile *t, int i)
     const int S = NM_NODE_S(t->m), st = t->stride;
     t->cost[S * st + NM_NODE_ROW(i)] = t->rdeg[i] < t->n ? 0.0 : HUGE_VAL;
     t->cost[NM_NODE_ROW(i) * st + S] = t->rdeg[i] > 0 ? 0.0 : HUGE_VAL;
-}
-
-static inline void set_col_arc(nm_tile *t, int j)
-{
-    t->cost[NM_NODE_COL(t->m, j) * t->stride + NM_NODE_T] = t->cflow[j] < t->n ? 0.0 : HUGE_VAL;
-}
-
-/* Every row keeps its top n (ties: lower index, as numpy's stable argsort) and prices its
- * (n+1)-th largest score. Ranks are counted for NM_W rows at a time from the transposed tile:
- * rank_ij = #{k : s_ik > s_ij, or s_ik == s_ij and k < j}, branch-free. The result is dual
- * feasible: the shortest paths then only repair column excess. */
-static inline __attribute__((always_inline)) void warm_start(nm_tile *t)
-{
-    const int m = t->m, n = t->n, mp = t->mp, st = t->stride, seg = t->seg;
-    const nm_vd inf = (nm_vd){0} + HUGE_VAL;
-    for (int a = 0; a < st; a++)
-        t->pot[a] = 0.0;
-    for (int j = 0; j < m; j++)
-        t->cdeg[j] = 0;
-    for (int i0 = 0; i0 < mp; i0 += NM_W) {
-        const nm_vi valid = (LANE + i0) < m;
-        nm_vd next = -inf;
-        for (int j = 0; j < m; j++) {
-            const nm_vd sj = nm_vload_d(t->sT + j * mp + i0);
-            nm_vi rank = {0};
-            for (int k = 0; k < j; k++)
-                rank -= nm_vload_d(t->sT + k * mp + i0) >= sj;
-            for (int k = j + 1; k < m; k++)
-                rank -= nm_vload_d(t->sT + k * mp + i0) > sj;
-            const nm_vi keep = (rank < n) & valid;
-            next = nm_vblend_d(rank == n, sj, next);
-            uint8_t *xj = t->x + i0 * mp + j;
-            if (i0 + NM_W <= m) { /* a full block of rows */
-                for (int q = 0; q < NM_W; q++)
-                    xj[q * mp] = (uint8_t)(keep[q] & 1);
-            } else {
-                for (int q = 0; q < m - i0; q++)
-                    xj[q * mp] = (uint8_t)(keep[q] & 1);
-            }
-            /* column j -> rows: +s where kept; +inf elsewhere and on padding lanes */
-            const nm_vd back = nm_vblend_d(keep, sj, inf);
-            memcpy(t->cost + NM_NODE_COL(m, j) * st + NM_NODE_ROW(i0), &back, sizeof back);
-            t->cdeg[j] -= (int)nm_hsum_i(keep);
-        }
-        for (int q = 0; q < NM_W && i0 + q < m; q++)
-            t->pot[NM_NODE_ROW(i0 + q)] = next[q] > 0.0 ? next[q] : 0.0;
-    }
-    for (int i = 0; i < m; i++) {
-        /* row i -> columns: -s where not kept; +inf where kept and on padding lanes (the
-         * lane of S is rewritten by set_row_arcs) */
-        double *fwd = t->cost + NM_NODE_ROW(i) * st + seg;
-        for (int j0 = 0; j0 < mp; j0 += NM_W) {
-            const nm_vi keep = nm_vload_mask(t->x + i * mp + j0) | ((LANE + j0) >= m);
-            const nm_vd f = nm_vblend_d(keep, inf, -nm_vload_d(t->s + i * mp + j0));
-            memcpy(fwd + j0, &f, sizeof f);
-        }
-        t->rdeg[i] = n; /* full: S -> row absent, row -> S open (set_row_arcs, unrolled) */
-        t->cost[NM_NODE_S(m) * st + NM_NODE_ROW(i)] = HUGE_VAL;
-        t->cost[NM_NODE_ROW(i) * st + NM_NODE_S(m)] = 0.0;
-    }
-    for (int j = 0; j < m; j++) {
-        t->cflow[j] = t->cdeg[j] < n ? t->cdeg[j] : n;
-        set_col_arc(t, j);
-    }
-    t->cost[NM_NODE_S(m) * st + NM_NODE_T] = t->sat ? HUGE_VAL : 0.0;
 }
 
 /* Least key over the lanes and the node it belongs to. The lane number replaces the key's
@@ -236,7 +171,7 @@ static inline __attribute__((always_inline)) void settle(nm_tile *t, int64_t a, 
     memcpy(t->done + blk, &d, sizeof d);
     nm_vd ba, bb;
     nm_vi wa, wb;
-    if (NM_IS_ROW(t->m, a)) { /* rows reach columns and S */
+    if (NM_IS_ROW(t->m, a) || a == NM_NODE_T) { /* rows and T reach columns and S */
         relax_min(t, a, t->seg, &bb, &wb);
         seg_min(t, 0, &ba, &wa);
     } else { /* columns and S reach T and rows */
@@ -255,17 +190,18 @@ static inline __attribute__((always_inline)) int64_t frontier_min(const frontier
     return lanes_min((nm_vi)f->best, f->where, at);
 }
 
-/* Potentials += min(dist, dist(T)); push one unit along the path to T. 1 on success. */
-static inline __attribute__((always_inline)) int augment(nm_tile *t, int src)
+/* Potentials += min(dist, dist(sink)); push one unit along the path from src to sink.
+ * 1 on success. */
+static inline __attribute__((always_inline)) int augment(nm_tile *t, int src, int sink)
 {
     const int m = t->m, st = t->stride;
-    const nm_vd dT = (nm_vd){0} + t->dist[NM_NODE_T];
+    const nm_vd dT = (nm_vd){0} + t->dist[sink];
     for (int a = 0; a < st; a += NM_W) {
         const nm_vd d = nm_vload_d(t->dist + a);
         const nm_vd p = nm_vload_d(t->pot + a) + nm_vblend_d(d < dT, d, dT);
         memcpy(t->pot + a, &p, sizeof p);
     }
-    int b = NM_NODE_T, steps = 0;
+    int b = sink, steps = 0;
     while (b != src) {
         const int a = (int)t->prev[b];
         if (a < 0 || a >= st || ++steps > st)
@@ -274,19 +210,34 @@ static inline __attribute__((always_inline)) int augment(nm_tile *t, int src)
             set_arc(t, a - 1, NM_COL_OF(m, b), 1);
             t->rdeg[a - 1]++;
             t->cdeg[NM_COL_OF(m, b)]++;
+            t->nkept++;
             set_row_arcs(t, a - 1);
         } else if (NM_IS_COL(m, a) && NM_IS_ROW(m, b)) { /* drop (b, a) */
             set_arc(t, b - 1, NM_COL_OF(m, a), 0);
             t->rdeg[b - 1]--;
             t->cdeg[NM_COL_OF(m, a)]--;
+            t->nkept--;
             set_row_arcs(t, b - 1);
         } else if (NM_IS_COL(m, a) && b == NM_NODE_T) {
             t->cflow[NM_COL_OF(m, a)]++;
-            set_col_arc(t, NM_COL_OF(m, a));
-        } /* row -> S, S -> row, S -> T: the degrees already follow the mask */
+            nm_set_col_arcs(t, NM_COL_OF(m, a));
+        } else if (a == NM_NODE_T && NM_IS_COL(m, b)) {
+            t->cflow[NM_COL_OF(m, b)]--;
+            nm_set_col_arcs(t, NM_COL_OF(m, b));
+        } /* row -> S, S -> row, S -> T, T -> S: the degrees already follow the mask */
         b = a;
     }
+    nm_set_bypass(t);
     return 1;
+}
+
+/* T's excess: the flow into T beyond its demand, minus the columns' total excess. */
+static inline int t_excess(const nm_tile *t)
+{
+    int e = -t->nkept;
+    for (int j = 0; j < t->m; j++)
+        e += t->cflow[j];
+    return e;
 }
 
 /* At most n: keep every unkept entry between a short row and a short column. Their prices
@@ -468,43 +419,31 @@ static inline __attribute__((always_inline)) void finish_tile(nm_tile *t, const 
     write_tile(t, c, k, e, status);
 }
 
-/* A re-solve from the previous mask and prices (at most n): if the previous mask is valid
- * and still optimal, settle_potentials finds its new prices from the previous ones in a few
- * steps. 1 when the tile is solved and verified to NM_GAP_TOL, as a cold solve is; 0 to
- * solve it cold. */
-static int warm_tile(nm_tile *t, const nm_exact_ctx *c, int64_t k, int e)
+/* Rounds of the dual start's coordinate descent for an m x m tile: each costs two sorting
+ * passes and saves shortest paths, more of them the larger m (tuned at M = 8, 16, 32, 64:
+ * one round fewer or more is 2-10% slower). */
+static inline int start_rounds(int m) { return m <= 4 ? 0 : m <= 8 ? 2 : m <= 32 ? 3 : 4; }
+
+/* The column prices to start tile k from, scaled like its scores (2^-e): the previous solve's
+ * for a warm start (at most n only; clipped to [0, 1], NaN as 0), else from
+ * rounds of coordinate descent, or 0 with sat (whose prices are not sign-constrained). */
+static inline __attribute__((always_inline)) void start_prices(const nm_tile *t,
+                                                               const nm_exact_ctx *c,
+                                                               int64_t k, int e, double *v)
 {
-    const int m = c->m, mp = t->mp, st = t->stride;
-    if (e == INT32_MIN || !NM_NORMAL_SCALE(e))
-        return 0;
-    const int64_t r0 = (k / c->src.tcols) * m, c0 = (k % c->src.tcols) * m;
-    const uint8_t *wx = c->warm_mask + r0 * c->mask_rs + c0;
-    for (int i = 0; i < m; i++)
+    const int m = t->m;
+    if (t->sat || t->n == m) {
         for (int j = 0; j < m; j++)
-            t->x[i * mp + j] = wx[i * c->mask_rs + j] != 0;
-    nm_recount(t);
-    if (!nm_feasible(t))
-        return 0;
-    const double f = nm_pow2(-e), *wu = c->warm_u + k * m, *wv = c->warm_v + k * m;
-    for (int a = 0; a < st; a++)
-        t->pot[a] = 0.0;
-    for (int i = 0; i < m; i++) {
-        const double pu = wu[i] * f, pv = -wv[i] * f;
-        if (!(fabs(pu) < HUGE_VAL && fabs(pv) < HUGE_VAL))
-            return 0;
-        t->pot[NM_NODE_ROW(i)] = pu;
-        t->pot[NM_NODE_COL(m, i)] = pv;
+            v[j] = 0.0;
+    } else if (c->warm_v) {
+        const double *wv = c->warm_v + k * m;
+        for (int j = 0; j < m; j++) {
+            const double p = NM_NORMAL_SCALE(e) ? wv[j] * nm_pow2(-e) : ldexp(wv[j], -e);
+            v[j] = p > 0.0 ? (p < 1.0 ? p : 1.0) : 0.0; /* an optimal v_j <= max s < 1 */
+        }
+    } else {
+        nm_price_rounds(t, start_rounds(m), v);
     }
-    if (!nm_settle_potentials(t, NM_BF_EPS))
-        return 0;
-    if (!t->sat)
-        fill_short(t);
-    double *u = c->u + k * m, *v = c->v + k * m;
-    prices(t, u, v);
-    if (!verified(t, u, v, NM_GAP_TOL))
-        return 0;
-    write_tile(t, c, k, e, NM_TILE_OK);
-    return 1;
 }
 
 /* One tile in flight. The Dijkstra of a single tile is a chain of dependent steps (argmin,
@@ -517,10 +456,10 @@ typedef struct nm_slot {
     frontier_t front; /* Dijkstra: lane minima of the unsettled nodes */
     nm_tile *t;
     int64_t k;
-    int e, state, col, src, paths;
+    int e, state, col, src, tsink, paths, built;
 } slot_t;
 
-/* Load tile k into the slot and warm-start it; returns an error code. */
+/* Load tile k into the slot and start it from its prices; returns an error code. */
 static inline __attribute__((always_inline)) int slot_begin(slot_t *sl, const nm_exact_ctx *c,
                                                             int64_t k)
 {
@@ -537,18 +476,28 @@ static inline __attribute__((always_inline)) int slot_begin(slot_t *sl, const nm
         sl->state = SLOT_IDLE;
         return NM_OK;
     }
-    if (c->warm_mask && warm_tile(t, c, k, sl->e)) {
-        sl->state = SLOT_IDLE;
-        return NM_OK;
-    }
-    warm_start(t);
+    double v[NM_MAX_M] NM_A64;
+    start_prices(t, c, k, sl->e, v);
+    nm_dual_start(t, v);
     sl->col = 0;
     sl->paths = 0;
+    sl->built = 0;
     sl->state = SLOT_NEED_PATH;
     return NM_OK;
 }
 
-/* Advance a slot by one step: start a path search, settle one node, or finish the tile. */
+/* A node where the current search ends: a column short of its flow to T, or T itself when
+ * it takes more than it has (tsink). */
+static inline int is_sink(const nm_tile *t, int64_t a, int tsink)
+{
+    if (a == NM_NODE_T)
+        return tsink;
+    return NM_IS_COL(t->m, a) && t->cdeg[NM_COL_OF(t->m, a)] < t->cflow[NM_COL_OF(t->m, a)];
+}
+
+/* Advance a slot by one step: start a path search, settle one node, or finish the tile.
+ * Sources: columns with excess (kept beyond their flow to T), then T if it has excess;
+ * sinks: columns short of their flow (priced columns that lost rows), and T. */
 static inline __attribute__((always_inline)) void slot_step(slot_t *sl, const nm_exact_ctx *c)
 {
     nm_tile *t = sl->t;
@@ -556,8 +505,9 @@ static inline __attribute__((always_inline)) void slot_step(slot_t *sl, const nm
     if (sl->state == SLOT_NEED_PATH) {
         while (sl->col < m && t->cdeg[sl->col] <= t->cflow[sl->col])
             sl->col++;
-        if (sl->col == m) {
-            finish_tile(t, c, sl->k, sl->e, 1);
+        const int te = t_excess(t);
+        if (sl->col == m && te <= 0) {
+            finish_tile(t, c, sl->k, sl->e, te == 0);
             sl->state = SLOT_IDLE;
             return;
         }
@@ -566,7 +516,12 @@ static inline __attribute__((always_inline)) void slot_step(slot_t *sl, const nm
             sl->state = SLOT_IDLE;
             return;
         }
-        sl->src = NM_NODE_COL(m, sl->col);
+        if (!sl->built) {
+            nm_build_network(t);
+            sl->built = 1;
+        }
+        sl->src = sl->col < m ? NM_NODE_COL(m, sl->col) : NM_NODE_T;
+        sl->tsink = te < 0;
         const nm_vd inf = (nm_vd){0} + HUGE_VAL;
         const nm_vi none = {0};
         for (int b = 0; b < t->stride; b += NM_W) {
@@ -580,22 +535,23 @@ static inline __attribute__((always_inline)) void slot_step(slot_t *sl, const nm
         return;
     }
     int64_t a;
-    int reached = 0;
+    int sink = -1;
     if (frontier_min(&sl->front, &a) >= INF_BITS) {
         finish_tile(t, c, sl->k, sl->e, 0); /* no path: impossible, the fallback decides */
         sl->state = SLOT_IDLE;
         return;
     }
-    if (a == NM_NODE_T) {
-        reached = 1;
+    if (is_sink(t, a, sl->tsink)) {
+        sink = (int)a;
     } else {
         settle(t, a, &sl->front);
         /* a column with room reaches T at no extra reduced cost: T would be settled next
          * and change nothing */
-        reached = t->dist[NM_NODE_T] <= t->dist[a];
+        if (sl->tsink && t->dist[NM_NODE_T] <= t->dist[a])
+            sink = NM_NODE_T;
     }
-    if (reached) {
-        if (!augment(t, sl->src)) {
+    if (sink >= 0) {
+        if (!augment(t, sl->src, sink)) {
             finish_tile(t, c, sl->k, sl->e, 0);
             sl->state = SLOT_IDLE;
             return;

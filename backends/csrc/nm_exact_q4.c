@@ -4,7 +4,7 @@
  * A 4 x 4 tile is four NM_W-lane vectors, so the scores, the mask, and the potentials and
  * Dijkstra distances of the rows and of the columns are a vector each, with S and T as
  * scalars: a Dijkstra step is a handful of vector operations instead of passes over the
- * padded node arrays of the general path. Same warm start, potentials and self-check. A
+ * padded node arrays of the general path. Same start (with v = 0), potentials and self-check. A
  * tile this path does not certify, an all-zero tile and a tile whose scale is not a normal
  * power of two go through the general path (and its fallback) instead. */
 #include <math.h>

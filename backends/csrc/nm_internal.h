@@ -74,8 +74,9 @@ typedef int64_t nm_vi __attribute__((vector_size(8 * NM_W)));
 
 /* ---- The exact solver ----------------------------------------------------------------------
  * nm_exact.c          the entry point and the per-thread driver (and the algorithm's notes);
- * nm_exact_general.c  the general path (any M): warm start, shortest paths, self-check, and
+ * nm_exact_general.c  the general path (any M): shortest paths, self-check, and
  *                     the SLOTS tiles a thread interleaves;
+ * nm_exact_start.c    its dual start: the column prices and the rows' top n;
  * nm_exact_q4.c       the M = 4 path, with the tile in vector registers;
  * nm_exact_fallback.c cycle cancelling, for the tiles the shortest paths do not certify.
  * Functions that hold hot code called from another file carry NM_SIMD_CLONES themselves. */
@@ -159,6 +160,7 @@ typedef struct {
     int m, n, sat, mp, seg, stride; /* mp = NM_ROUNDW(m); stride = 2 * seg */
     int rdeg[NM_MAX_M], cdeg[NM_MAX_M];
     int cflow[NM_MAX_M]; /* flow on col -> T; cdeg - cflow is the column's excess */
+    int nkept;           /* sum of rdeg; the bypass S -> T carries n*m - nkept */
     /* Scaled scores, row-major and transposed, and the mask; row stride mp, zero padded. */
     double s[NM_MAX_M * NM_MAX_M] NM_A64;
     double sT[NM_MAX_M * NM_MAX_M] NM_A64;
@@ -172,6 +174,28 @@ typedef struct {
      * the network are ever written; every other entry stays +inf from tile_alloc. */
     double cost[] NM_A64;
 } nm_tile;
+
+/* Column j's arcs to T (open below n) and back from T (open above 0), by its flow cflow. */
+static inline void nm_set_col_arcs(nm_tile *t, int j)
+{
+    const int col = NM_NODE_COL(t->m, j), st = t->stride;
+    t->cost[col * st + NM_NODE_T] = t->cflow[j] < t->n ? 0.0 : HUGE_VAL;
+    t->cost[NM_NODE_T * st + col] = t->cflow[j] > 0 ? 0.0 : HUGE_VAL;
+}
+
+/* The bypass's residual arc back T -> S: open while it carries flow (at most n only). */
+static inline void nm_set_bypass(nm_tile *t)
+{
+    t->cost[NM_NODE_T * t->stride + NM_NODE_S(t->m)] =
+        !t->sat && t->nkept < t->n * t->m ? 0.0 : HUGE_VAL;
+}
+
+/* The dual start (nm_exact_start.c): column prices from rounds of dual coordinate descent
+ * (n < m), the start from column prices v (rows keep their top n of s - v), and the residual
+ * network of the start, built once a unit has to move. */
+void nm_price_rounds(const nm_tile *t, int rounds, double *v);
+void nm_dual_start(nm_tile *t, const double *v);
+void nm_build_network(nm_tile *t);
 
 /* A matrix read in place (nm_exact_matrix, nm_certify): see nmopt_kernels.h. */
 typedef struct {
@@ -280,7 +304,7 @@ int nm_certify_range(const nm_src *src, const nm_cert *out, int m, int n, int sa
 /* One nm_exact call: inputs, outputs, and the first error (nm_set_error). The scores come
  * from `tiles` ((t, m, m) float64), or when it is NULL from `src`, a matrix read in place;
  * the mask goes to the tiles of `mask` or, with a matrix, into `mask` with row stride
- * mask_rs. warm_*: the mask and prices of a previous solve to start from, or NULL. */
+ * mask_rs. warm_v: the column prices of a previous solve to start from, or NULL. */
 typedef struct {
     const double *tiles;
     nm_src src;
@@ -288,8 +312,7 @@ typedef struct {
     uint8_t *mask;
     int64_t mask_rs;
     double *u, *v;
-    const uint8_t *warm_mask; /* (rows, cols), row stride mask_rs, or NULL */
-    const double *warm_u, *warm_v;
+    const double *warm_v; /* (t, m), or NULL */
     nm_cert cert; /* with a matrix: certify each block of tiles once solved (kept != NULL) */
     int8_t *status;
     int err;
@@ -383,13 +406,11 @@ int nm_general_tile(nm_slot *slots, const nm_exact_ctx *c, int64_t k);
 void nm_q4_run(nm_exact_ctx *c, nm_slot *slots, int64_t lo, int64_t hi);
 
 /* Fallback (nm_exact_fallback.c): degrees recounted from the mask, the mask's validity, cycle
- * cancelling (1 on success), a valid starting mask (empty, or full: n per row/column), and
- * the potentials of a warm start (nm_settle_potentials, 1 when the mask is still optimal).
+ * cancelling (1 on success) and a valid starting mask (empty, or full: n per row/column).
  * nm_exact_general.c, their caller, redeclares them cold. */
 void nm_recount(nm_tile *t);
 int nm_feasible(const nm_tile *t);
 int nm_cycle_cancel(nm_tile *t, double eps);
-int nm_settle_potentials(nm_tile *t, double eps);
 void nm_trivial_mask(nm_tile *t, int full);
 
 #endif

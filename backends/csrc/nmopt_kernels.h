@@ -67,16 +67,14 @@ enum { NM_F64 = 0, NM_F32 = 1, NM_F16 = 2, NM_BF16 = 3 };
  * j * cs elements of type dtype; the score is |x| when absolute, else x (must be >= 0).
  * rows and cols are multiples of m; tile k = (k / (cols/m), k % (cols/m)) as in nm_exact's
  * tile order. mask (rows, cols) uint8 with row stride mask_rs; u, v (t, m) and status (t)
- * as nm_exact. warm_mask (rows, cols; row stride mask_rs), warm_u and warm_v (t, m), or
- * all NULL: the mask and prices of a previous solve to start from (saturate = 0 only). A
- * tile whose previous mask is still optimal is re-certified by a few Bellman-Ford passes
- * from the previous prices, else it is solved cold: the result is the same optimum.
+ * as nm_exact. warm_v (t, m) or NULL: the column prices of a previous solve to start from
+ * (saturate = 0 only): each tile starts from them instead of its own estimate and is solved
+ * to the same certified optimum (M = 4 ignores them).
  * kept, bound, nshort, bad (t), or all NULL: nm_certify's outputs, computed by its routine on
  * each block of tiles as soon as it is solved (while in cache). */
 int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
                     int64_t rs, int64_t cs, int m, int n, int saturate, int flags,
-                    const uint8_t *warm_mask, const double *warm_u, const double *warm_v,
-                    uint8_t *mask, int64_t mask_rs, double *u, double *v, int8_t *status,
+                    const double *warm_v, uint8_t *mask, int64_t mask_rs, double *u, double *v, int8_t *status,
                     double *kept, double *bound, int32_t *nshort, int8_t *bad, int nthreads);
 
 /* The certificate of a mask and prices on the same matrix, computed independently of the

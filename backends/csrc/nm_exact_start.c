@@ -1,0 +1,217 @@
+/* Exact solver, general path: the dual start (see nm_exact.c, step 1).
+ *
+ * Column prices v >= 0 come from a previous solve (a warm start) or from a few rounds of dual
+ * coordinate descent on the tile: u_i = max(0, (n+1)-th largest of s_ij - v_j over j), then
+ * v_j = max(0, n-th largest of s_ij - u_i over i). Every row then keeps its top n of s - v
+ * (only values >= 0), priced by the (n+1)-th. Whatever v is, the result is dual feasible; the
+ * better v is, the fewer units the shortest paths have to move: at 16:32, 36 units per tile
+ * with v = 0, about 10 after three rounds. */
+#include <math.h>
+#include <string.h>
+
+#include "nm_internal.h"
+
+#define LANE NM_LANE
+
+/* The price rounds work in float (their prices are only a starting point: any v >= 0 is
+ * one), NM_F rows or columns at a time in one vector; the start itself in double. */
+#define NM_F 8
+typedef float nm_vf __attribute__((vector_size(4 * NM_F)));
+typedef int32_t nm_vm __attribute__((vector_size(4 * NM_F)));
+
+/* A selection network on vectors VT (lane masks MT), branch-free within the lanes:
+ * - cmpx_SFX(lo, hi, up): compare-exchange, lo <= hi after (up all ones), or lo >= hi (0);
+ * - sort_SFX(a, p, dir): bitonic sort of a[0..p), p a power of two, in direction dir;
+ * - kth_SFX(a, len, k): the k-th largest (1 <= k <= len <= NM_MAX_M) of a[0..len), which it
+ *   overwrites. The two halves of the next power of two (padding -inf) are sorted in
+ *   opposite directions into one bitonic sequence; each half-cleaner step then puts the
+ *   larger half above, and the search goes on in the half that holds the k-th. */
+#define NM_NETWORK(SFX, VT, MT, NEG_INF)                                                      \
+    static inline __attribute__((always_inline)) void cmpx_##SFX(VT *lo, VT *hi, MT up)       \
+    {                                                                                         \
+        const VT x = *lo, y = *hi;                                                            \
+        const MT sw = (x > y) == up; /* out of order */                                       \
+        *lo = (VT)((sw & (MT)y) | (~sw & (MT)x));                                             \
+        *hi = (VT)((sw & (MT)x) | (~sw & (MT)y));                                             \
+    }                                                                                         \
+    static inline __attribute__((always_inline)) void sort_##SFX(VT *a, int p, MT dir)        \
+    {                                                                                         \
+        for (int size = 2; size <= p; size <<= 1)                                             \
+            for (int half = size >> 1; half > 0; half >>= 1)                                  \
+                for (int blk = 0; blk < p; blk += 2 * half) {                                 \
+                    /* blocks alternate direction until the last merge, which goes dir */     \
+                    const MT up = size == p ? dir : (MT){0} - ((blk & size) == 0);            \
+                    for (int i = blk; i < blk + half; i++)                                    \
+                        cmpx_##SFX(a + i, a + i + half, up);                                  \
+                }                                                                             \
+    }                                                                                         \
+    static inline __attribute__((always_inline)) VT kth_##SFX(VT *a, int len, int k)          \
+    {                                                                                         \
+        int p = 1;                                                                            \
+        while (p < len)                                                                       \
+            p <<= 1;                                                                          \
+        for (int i = len; i < p; i++)                                                         \
+            a[i] = (VT){0} - NEG_INF;                                                         \
+        const MT asc = (MT){0} - 1, desc = {0};                                               \
+        int lo = 0;                                                                           \
+        if (p > 1) {                                                                          \
+            sort_##SFX(a, p / 2, asc);                                                        \
+            sort_##SFX(a + p / 2, p / 2, desc);                                               \
+        }                                                                                     \
+        for (int half = p / 2; half > 0; half >>= 1) {                                        \
+            for (int i = lo; i < lo + half; i++)                                              \
+                cmpx_##SFX(a + i, a + i + half, asc);                                         \
+            if (k <= half)                                                                    \
+                lo += half; /* the k-th largest is in the upper half */                       \
+            else                                                                              \
+                k -= half;                                                                    \
+        }                                                                                     \
+        return a[lo];                                                                         \
+    }
+
+NM_NETWORK(f, nm_vf, nm_vm, HUGE_VALF)
+NM_NETWORK(d, nm_vd, nm_vi, HUGE_VAL)
+
+/* Rounds of dual coordinate descent from v = 0 (see above) into v[0..m); n < m. */
+NM_SIMD_CLONES void nm_price_rounds(const nm_tile *t, int rounds, double *v)
+{
+    const int m = t->m, n = t->n, mp = t->mp;
+    const nm_vf zero = {0};
+    float u[NM_MAX_M + NM_F], vf[NM_MAX_M + NM_F];
+    nm_vf a[NM_MAX_M];
+    for (int j = 0; j < m; j++)
+        vf[j] = 0.0f;
+    for (int r = 0; r < rounds; r++) {
+        for (int i0 = 0; i0 < m; i0 += NM_F) { /* NM_F rows, from the transposed tile */
+            for (int j = 0; j < m; j++) {
+                nm_vf x;
+                for (int q = 0; q < NM_F; q++) /* past row m: other scores, lanes unused */
+                    x[q] = (float)t->sT[j * mp + i0 + q];
+                a[j] = x - vf[j];
+            }
+            const nm_vf k = kth_f(a, m, n + 1);
+            const nm_vf ui = (nm_vf)((nm_vm)k & (k > zero));
+            memcpy(u + i0, &ui, sizeof ui);
+        }
+        for (int j0 = 0; j0 < m; j0 += NM_F) { /* NM_F columns */
+            for (int i = 0; i < m; i++) {
+                nm_vf x;
+                for (int q = 0; q < NM_F; q++)
+                    x[q] = (float)t->s[i * mp + j0 + q];
+                a[i] = x - u[i];
+            }
+            const nm_vf k = kth_f(a, m, n);
+            const nm_vf vj = (nm_vf)((nm_vm)k & (k > zero));
+            memcpy(vf + j0, &vj, sizeof vj);
+        }
+    }
+    for (int j = 0; j < m; j++)
+        v[j] = vf[j];
+}
+
+/* Which of r[0..m) (NM_W rows in lanes) are among the n largest, ties to the lower index
+ * (numpy's stable argsort of -r), by counting ranks; and the (n+1)-th largest in *next. */
+static inline __attribute__((always_inline)) void top_by_rank(const nm_vd *r, int m, int n,
+                                                              nm_vi *top, nm_vd *next)
+{
+    *next = (nm_vd){0} - HUGE_VAL;
+    for (int j = 0; j < m; j++) {
+        const nm_vd rj = r[j];
+        nm_vi rank = {0};
+        for (int k = 0; k < j; k++)
+            rank -= r[k] >= rj;
+        for (int k = j + 1; k < m; k++)
+            rank -= r[k] > rj;
+        top[j] = rank < n;
+        *next = nm_vblend_d(rank == n, rj, *next);
+    }
+}
+
+/* The start from column prices v[0..m) (>= 0; all 0 with sat): every row keeps its top n of
+ * s - v (ties: lower index, as numpy's stable argsort; at most n, only values >= 0) and is
+ * priced u_i = max(0, its (n+1)-th largest). NM_W rows at a time from the transposed tile:
+ * the (n+1)-th largest by the selection network, the top n as the values above it; where
+ * that is not n values (a tie at the boundary), by counting ranks. A column with a price
+ * holds its full n toward T (cflow = n), so complementary slackness holds: it is a sink while
+ * it keeps fewer. The residual network is left to nm_build_network: a tile with nothing to
+ * move needs none. */
+NM_SIMD_CLONES void nm_dual_start(nm_tile *t, const double *v)
+{
+    const int m = t->m, n = t->n, mp = t->mp, st = t->stride;
+    const nm_vd zero = {0};
+    const nm_vi all = (nm_vi){0} - 1;
+    nm_vd r[NM_MAX_M], work[NM_MAX_M];
+    nm_vi top[NM_MAX_M];
+    for (int a = 0; a < st; a++)
+        t->pot[a] = 0.0;
+    for (int j = 0; j < m; j++)
+        t->cdeg[j] = 0;
+    t->nkept = 0;
+    for (int i0 = 0; i0 < mp; i0 += NM_W) {
+        const nm_vi valid = (LANE + i0) < m;
+        for (int j = 0; j < m; j++)
+            work[j] = r[j] = nm_vload_d(t->sT + j * mp + i0) - v[j];
+        nm_vd next = zero - HUGE_VAL;
+        nm_vi count = {0};
+        if (n < m && m > 8) { /* (at 8 and below, counting ranks is as fast) */
+            next = kth_d(work, m, n + 1);
+            for (int j = 0; j < m; j++) {
+                top[j] = r[j] > next;
+                count -= top[j];
+            }
+        }
+        if (n == m || m <= 8 || nm_hsum_i((count != n) & valid) != 0)
+            top_by_rank(r, m, n, top, &next);
+        nm_vi rdeg = {0};
+        for (int j = 0; j < m; j++) {
+            const nm_vi keep = top[j] & valid & (t->sat ? all : (r[j] >= zero));
+            uint8_t *xj = t->x + i0 * mp + j;
+            for (int q = 0; q < NM_W && i0 + q < m; q++)
+                xj[q * mp] = (uint8_t)(keep[q] & 1);
+            t->cdeg[j] -= (int)nm_hsum_i(keep);
+            rdeg -= keep;
+        }
+        for (int q = 0; q < NM_W && i0 + q < m; q++) {
+            t->pot[NM_NODE_ROW(i0 + q)] = next[q] > 0.0 ? next[q] : 0.0;
+            t->rdeg[i0 + q] = (int)rdeg[q];
+            t->nkept += (int)rdeg[q];
+        }
+    }
+    for (int j = 0; j < m; j++) {
+        t->pot[NM_NODE_COL(m, j)] = -v[j];
+        t->cflow[j] = v[j] > 0.0 ? n : (t->cdeg[j] < n ? t->cdeg[j] : n);
+    }
+}
+
+/* The residual network of the current mask, degrees and flows (every arc of it; entries
+ * that are no arc stay +inf from the tile's allocation). */
+NM_SIMD_CLONES void nm_build_network(nm_tile *t)
+{
+    const int m = t->m, n = t->n, mp = t->mp, st = t->stride, seg = t->seg;
+    const nm_vd inf = (nm_vd){0} + HUGE_VAL;
+    for (int j = 0; j < m; j++) {
+        /* column j -> rows: +s where kept; +inf elsewhere and on padding lanes */
+        for (int i0 = 0; i0 < mp; i0 += NM_W) {
+            nm_vi keep = {0};
+            for (int q = 0; q < NM_W && i0 + q < m; q++)
+                keep[q] = -(int64_t)t->x[(i0 + q) * mp + j];
+            const nm_vd back = nm_vblend_d(keep, nm_vload_d(t->sT + j * mp + i0), inf);
+            memcpy(t->cost + NM_NODE_COL(m, j) * st + NM_NODE_ROW(i0), &back, sizeof back);
+        }
+        nm_set_col_arcs(t, j);
+    }
+    for (int i = 0; i < m; i++) {
+        /* row i -> columns: -s where not kept; +inf where kept and on padding lanes (the
+         * lane of S is rewritten below) */
+        double *fwd = t->cost + NM_NODE_ROW(i) * st + seg;
+        for (int j0 = 0; j0 < mp; j0 += NM_W) {
+            const nm_vi keep = nm_vload_mask(t->x + i * mp + j0) | ((LANE + j0) >= m);
+            const nm_vd f = nm_vblend_d(keep, inf, -nm_vload_d(t->s + i * mp + j0));
+            memcpy(fwd + j0, &f, sizeof f);
+        }
+        t->cost[NM_NODE_S(m) * st + NM_NODE_ROW(i)] = t->rdeg[i] < n ? 0.0 : HUGE_VAL;
+        t->cost[NM_NODE_ROW(i) * st + NM_NODE_S(m)] = t->rdeg[i] > 0 ? 0.0 : HUGE_VAL;
+    }
+    t->cost[NM_NODE_S(m) * st + NM_NODE_T] = t->sat ? HUGE_VAL : 0.0;
+    nm_set_bypass(t);
+}
