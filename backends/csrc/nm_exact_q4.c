@@ -13,7 +13,8 @@
 #include "nm_internal.h"
 
 #define LANE NM_LANE
-#define Q4_S 4 /* predecessor code of S (rows and columns: 0..3, the source column: -1) */
+#define Q4_S 4 /* predecessor codes of S and T (rows and columns: 0..3, the source: -1) */
+#define Q4_T 5
 _Static_assert(NM_W == 4, "the M = 4 path holds one tile row per vector");
 
 typedef struct {
@@ -22,7 +23,7 @@ typedef struct {
     nm_vi rdeg, cdeg, cflow; /* lanes: rows; columns; columns (flow on column -> T) */
     nm_vd pr, pc;            /* potentials of the rows and of the columns */
     double pS, pT;
-    int n, sat;
+    int n, sat, nkept; /* nkept: kept entries (the bypass S -> T carries 4n - nkept) */
 } q4_t;
 
 static inline __attribute__((always_inline)) void q4_transpose(const nm_vi *r, nm_vi *c)
@@ -44,30 +45,62 @@ static inline __attribute__((always_inline)) nm_vd vmax0(nm_vd r)
 
 static inline __attribute__((always_inline)) double max0(double r) { return r > 0.0 ? r : 0.0; }
 
-/* Every row keeps its top n (ties to the lower index, as in warm_start) and is priced at
- * its (n+1)-th largest score; the ranks of the four rows are counted at once. */
-static inline __attribute__((always_inline)) void q4_warm_start(q4_t *q)
+/* Lane-wise k-th largest (1 <= k <= 4) of four vectors: the 5-comparator sorting network. */
+static inline __attribute__((always_inline)) nm_vd q4_kth(nm_vd a0, nm_vd a1, nm_vd a2,
+                                                          nm_vd a3, int k)
 {
-    const nm_vi n = (nm_vi){0} + q->n;
-    nm_vd next = (nm_vd){0} - HUGE_VAL;
+#define Q4_CX(x, y)                                                                           \
+    do {                                                                                      \
+        const nm_vi lt_ = (x) < (y);                                                          \
+        const nm_vd lo_ = nm_vblend_d(lt_, x, y);                                             \
+        y = nm_vblend_d(lt_, y, x);                                                           \
+        x = lo_;                                                                              \
+    } while (0)
+    Q4_CX(a0, a1);
+    Q4_CX(a2, a3);
+    Q4_CX(a0, a2);
+    Q4_CX(a1, a3);
+    Q4_CX(a1, a2);
+#undef Q4_CX
+    return k == 1 ? a3 : k == 2 ? a2 : k == 3 ? a1 : a0; /* ascending */
+}
+
+/* The column prices of one round of the dual start's coordinate descent (nm_exact_start.c):
+ * u_i = max(0, (n+1)-th largest of row i), v_j = max(0, n-th largest of s_ij - u_i). */
+static inline __attribute__((always_inline)) nm_vd q4_round(const q4_t *q)
+{
+    const nm_vd u = vmax0(q4_kth(q->sT[0], q->sT[1], q->sT[2], q->sT[3], q->n + 1));
+    return vmax0(q4_kth(q->s[0] - u[0], q->s[1] - u[1], q->s[2] - u[2], q->s[3] - u[3], q->n));
+}
+
+/* The dual start from column prices v (as nm_dual_start): every row keeps its top n of s - v
+ * (ties to the lower index; at most n: values >= 0 only), priced at its (n+1)-th largest;
+ * the ranks of the four rows are counted at once. A priced column keeps its full flow n. */
+static inline __attribute__((always_inline)) void q4_start(q4_t *q, nm_vd v)
+{
+    const nm_vi n = (nm_vi){0} + q->n, all = (nm_vi){0} - 1;
+    nm_vd r[4], next = (nm_vd){0} - HUGE_VAL;
+    for (int j = 0; j < 4; j++)
+        r[j] = q->sT[j] - v[j];
     for (int j = 0; j < 4; j++) {
         nm_vi rank = {0};
         for (int k = 0; k < 4; k++) {
             if (k < j)
-                rank -= q->sT[k] >= q->sT[j];
+                rank -= r[k] >= r[j];
             else if (k > j)
-                rank -= q->sT[k] > q->sT[j];
+                rank -= r[k] > r[j];
         }
-        q->xT[j] = rank < n;
-        next = nm_vblend_d(rank == n, q->sT[j], next);
+        q->xT[j] = (rank < n) & (q->sat ? all : r[j] >= (nm_vd){0});
+        next = nm_vblend_d(rank == n, r[j], next);
     }
     q4_transpose(q->xT, q->x);
     q->pr = vmax0(next);
-    q->pc = (nm_vd){0};
+    q->pc = -v;
     q->pS = q->pT = 0.0;
-    q->rdeg = n;
+    q->rdeg = -(q->xT[0] + q->xT[1] + q->xT[2] + q->xT[3]);
     q->cdeg = -(q->x[0] + q->x[1] + q->x[2] + q->x[3]);
-    q->cflow = nm_vblend_i(q->cdeg < n, q->cdeg, n);
+    q->nkept = (int)nm_hsum_i(q->rdeg);
+    q->cflow = nm_vblend_i(v > (nm_vd){0}, n, nm_vblend_i(q->cdeg < n, q->cdeg, n));
 }
 
 /* Keep (i, j) (keep = -1) or drop it (keep = 0). */
@@ -78,33 +111,40 @@ static inline __attribute__((always_inline)) void q4_set(q4_t *q, int i, int j, 
     const int64_t d = keep ? 1 : -1;
     q->rdeg[i] += d;
     q->cdeg[j] += d;
+    q->nkept += (int)d;
 }
 
-/* One shortest path (Dijkstra on reduced costs, stopped at T) from column src, which holds
- * more than n; then the potentials move by the distances and one unit goes along the path.
- * 0 when T cannot be reached or the path is malformed. */
-static inline __attribute__((always_inline)) int q4_path(q4_t *q, int src)
+/* One shortest path (Dijkstra on reduced costs) from the source (column src with excess, or
+ * T when src < 0) to the first sink it settles: a priced column short of its flow, or T
+ * itself (tsink); then the potentials move by the distances and one unit goes along the
+ * path. 0 when no sink can be reached or the path is malformed. */
+static inline __attribute__((always_inline)) int q4_path(q4_t *q, int src, int tsink)
 {
     enum { ROW, COL, NODE_S4, NODE_T4 };
     const nm_vd inf = (nm_vd){0} + HUGE_VAL;
     const nm_vi n = (nm_vi){0} + q->n;
+    const nm_vi deficit = q->cdeg < q->cflow;
     nm_vd dr = inf, dc = inf;
     nm_vi doner = {0}, donec = {0}, prevr = {0}, prevc = {0};
     double dS = HUGE_VAL, dT = HUGE_VAL;
-    int doneS = 0, prevS = 0, prevT = 0;
-    int kind = COL, a = src, found = 0;
-    dc[src] = 0.0;
-    prevc[src] = -1;
-    for (int step = 0; step < 10; step++) { /* at most the 9 nodes other than T */
+    int doneS = 0, doneT = 0, prevS = 0, prevT = -1;
+    int kind = src < 0 ? NODE_T4 : COL, a = src, sink_kind = -1;
+    if (src < 0) {
+        dT = 0.0;
+    } else {
+        dc[src] = 0.0;
+        prevc[src] = -1;
+    }
+    for (int step = 0; step < 10; step++) { /* at most the 10 nodes */
         double da;
         if (kind == COL) { /* column a -> rows along kept arcs (cost s_ia); -> T if it has room */
             donec |= LANE == a;
             da = dc[a];
             const nm_vd cand = da + vmax0(q->sT[a] + q->pc[a] - q->pr);
-            const nm_vi upd = q->xT[a] & (cand < dr);
+            const nm_vi upd = q->xT[a] & ~doner & (cand < dr);
             dr = nm_vblend_d(upd, cand, dr);
             prevr = nm_vblend_i(upd, (nm_vi){0} + a, prevr);
-            if (q->cflow[a] < q->n) {
+            if (!doneT && q->cflow[a] < q->n) {
                 const double ct = da + max0(q->pc[a] - q->pT);
                 if (ct < dT) {
                     dT = ct;
@@ -115,33 +155,47 @@ static inline __attribute__((always_inline)) int q4_path(q4_t *q, int src)
             doner |= LANE == a;
             da = dr[a];
             const nm_vd cand = da + vmax0(q->pr[a] - q->s[a] - q->pc);
-            const nm_vi upd = ~q->x[a] & (cand < dc);
+            const nm_vi upd = ~q->x[a] & ~donec & (cand < dc);
             dc = nm_vblend_d(upd, cand, dc);
             prevc = nm_vblend_i(upd, (nm_vi){0} + a, prevc);
-            if (q->rdeg[a] > 0) {
+            if (!doneS && q->rdeg[a] > 0) {
                 const double cs = da + max0(q->pr[a] - q->pS);
                 if (cs < dS) {
                     dS = cs;
                     prevS = a;
                 }
             }
-        } else { /* S -> rows with room; -> T (at most n) */
+        } else if (kind == NODE_S4) { /* S -> rows with room; -> T (at most n) */
             doneS = 1;
             da = dS;
             const nm_vd cand = da + vmax0(q->pS - q->pr);
-            const nm_vi upd = (q->rdeg < n) & (cand < dr);
+            const nm_vi upd = (q->rdeg < n) & ~doner & (cand < dr);
             dr = nm_vblend_d(upd, cand, dr);
             prevr = nm_vblend_i(upd, (nm_vi){0} + Q4_S, prevr);
-            if (!q->sat) {
+            if (!q->sat && !doneT) {
                 const double ct = da + max0(q->pS - q->pT);
                 if (ct < dT) {
                     dT = ct;
                     prevT = Q4_S;
                 }
             }
+        } else { /* T -> columns with flow; -> S while the bypass carries flow */
+            doneT = 1;
+            da = dT;
+            const nm_vd cand = da + vmax0(q->pT - q->pc);
+            const nm_vi upd = (q->cflow > (nm_vi){0}) & ~donec & (cand < dc);
+            dc = nm_vblend_d(upd, cand, dc);
+            prevc = nm_vblend_i(upd, (nm_vi){0} + Q4_T, prevc);
+            if (!q->sat && !doneS && q->nkept < 4 * q->n) {
+                const double cs = da + max0(q->pT - q->pS);
+                if (cs < dS) {
+                    dS = cs;
+                    prevS = Q4_T;
+                }
+            }
         }
-        if (dT <= da) { /* T is the least unsettled node: the path is found */
-            found = 1;
+        if (tsink && dT <= da) { /* T is the least unsettled node: the path is found */
+            sink_kind = NODE_T4;
             break;
         }
         /* the least unsettled row or column: keys are distances (>= 0, as bits) with the
@@ -156,43 +210,50 @@ static inline __attribute__((always_inline)) int q4_path(q4_t *q, int src)
         k = nm_vblend_i(k < o, k, o);
         const int node = (int)(k[0] & 7);
         const double best = node < 4 ? dr[node] : dc[node - 4];
-        const double bs = doneS ? HUGE_VAL : dS;
-        if (dT <= best && dT <= bs) {
-            found = dT < HUGE_VAL; /* else nothing is left to reach: impossible, the general
-                                    * path decides */
-            break;
-        }
-        if (bs < best) {
+        const double bs = doneS ? HUGE_VAL : dS, bt = doneT ? HUGE_VAL : dT;
+        if (bt <= best && bt <= bs) {
+            if (bt == HUGE_VAL)
+                return 0; /* nothing is left to reach: impossible, the general path decides */
+            if (tsink) {
+                sink_kind = NODE_T4;
+                break;
+            }
+            kind = NODE_T4;
+        } else if (bs < best) {
             kind = NODE_S4;
         } else {
             kind = node < 4 ? ROW : COL;
             a = node & 3;
+            if (kind == COL && deficit[a]) {
+                sink_kind = COL;
+                break;
+            }
         }
     }
-    if (!found)
+    if (sink_kind < 0)
         return 0;
-    /* potentials += min(dist, dist(T)) */
-    const nm_vd dTv = (nm_vd){0} + dT;
-    q->pr += nm_vblend_d(dr < dTv, dr, dTv);
-    q->pc += nm_vblend_d(dc < dTv, dc, dTv);
-    q->pS += dS < dT ? dS : dT;
-    q->pT += dT;
-    /* walk back from T */
-    if (prevT == Q4_S) {
-        kind = NODE_S4;
-    } else {
-        kind = COL;
-        a = prevT;
-        q->cflow[a]++;
-    }
-    for (int step = 0; step < 10; step++) {
+    /* potentials += min(dist, dist(sink)) */
+    const double dk = sink_kind == COL ? dc[a] : dT;
+    const nm_vd dkv = (nm_vd){0} + dk;
+    q->pr += nm_vblend_d(dr < dkv, dr, dkv);
+    q->pc += nm_vblend_d(dc < dkv, dc, dkv);
+    q->pS += dS < dk ? dS : dk;
+    q->pT += dT < dk ? dT : dk;
+    /* walk back from the sink */
+    kind = sink_kind;
+    for (int step = 0; step < 12; step++) {
         if (kind == COL) {
             const int i = (int)prevc[a];
             if (i < 0)
                 return a == src;
-            q4_set(q, i, a, -1); /* row i -> column a: keep */
-            kind = ROW;
-            a = i;
+            if (i == Q4_T) { /* T -> column a: less flow to T */
+                q->cflow[a]--;
+                kind = NODE_T4;
+            } else {
+                q4_set(q, i, a, -1); /* row i -> column a: keep */
+                kind = ROW;
+                a = i;
+            }
         } else if (kind == ROW) {
             const int j = (int)prevr[a];
             if (j == Q4_S) {
@@ -202,9 +263,23 @@ static inline __attribute__((always_inline)) int q4_path(q4_t *q, int src)
                 kind = COL;
                 a = j;
             }
+        } else if (kind == NODE_S4) {
+            if (prevS == Q4_T) {
+                kind = NODE_T4; /* T -> S: the bypass follows the kept count */
+            } else {
+                kind = ROW;
+                a = prevS; /* row -> S */
+            }
         } else {
-            kind = ROW;
-            a = prevS; /* row -> S */
+            if (prevT < 0)
+                return src < 0;
+            if (prevT == Q4_S) {
+                kind = NODE_S4;
+            } else {
+                kind = COL;
+                a = prevT;
+                q->cflow[a]++;
+            }
         }
     }
     return 0;
@@ -240,18 +315,22 @@ static inline __attribute__((always_inline)) int q4_tile(const nm_exact_ctx *c, 
         q.sT[j] = (nm_vd)cols_bits[j];
     q.n = c->n;
     q.sat = c->sat;
-    q4_warm_start(&q);
+    q4_start(&q, q.sat || q.n == 4 ? zero : q4_round(&q));
     const nm_vi n = (nm_vi){0} + q.n;
     for (int paths = 0;; paths++) {
         const nm_vi excess = q.cdeg > q.cflow;
-        if (nm_hsum_i(excess) == 0)
+        const int te = (int)nm_hsum_i(q.cflow) - q.nkept; /* T's excess */
+        if (nm_hsum_i(excess) == 0 && te <= 0) {
+            if (te < 0)
+                return Q4_UNCERTIFIED; /* impossible: the balances sum to 0 */
             break;
-        if (paths >= 4 * q.n)
+        }
+        if (paths >= 4 * q.n + 4)
             return Q4_UNCERTIFIED;
-        int j = 0;
-        while (!excess[j])
-            j++;
-        if (!q4_path(&q, j))
+        int j = -1; /* the source: the first column with excess, else T */
+        for (int jj = 3; jj >= 0; jj--)
+            j = excess[jj] ? jj : j;
+        if (!q4_path(&q, j, te < 0))
             return Q4_UNCERTIFIED;
     }
     if (!q.sat && nm_hsum_i((q.rdeg < n) | (q.cdeg < n)) != 0) /* fill_short: prices are 0 */
