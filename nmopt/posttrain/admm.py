@@ -30,13 +30,11 @@ _SETTLED = 3e-4
 _PRIMAL_TOL = 1e-2
 # A projection is warm-started from the previous one only when each of the last two iterations
 # moved at most this fraction of the kept weights (the first iteration moves few, the next ones
-# many, while rho grows). The C kernel re-certifies a tile whose mask is still optimal in fewer
-# steps than a cold solve, but a tile whose mask changed costs the failed re-certification on
-# top of the cold solve. On 2048² layers (4:8, 8:16, 16:32) a projection whose mask changed by
-# 0.01-0.25% of the entries took 0.47-0.95x the cold CPU time, by 0.7-0.9% 1.0-1.4x, by 5-34%
-# (most iterations) 1.3-2.1x; at the end the change shrinks 4-8x per iteration, so a previous
-# change of 2% of the kept weights (1% of the entries at N/M = 1/2) already predicts a gain.
-_WARM_MAX_CHANGED = 0.02
+# many, while rho grows). The C kernel starts each tile from the previous column prices
+# instead of estimating them: on a 2048² matrix (M = 8-32) that took 0.37-0.69x the cold time
+# when up to 2% of the kept entries changed, 0.72-0.95x at 13-17%, and 1.4-1.6x on unrelated
+# weights.
+_WARM_MAX_CHANGED = 0.1
 
 
 def _factor(H: torch.Tensor, damp: float, dtype) -> tuple:
