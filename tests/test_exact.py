@@ -148,6 +148,45 @@ def test_m4_register_path_matches_general_path(cffi, saturate):
             np.testing.assert_allclose(kept[0], kept[1], rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("saturate", [False, True])
+def test_dual_start_keeps_tiles_on_the_fast_path(cffi, saturate):
+    """The general path's dual start (column prices from rounds of coordinate descent, priced
+    columns as sinks) solves every tile without the fallback, on ties, zeros and wide ranges
+    too, to the optimum that cycle cancelling from a trivial mask (flag 2) reaches."""
+    rng = np.random.default_rng(12)
+    for n, m in ((1, 5), (3, 8), (7, 8), (5, 13), (8, 16), (11, 16), (16, 32), (9, 32)):
+        for family in FAMILIES + ["all_zeros"]:
+            tiles = oracles.INPUTS[family](rng, (6, m, m))
+            mask, u, v, status = cffi.exact(tiles, n, saturate)
+            assert (status == 0).all(), (n, m, family)
+            kept = np.where(mask, tiles, 0.0).sum(axis=(1, 2))
+            ref = cffi.exact(tiles, n, saturate, flags=2)[0]
+            np.testing.assert_allclose(kept, np.where(ref, tiles, 0.0).sum(axis=(1, 2)),
+                                       rtol=1e-12, atol=0)
+            np.testing.assert_allclose(tile_bounds(tiles, n, u, v), kept, rtol=1e-10,
+                                       atol=1e-300)
+
+
+@pytest.mark.parametrize("m", [5, 8, 16, 32])
+def test_warm_start_from_any_prices_is_exact(cffi, m):
+    """A warm start only seeds the column prices: any values (another matrix's, random, huge,
+    negative, NaN) give the cold optimum, certified."""
+    rng = np.random.default_rng(m)
+    n = m // 2
+    w = rng.standard_normal((4 * m, 6 * m))
+    mask, u, v, status = cffi.exact_matrix(w, n, m, absolute=True)
+    kept = (np.abs(w) * mask).sum()
+    t = v.shape[0]
+    other = cffi.exact_matrix(rng.standard_normal(w.shape), n, m, absolute=True)[2]
+    for seed in (v, other, rng.random((t, m)) * 3, np.full((t, m), 1e300),
+                 np.full((t, m), -1.0), np.where(rng.random((t, m)) < 0.5, np.nan, v)):
+        mask2, u2, v2, status2, k2, bound2, short2, bad2 = cffi.exact_matrix(
+            w, n, m, absolute=True, warm=seed, certify=True)
+        assert (status2 == 0).all() and not bad2.any()
+        assert k2.sum() == pytest.approx(kept, rel=1e-12)
+        assert bound2.sum() == pytest.approx(kept, rel=1e-10)
+
+
 @pytest.mark.parametrize("flags", [1, 2])
 @pytest.mark.parametrize("saturate", [False, True])
 def test_fallback_path_agrees(cffi, flags, saturate):
