@@ -32,6 +32,7 @@ static nm_tile *tile_alloc(int m)
     memset(t->s, 0, sizeof t->s);
     memset(t->sT, 0, sizeof t->sT);
     memset(t->x, 0, sizeof t->x);
+    memset(t->xT, 0, sizeof t->xT);
     t->m = m;
     t->mp = NM_ROUNDW(m);
     t->seg = NM_SEG(m);

@@ -168,6 +168,8 @@ NM_SIMD_CLONES void nm_dual_start(nm_tile *t, const double *v)
             uint8_t *xj = t->x + i0 * mp + j;
             for (int q = 0; q < NM_W && i0 + q < m; q++)
                 xj[q * mp] = (uint8_t)(keep[q] & 1);
+            const nm_vb kb = __builtin_convertvector(keep & 1, nm_vb);
+            memcpy(t->xT + j * mp + i0, &kb, sizeof kb);
             t->cdeg[j] -= (int)nm_hsum_i(keep);
             rdeg -= keep;
         }
@@ -183,8 +185,8 @@ NM_SIMD_CLONES void nm_dual_start(nm_tile *t, const double *v)
     }
 }
 
-/* The residual network of the current mask, degrees and flows (every arc of it; entries
- * that are no arc stay +inf from the tile's allocation). */
+/* The residual network of the start (every arc of it; entries that are no arc stay +inf
+ * from the tile's allocation): before any unit has moved, so t->xT is still the mask. */
 NM_SIMD_CLONES void nm_build_network(nm_tile *t)
 {
     const int m = t->m, n = t->n, mp = t->mp, st = t->stride, seg = t->seg;
@@ -192,9 +194,7 @@ NM_SIMD_CLONES void nm_build_network(nm_tile *t)
     for (int j = 0; j < m; j++) {
         /* column j -> rows: +s where kept; +inf elsewhere and on padding lanes */
         for (int i0 = 0; i0 < mp; i0 += NM_W) {
-            nm_vi keep = {0};
-            for (int q = 0; q < NM_W && i0 + q < m; q++)
-                keep[q] = -(int64_t)t->x[(i0 + q) * mp + j];
+            const nm_vi keep = nm_vload_mask(t->xT + j * mp + i0);
             const nm_vd back = nm_vblend_d(keep, nm_vload_d(t->sT + j * mp + i0), inf);
             memcpy(t->cost + NM_NODE_COL(m, j) * st + NM_NODE_ROW(i0), &back, sizeof back);
         }

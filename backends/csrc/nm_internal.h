@@ -165,6 +165,7 @@ typedef struct {
     double s[NM_MAX_M * NM_MAX_M] NM_A64;
     double sT[NM_MAX_M * NM_MAX_M] NM_A64;
     uint8_t x[NM_MAX_M * NM_MAX_M] NM_A64;
+    uint8_t xT[NM_MAX_M * NM_MAX_M] NM_A64; /* the start's mask, transposed (nm_dual_start) */
     double in[NM_MAX_M * NM_MAX_M] NM_A64; /* a tile read from a matrix (nm_tile_scores) */
     double pot[NM_NODES] NM_A64;
     double dist[NM_NODES] NM_A64;
