@@ -231,9 +231,10 @@ def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = F
         Non-negative saliency to maximise (default ``|weights|``), e.g. ``|W| * ||x||``.
     warm_start : MaskResult, optional
         The result of a previous call on the same shape and pattern (e.g. the weights before
-        a training step): the exact C kernel starts from its prices and needs fewer shortest
-        paths. The result is the same certified optimum as a cold solve. Other solvers, and
-        exactly-N problems, ignore it.
+        a training step): the exact C kernel starts each tile from its column prices instead
+        of estimating them, and needs fewer shortest paths. The result is the same certified
+        optimum as a cold solve, whatever the previous result holds. Other solvers, M = 4 and
+        exactly-N problems ignore it.
 
     Returns
     -------
