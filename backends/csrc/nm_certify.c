@@ -12,8 +12,8 @@
 #include "nm_internal.h"
 
 NM_SIMD_CLONES int nm_certify_range(const nm_src *src, const nm_cert *out, int m, int n, int sat,
-                                    int rowwise, const uint8_t *mask, int64_t mask_rs, const double *u, const double *v,
-                     int64_t lo, int64_t hi)
+                                    int rowwise, const uint8_t *mask, int64_t mask_rs,
+                                    const double *u, const double *v, int64_t lo, int64_t hi)
 {
     double s[NM_MAX_M * NM_MAX_M] NM_A64;
     for (int64_t k = lo; k < hi; k++) {

@@ -142,7 +142,8 @@ int nm_exact(const double *tiles, int64_t t, int m, int n, int saturate, int fla
 
 int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
                     int64_t rs, int64_t cs, int m, int n, int saturate, int flags,
-                    const double *warm_v, uint8_t *mask, int64_t mask_rs, double *u, double *v, int8_t *status,
+                    const double *warm_v, uint8_t *mask, int64_t mask_rs, double *u, double *v,
+                    int8_t *status,
                     double *kept, double *bound, int32_t *nshort, int8_t *bad, int nthreads)
 {
     if (!nm_matrix_args_ok(dtype, rows, cols, m, n, mask_rs, nthreads))

@@ -232,7 +232,8 @@ static inline __attribute__((always_inline)) int augment(nm_tile *t, int src, in
     return 1;
 }
 
-/* T's excess: the flow into T beyond its demand, minus the columns' total excess. */
+/* T's excess, sum(cflow) - nkept: the flow into T beyond its demand n*m, which is minus the
+ * columns' total excess (every other node is balanced). */
 static inline int t_excess(const nm_tile *t)
 {
     int e = -t->nkept;
@@ -422,7 +423,7 @@ static inline __attribute__((always_inline)) void finish_tile(nm_tile *t, const 
 
 /* Rounds of the dual start's coordinate descent for an m x m tile: each costs two sorting
  * passes and saves shortest paths, more of them the larger m (tuned at M = 8, 16, 32, 64:
- * one round fewer or more is 2-10% slower). */
+ * one round fewer or more was up to 10% slower, or the same within the noise). */
 static inline int start_rounds(int m) { return m <= 4 ? 0 : m <= 8 ? 2 : m <= 32 ? 3 : 4; }
 
 /* The column prices to start tile k from, scaled like its scores (2^-e): the previous solve's

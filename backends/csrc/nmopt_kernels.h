@@ -74,7 +74,8 @@ enum { NM_F64 = 0, NM_F32 = 1, NM_F16 = 2, NM_BF16 = 3 };
  * each block of tiles as soon as it is solved (while in cache). */
 int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
                     int64_t rs, int64_t cs, int m, int n, int saturate, int flags,
-                    const double *warm_v, uint8_t *mask, int64_t mask_rs, double *u, double *v, int8_t *status,
+                    const double *warm_v, uint8_t *mask, int64_t mask_rs, double *u, double *v,
+                    int8_t *status,
                     double *kept, double *bound, int32_t *nshort, int8_t *bad, int nthreads);
 
 /* The certificate of a mask and prices on the same matrix, computed independently of the
