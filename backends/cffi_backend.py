@@ -218,12 +218,13 @@ class CffiBackend(Backend):
         _check(rc, "exact")
         return mask.view(np.bool_), u, v, status
 
-    def exact_matrix(self, x, n, m, *, absolute, saturate=False, warm=None, certify=False,
-                     rowwise=False, flags: int = 0):
+    def exact_matrix(self, x, n, m, *, absolute, saturate=False, warm=None, warm_mask=None,
+                     certify=False, rowwise=False, flags: int = 0):
         """:meth:`exact` on a 2-D matrix read in place (``matrix_arg``; rows and columns
         multiples of ``m``): scores ``|x|`` when ``absolute``, else ``x``. ``warm``: the tile
         column prices v (T, M) of a previous solve to start from (at most N only; M = 4
-        ignores them). Returns ``(mask (rows, cols) bool, u, v, status)``, and with ``certify`` also
+        ignores them); ``warm_mask``: that solve's mask (rows, cols), so that tiles whose
+        mask is still optimal keep it. Returns ``(mask (rows, cols) bool, u, v, status)``, and with ``certify`` also
         :meth:`certify_matrix`'s four arrays, computed by its C routine on each block of tiles
         right after the solve. ``rowwise``: row-wise N:M instead (the top N of every row of
         every tile; v = 0). Raises :class:`BadScores` on a NaN, infinite (or, for scores,
@@ -243,10 +244,17 @@ class CffiBackend(Backend):
                 raise ValueError(f"warm: expected the previous column prices as ({t}, {m}) tile "
                                  f"prices, got shape {warm.shape}")
             wv = k.ffi.from_buffer("double[]", warm)
+        wx, wx_rs = k.ffi.NULL, 0
+        if warm is not None and warm_mask is not None:
+            warm_mask = np.ascontiguousarray(warm_mask).view(np.uint8)
+            if warm_mask.shape != (rows, cols):
+                raise ValueError(f"warm_mask: expected the previous ({rows}, {cols}) mask, got "
+                                 f"shape {warm_mask.shape}")
+            wx, wx_rs = k.ffi.from_buffer("uint8_t[]", warm_mask), cols
         cert = _cert_arrays(t) if certify else None
         rc = k.lib.nm_exact_matrix(k.ffi.cast("void *", ptr), code, int(bool(absolute)), rows,
                                    cols, rs, cs, m, n, int(bool(saturate)),
-                                   int(flags) | (_ROWWISE if rowwise else 0), wv,
+                                   int(flags) | (_ROWWISE if rowwise else 0), wv, wx, wx_rs,
                                    k.ffi.from_buffer("uint8_t[]", mask), cols,
                                    k.ffi.from_buffer("double[]", u),
                                    k.ffi.from_buffer("double[]", v),

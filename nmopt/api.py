@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from nmopt._arrays import ArrayKind, is_torch_tensor, to_float64
+from nmopt._arrays import ArrayKind, as_bool_numpy, is_torch_tensor, to_float64
 from nmopt._tiles import TileGrid, as_matrix, check_scores, tile_counts
 from nmopt.backends import get as get_backend
 from nmopt.backends.cffi_backend import BadScores, matrix_arg
@@ -166,12 +166,14 @@ def _solve_in_place(src, p, grid, saturate, warm, engine, name, start, fallbacks
     solved. None when a value is not finite (the general path then raises the error that
     names it)."""
     x, absolute, kind = src
+    warm_v = warm_mask = None
     if warm is not None:
-        warm = grid.cols_to_tile_prices(warm.v)
+        warm_v = grid.cols_to_tile_prices(warm.v)
+        warm_mask = as_bool_numpy(warm.mask, "warm_start.mask").reshape(tuple(x.shape))
     try:
         mask, u_t, v_t, status, kept, tile_bound, short, bad = engine.exact_matrix(
-            x, p.n, p.m, absolute=absolute, saturate=saturate, warm=warm, certify=True,
-            rowwise=name == "rowwise")
+            x, p.n, p.m, absolute=absolute, saturate=saturate, warm=warm_v, warm_mask=warm_mask,
+            certify=True, rowwise=name == "rowwise")
     except BadScores:
         return None
     warn_unverified(name, status)

@@ -142,11 +142,12 @@ int nm_exact(const double *tiles, int64_t t, int m, int n, int saturate, int fla
 
 int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
                     int64_t rs, int64_t cs, int m, int n, int saturate, int flags,
-                    const double *warm_v, uint8_t *mask, int64_t mask_rs, double *u, double *v,
-                    int8_t *status,
+                    const double *warm_v, const uint8_t *warm_x, int64_t warm_x_rs,
+                    uint8_t *mask, int64_t mask_rs, double *u, double *v, int8_t *status,
                     double *kept, double *bound, int32_t *nshort, int8_t *bad, int nthreads)
 {
-    if (!nm_matrix_args_ok(dtype, rows, cols, m, n, mask_rs, nthreads))
+    if (!nm_matrix_args_ok(dtype, rows, cols, m, n, mask_rs, nthreads) ||
+        (warm_x && warm_x_rs < cols))
         return NM_ERR_ARG;
     const int64_t t = (rows / m) * (cols / m);
     if (t == 0)
@@ -157,6 +158,8 @@ int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int
     c.src = (nm_src){data, dtype, absolute != 0, rs, cs, cols / m};
     c.mask_rs = mask_rs;
     c.warm_v = saturate ? NULL : warm_v;
+    c.warm_x = c.warm_v ? warm_x : NULL;
+    c.warm_x_rs = warm_x_rs;
     if (kept && bound && nshort && bad)
         c.cert = (nm_cert){kept, bound, nshort, bad};
     nm_parallel_for(nthreads, t, nm_grain(t, nthreads, 16, 1), exact_task, &c);

@@ -322,9 +322,20 @@ static inline __attribute__((always_inline)) int verified(const nm_tile *t, cons
     return fabs(bound - k) <= tol * scale;
 }
 
-/* Read, check and scale one tile into t->s / t->sT. Returns the binary exponent e of the
- * scale (scores were multiplied by 2^-e), or INT32_MIN for an all-zero tile. */
-static inline __attribute__((always_inline)) int load_tile(nm_tile *t, const double *s, int *err)
+/* t->sT from t->s (the transposed copy that the dual start and the network read). */
+static inline __attribute__((always_inline)) void transpose_tile(nm_tile *t)
+{
+    const int m = t->m, mp = t->mp;
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < m; j++)
+            t->sT[j * mp + i] = t->s[i * mp + j];
+}
+
+/* Read, check and scale one tile into t->s, and t->sT unless `row_major_only`. Returns the
+ * binary exponent e of the scale (scores were multiplied by 2^-e), or INT32_MIN for an
+ * all-zero tile. */
+static inline __attribute__((always_inline)) int load_tile(nm_tile *t, const double *s, int *err,
+                                                           int row_major_only)
 {
     const int m = t->m, mp = t->mp;
     double mx;
@@ -342,7 +353,7 @@ static inline __attribute__((always_inline)) int load_tile(nm_tile *t, const dou
             for (int j0 = 0; j0 < m; j0 += NM_W) {
                 const nm_vd x = nm_vload_d(s + i * m + j0) * f;
                 memcpy(t->s + i * mp + j0, &x, sizeof x);
-                for (int q = 0; q < NM_W; q++)
+                for (int q = 0; q < NM_W && !row_major_only; q++)
                     t->sT[(j0 + q) * mp + i] = x[q];
             }
         return e;
@@ -470,7 +481,9 @@ static inline __attribute__((always_inline)) int slot_begin(slot_t *sl, const nm
     t->sat = c->sat;
     int err = NM_OK;
     sl->k = k;
-    sl->e = load_tile(t, nm_tile_scores(c, k, t->in), &err);
+    const int warm = c->warm_x && c->warm_v && !t->sat && t->n < t->m &&
+                     !(c->flags & (NM_FLAG_FORCE_FALLBACK | NM_FLAG_COLD_FALLBACK));
+    sl->e = load_tile(t, nm_tile_scores(c, k, t->in), &err, warm);
     if (err != NM_OK)
         return err;
     if (sl->e == INT32_MIN) {
@@ -480,6 +493,15 @@ static inline __attribute__((always_inline)) int slot_begin(slot_t *sl, const nm
     }
     double v[NM_MAX_M] NM_A64;
     start_prices(t, c, k, sl->e, v);
+    if (warm) {
+        if (nm_warm_tile(t, c, k, v, c->u + k * t->m)) { /* the previous mask, proven optimal */
+            memcpy(c->v + k * t->m, v, sizeof(double) * (size_t)t->m);
+            write_tile(t, c, k, sl->e, NM_TILE_OK);
+            sl->state = SLOT_IDLE;
+            return NM_OK;
+        }
+        transpose_tile(t);
+    }
     nm_dual_start(t, v);
     sl->col = 0;
     sl->paths = 0;

@@ -77,6 +77,7 @@ typedef int64_t nm_vi __attribute__((vector_size(8 * NM_W)));
  * nm_exact_general.c  the general path (any M): shortest paths, self-check, and
  *                     the SLOTS tiles a thread interleaves;
  * nm_exact_start.c    its dual start: the column prices and the rows' top n;
+ * nm_exact_warm.c     its warm start from a previous mask and prices;
  * nm_exact_q4.c       the M = 4 path, with the tile in vector registers;
  * nm_exact_fallback.c cycle cancelling, for the tiles the shortest paths do not certify.
  * Functions that hold hot code called from another file carry NM_SIMD_CLONES themselves. */
@@ -107,9 +108,9 @@ static inline __attribute__((always_inline)) nm_vd nm_vload_d(const double *p)
 
 static inline __attribute__((always_inline)) nm_vi nm_vload_mask(const uint8_t *p)
 {
-    nm_vb b;
-    memcpy(&b, p, sizeof b);
-    return -__builtin_convertvector(b, nm_vi); /* bytes 0/1 -> lanes 0/-1 */
+    uint32_t w; /* NM_W = 4 bytes, 0/1 each -> lanes 0/-1 (a shift per lane, no byte inserts) */
+    memcpy(&w, p, sizeof w);
+    return -((((nm_vi){0} + (int64_t)w) >> (nm_vi){0, 8, 16, 24}) & 1);
 }
 
 static inline __attribute__((always_inline)) nm_vd nm_vblend_d(nm_vi mask, nm_vd a, nm_vd b)
@@ -167,6 +168,9 @@ typedef struct {
     uint8_t x[NM_MAX_M * NM_MAX_M] NM_A64;
     uint8_t xT[NM_MAX_M * NM_MAX_M] NM_A64; /* the start's mask, transposed (nm_dual_start) */
     double in[NM_MAX_M * NM_MAX_M] NM_A64; /* a tile read from a matrix (nm_tile_scores) */
+    /* The warm start's scores split by the previous mask (nm_exact_warm.c). */
+    double keptR[NM_MAX_M * NM_MAX_M] NM_A64;
+    double freeR[NM_MAX_M * NM_MAX_M] NM_A64;
     double pot[NM_NODES] NM_A64;
     double dist[NM_NODES] NM_A64;
     int64_t done[NM_NODES] NM_A64; /* 0, or -1 (all bits) once settled */
@@ -197,6 +201,11 @@ static inline void nm_set_bypass(nm_tile *t)
 void nm_price_rounds(const nm_tile *t, int rounds, double *v);
 void nm_dual_start(nm_tile *t, const double *v);
 void nm_build_network(nm_tile *t);
+
+/* The warm start with the previous mask (nm_exact_warm.c): 1 when it is proven optimal for
+ * tile k (loaded), with its prices v (moved) and u; else 0, v moved toward the new optimum. */
+typedef struct nm_exact_ctx nm_exact_ctx;
+int nm_warm_tile(nm_tile *t, const nm_exact_ctx *c, int64_t k, double *v, double *u);
 
 /* A matrix read in place (nm_exact_matrix, nm_certify): see nmopt_kernels.h. */
 typedef struct {
@@ -305,8 +314,9 @@ int nm_certify_range(const nm_src *src, const nm_cert *out, int m, int n, int sa
 /* One nm_exact call: inputs, outputs, and the first error (nm_set_error). The scores come
  * from `tiles` ((t, m, m) float64), or when it is NULL from `src`, a matrix read in place;
  * the mask goes to the tiles of `mask` or, with a matrix, into `mask` with row stride
- * mask_rs. warm_v: the column prices of a previous solve to start from, or NULL. */
-typedef struct {
+ * mask_rs. warm_v: the column prices of a previous solve to start from, or NULL; warm_x:
+ * its mask (like `mask`, row stride warm_x_rs), or NULL. */
+struct nm_exact_ctx {
     const double *tiles;
     nm_src src;
     int m, n, sat, flags;
@@ -314,10 +324,12 @@ typedef struct {
     int64_t mask_rs;
     double *u, *v;
     const double *warm_v; /* (t, m), or NULL */
+    const uint8_t *warm_x; /* with a matrix and warm_v: the previous mask, or NULL */
+    int64_t warm_x_rs;
     nm_cert cert; /* with a matrix: certify each block of tiles once solved (kept != NULL) */
     int8_t *status;
     int err;
-} nm_exact_ctx;
+};
 
 /* Scores of tile k: in place for float64 tiles, else read into buf (m*m doubles). */
 static inline __attribute__((always_inline)) const double *nm_tile_scores(const nm_exact_ctx *c,

@@ -69,13 +69,15 @@ enum { NM_F64 = 0, NM_F32 = 1, NM_F16 = 2, NM_BF16 = 3 };
  * tile order. mask (rows, cols) uint8 with row stride mask_rs; u, v (t, m) and status (t)
  * as nm_exact. warm_v (t, m) or NULL: the column prices of a previous solve to start from
  * (saturate = 0 only): each tile starts from them instead of its own estimate and is solved
- * to the same certified optimum (M = 4 ignores them).
+ * to the same certified optimum (M = 4 ignores them). warm_x (rows, cols) uint8, row stride
+ * warm_x_rs, or NULL: that solve's mask; with it, a tile whose previous mask is still optimal
+ * keeps it, proven by prices moved to fit the new scores.
  * kept, bound, nshort, bad (t), or all NULL: nm_certify's outputs, computed by its routine on
  * each block of tiles as soon as it is solved (while in cache). */
 int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
                     int64_t rs, int64_t cs, int m, int n, int saturate, int flags,
-                    const double *warm_v, uint8_t *mask, int64_t mask_rs, double *u, double *v,
-                    int8_t *status,
+                    const double *warm_v, const uint8_t *warm_x, int64_t warm_x_rs,
+                    uint8_t *mask, int64_t mask_rs, double *u, double *v, int8_t *status,
                     double *kept, double *bound, int32_t *nshort, int8_t *bad, int nthreads);
 
 /* The certificate of a mask and prices on the same matrix, computed independently of the

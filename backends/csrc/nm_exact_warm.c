@@ -1,0 +1,154 @@
+/* Exact solver, general path: the warm start from a previous solve (see nm_exact.c, step 0).
+ *
+ * The previous mask is often still optimal for the new scores, but the previous column
+ * prices v sit at a vertex of the old dual polytope: many rows are tight, their least kept
+ * s - v equal to their largest unkept one, and any change of the scores breaks about half of
+ * those ties. So the prices are first fitted to the previous mask on the new scores. Row i
+ * keeps its choice while A_i <= B_i, with
+ *   A_i = max(0, largest s_ij - v_j where the row does not keep j),
+ *   B_i = least s_ij - v_j where it keeps j;
+ * that is, v_j <= hi_j = min over the rows keeping j of s_ij - A_i, for every j. Lowering
+ * v_j to hi_j raises the unkept s - v of column j and so may lower other columns' hi:
+ * repeated (a Bellman-Ford on the columns), it ends at the greatest fitting v below the
+ * previous one, when there is one with v >= 0. Then the previous mask is optimal for the new
+ * scores (complementary slackness: every row and column keeps n), priced u_i = A_i; else the
+ * shortest paths start from the lowered prices, any v >= 0 being a valid start. */
+#include <float.h>
+#include <math.h>
+#include <string.h>
+
+#include "nm_internal.h"
+
+#define LANE NM_LANE
+
+/* Sweeps over the columns at most (more converge further on a tile whose previous mask is
+ * still optimal; a tile whose mask changed pays them all before its paths). */
+static inline int warm_sweeps(int m) { return m <= 8 ? 4 : m <= 16 ? 6 : 8; }
+
+/* Passes of the Bellman-Ford at most (a tile that needs more takes the shortest paths). */
+#define WARM_PASSES 8
+
+/* Tile k of the previous mask into t->x (bytes read as their lowest bit), and the tile's
+ * scores split by it, row-major: keptR = s where kept, else +inf; freeR = s where not kept,
+ * else -inf (padding columns: +inf and -inf). 1 if every row and column keeps n. */
+static inline __attribute__((always_inline)) int load_prev_mask(nm_tile *t,
+                                                                const nm_exact_ctx *c, int64_t k)
+{
+    const int m = t->m, n = t->n, mp = t->mp;
+    const int64_t rs = c->warm_x_rs;
+    const uint8_t *p = c->warm_x + (k / c->src.tcols) * m * rs + (k % c->src.tcols) * m;
+    const nm_vd inf = (nm_vd){0} + HUGE_VAL;
+    nm_vi cols[NM_MAX_M / NM_W];
+    for (int q = 0; q < mp / NM_W; q++)
+        cols[q] = (nm_vi){0};
+    int ok = 1;
+    for (int i = 0; i < m; i++) {
+        uint8_t *x = t->x + i * mp;
+        memcpy(x, p + i * rs, (size_t)m);
+        nm_vi row = {0};
+        for (int j0 = 0; j0 < mp; j0 += NM_W) {
+            nm_vi keep = nm_vload_mask(x + j0) & ((LANE + j0) < m);
+            const nm_vb xb = __builtin_convertvector(-keep, nm_vb); /* 0/1 */
+            memcpy(x + j0, &xb, sizeof xb);
+            const nm_vd s = nm_vload_d(t->s + i * mp + j0);
+            const nm_vd kv = nm_vblend_d(keep, s, inf);
+            const nm_vd fv = nm_vblend_d(keep | ((LANE + j0) >= m), -inf, s);
+            memcpy(t->keptR + i * mp + j0, &kv, sizeof kv);
+            memcpy(t->freeR + i * mp + j0, &fv, sizeof fv);
+            row -= keep;
+            cols[j0 / NM_W] -= keep;
+        }
+        ok &= nm_hsum_i(row) == n;
+    }
+    nm_vi bad = {0};
+    for (int j0 = 0; j0 < mp; j0 += NM_W)
+        bad |= (cols[j0 / NM_W] != n) & ((LANE + j0) < m);
+    return ok && nm_hsum_i(bad) == 0;
+}
+
+/* The largest lane of a, in every lane. */
+static inline __attribute__((always_inline)) nm_vd lanes_max(nm_vd a)
+{
+    nm_vd o = __builtin_shuffle(a, (nm_vi){2, 3, 0, 1});
+    a = nm_vblend_d(o > a, o, a);
+    o = __builtin_shuffle(a, (nm_vi){1, 0, 3, 2});
+    return nm_vblend_d(o > a, o, a);
+}
+
+/* Warm-start tile k (loaded into t->s; at most n, n < m) from column prices v (>= 0, scaled
+ * like the scores): lowers v as above. Returns 1 when the previous mask is proven optimal,
+ * with it in t->x and its row prices in u; else 0, with v >= 0 for nm_dual_start. */
+NM_SIMD_CLONES int nm_warm_tile(nm_tile *t, const nm_exact_ctx *c, int64_t k, double *v,
+                                double *u)
+{
+    const int m = t->m, mp = t->mp, blocks = mp / NM_W;
+    if (!load_prev_mask(t, c, k))
+        return 0;
+    const nm_vd zero = {0}, inf = zero + HUGE_VAL;
+    nm_vd vv[NM_MAX_M / NM_W];
+    for (int q = 0; q < blocks; q++)
+        for (int l = 0; l < NM_W; l++)
+            vv[q][l] = q * NM_W + l < m ? v[q * NM_W + l] : 0.0;
+    double A[NM_MAX_M];
+    /* rows update v in place at large m (fewer passes), else after each pass (the rows of a
+     * pass are then independent, which small tiles need more) */
+    const int in_place = m > 16;
+    int lift = 0, fits = 0;
+    for (int pass = 0; pass < WARM_PASSES && !fits; pass++) {
+        nm_vi over = {0};
+        nm_vd hi[NM_MAX_M / NM_W];
+        for (int q = 0; q < blocks; q++)
+            hi[q] = inf;
+        for (int i = 0; i < m; i++) { /* A_i, then v_j = min(v_j, s_ij - A_i) where kept */
+            nm_vd a = zero;
+            for (int q = 0; q < blocks; q++) {
+                const nm_vd f = nm_vload_d(t->freeR + i * mp + q * NM_W) - vv[q];
+                a = nm_vblend_d(f > a, f, a);
+            }
+            a = lanes_max(a);
+            A[i] = a[0];
+            for (int q = 0; q < blocks; q++) { /* +inf where not kept and on padding */
+                const nm_vd h = nm_vload_d(t->keptR + i * mp + q * NM_W) - a;
+                if (in_place) {
+                    const nm_vi gt = vv[q] > h;
+                    over |= gt;
+                    vv[q] = nm_vblend_d(gt, h, vv[q]);
+                } else {
+                    hi[q] = nm_vblend_d(h < hi[q], h, hi[q]);
+                }
+            }
+        }
+        for (int q = 0; q < blocks && !in_place; q++) {
+            const nm_vi gt = vv[q] > hi[q];
+            over |= gt;
+            vv[q] = nm_vblend_d(gt, hi[q], vv[q]);
+        }
+        if (nm_hsum_i(over) != 0) { /* lowered: another pass */
+            if (lift) /* lifting broke a row: some kept s - v fell below 0 */
+                break;
+            continue;
+        }
+        nm_vd low = zero;
+        for (int q = 0; q < blocks; q++)
+            low = nm_vblend_d(vv[q] < low, vv[q], low);
+        double lo = low[0];
+        for (int l = 1; l < NM_W; l++)
+            lo = low[l] < lo ? low[l] : lo;
+        if (lo == 0.0 || lift) {
+            fits = 1;
+        } else { /* v fits but dips below 0: lift all prices by -lo, which keeps every row's
+                  * choice while its kept s - v stay >= 0 (checked by one more pass) */
+            for (int q = 0; q < blocks; q++)
+                vv[q] -= lo;
+            lift = 1;
+        }
+    }
+    for (int q = 0; q < blocks; q++)
+        for (int l = 0; l < NM_W && q * NM_W + l < m; l++) {
+            const double x = vv[q][l];
+            v[q * NM_W + l] = fits || x > 0.0 ? x : 0.0;
+        }
+    if (fits)
+        memcpy(u, A, sizeof(double) * (size_t)m);
+    return fits;
+}
