@@ -187,6 +187,36 @@ def test_warm_start_from_any_prices_is_exact(cffi, m):
         assert bound2.sum() == pytest.approx(kept, rel=1e-10)
 
 
+@pytest.mark.parametrize(("n", "m"), [(1, 5), (3, 6), (4, 8), (7, 8), (5, 12), (8, 16),
+                                    (16, 32)])
+def test_warm_start_with_the_previous_mask_is_exact(cffi, n, m):
+    """With the previous mask, a tile keeps it only when prices fitted to the new scores prove
+    it optimal: from any previous mask (still optimal, changed, another matrix's, the greedy's,
+    broken) and prices the result is the cold optimum, certified, on every input family."""
+    rng = np.random.default_rng(20 + m)
+    for family in FAMILIES + ["all_zeros"]:
+        w = oracles.INPUTS[family](rng, (3 * m, 4 * m))
+        w2 = w * (1 + 1e-3 * rng.standard_normal(w.shape))  # same zeros and ties' order
+        cold = cffi.exact_matrix(w2, n, m, absolute=True, certify=True)
+        mask, u, v = cffi.exact_matrix(w, n, m, absolute=True)[:3]
+        grid = TileGrid(*w.shape, m)
+        greedy = grid.from_tiles(cffi.greedy(grid.to_tiles(w2), n))
+        broken = mask.copy()
+        broken[0, :] = True  # the first row of tiles keeps more than n
+        other = cffi.exact_matrix(rng.random(w.shape), n, m, absolute=True)
+        for prev_mask, prev_v in ((mask, v), (cold[0], cold[2]), (cold[0], v), (greedy, v),
+                                  (broken, v), (other[0], other[2]), (mask, v * 0.0)):
+            res = cffi.exact_matrix(w2, n, m, absolute=True, warm=prev_v, warm_mask=prev_mask,
+                                    certify=True)
+            status, kept, bound, bad = res[3], res[4], res[5], res[7]
+            assert (status == 0).all() and not bad.any(), family
+            np.testing.assert_allclose(kept, cold[4], rtol=1e-12, atol=1e-300)
+            np.testing.assert_allclose(bound, kept, rtol=1e-10, atol=1e-300)
+            assert res[1].min() >= 0 and res[2].min() >= 0  # at most n: prices >= 0
+    with pytest.raises(ValueError, match="warm_mask: expected the previous"):
+        cffi.exact_matrix(w2, n, m, absolute=True, warm=v, warm_mask=mask[:m])
+
+
 @pytest.mark.parametrize("flags", [1, 2])
 @pytest.mark.parametrize("saturate", [False, True])
 def test_fallback_path_agrees(cffi, flags, saturate):

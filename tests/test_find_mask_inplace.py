@@ -171,7 +171,7 @@ def test_warm_start_from_a_torch_result_and_a_broken_one():
     t2 = t + 1e-3 * torch.randn(64, 64)
     assert nmopt.find_mask(t2, "4:8", warm_start=prev).objective == pytest.approx(
         nmopt.find_mask(t2, "4:8").objective, rel=1e-12)
-    prev.mask[:8, :8] = True  # only the column prices are used: any values are a valid start
+    prev.mask[:8, :8] = True  # a broken mask and any prices: still the cold optimum
     prev.u[:] = np.nan
     prev.v[:2] = np.nan
     prev.v[2:4] = -1.0

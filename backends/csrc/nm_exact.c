@@ -6,6 +6,11 @@
  * u_i = p(row i) - p(T), v_j = p(T) - p(col j) (clipped at 0, which only touches empty rows
  * and columns).
  *
+ * 0. Warm start with a previous mask (nm_exact_warm.c; matrices only): the previous column
+ *    prices are lowered until every row's previous choice is its top n of s - v on the new
+ *    scores (a Bellman-Ford over the columns), then lifted back to >= 0. If that succeeds
+ *    the previous mask is optimal (complementary slackness) and the tile is done; else it goes
+ *    on from the lowered prices.
  * 1. Dual start (nm_exact_start.c): column prices v >= 0, from a previous solve (warm start)
  *    or from a few rounds of dual coordinate descent on the tile (0 with exactly n). Every row
  *    keeps its top n of s - v (values >= 0 only), u_i = its (n+1)-th largest; a column with
@@ -32,7 +37,8 @@
  * SIMD clones they become SSE4.2 / AVX2 code without data-dependent branches.
  *
  * This file: the entry point and the per-thread driver. The general path (steps 1-3 and the
- * slots that interleave tiles) is in nm_exact_general.c, the fallback in nm_exact_fallback.c,
+ * slots that interleave tiles) is in nm_exact_general.c, step 0 in nm_exact_warm.c, the
+ * fallback in nm_exact_fallback.c,
  * the M = 4 path in nm_exact_q4.c; their shared declarations in nm_internal.h.
  */
 #include "nm_internal.h"

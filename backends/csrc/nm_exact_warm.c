@@ -10,9 +10,12 @@
  * that is, v_j <= hi_j = min over the rows keeping j of s_ij - A_i, for every j. Lowering
  * v_j to hi_j raises the unkept s - v of column j and so may lower other columns' hi:
  * repeated (a Bellman-Ford on the columns), it ends at the greatest fitting v below the
- * previous one, when there is one with v >= 0. Then the previous mask is optimal for the new
- * scores (complementary slackness: every row and column keeps n), priced u_i = A_i; else the
- * shortest paths start from the lowered prices, any v >= 0 being a valid start. */
+ * previous one. Prices below 0 are then lifted by the same amount (a shift of every price
+ * keeps each row's choice while its kept s - v stay >= 0). Then the previous mask is optimal
+ * for the new scores by complementary slackness, priced u_i = max(0, A_i - lift): rows and
+ * columns keeping fewer than n are unpriced (a tile with such a column goes to the paths,
+ * whose price is pinned at 0). Else the shortest paths start from the lowered prices, any
+ * v >= 0 being a valid start. */
 #include <float.h>
 #include <math.h>
 #include <string.h>
@@ -21,18 +24,18 @@
 
 #define LANE NM_LANE
 
-/* Sweeps over the columns at most (more converge further on a tile whose previous mask is
- * still optimal; a tile whose mask changed pays them all before its paths). */
-static inline int warm_sweeps(int m) { return m <= 8 ? 4 : m <= 16 ? 6 : 8; }
-
-/* Passes of the Bellman-Ford at most (a tile that needs more takes the shortest paths). */
+/* Passes of the Bellman-Ford at most: a tile that needs more takes the shortest paths (at
+ * 4:8 about 2.5 passes per tile, at 16:32 about 7 after a change of 1e-3 of the scale). */
 #define WARM_PASSES 8
 
 /* Tile k of the previous mask into t->x (bytes read as their lowest bit), and the tile's
  * scores split by it, row-major: keptR = s where kept, else +inf; freeR = s where not kept,
- * else -inf (padding columns: +inf and -inf). 1 if every row and column keeps n. */
+ * else -inf (padding columns: +inf and -inf). Rows keeping fewer than n are flagged in
+ * short_row, columns in short_col (lanes); returns 0 if one keeps more than n. */
 static inline __attribute__((always_inline)) int load_prev_mask(nm_tile *t,
-                                                                const nm_exact_ctx *c, int64_t k)
+                                                                const nm_exact_ctx *c, int64_t k,
+                                                                uint8_t *short_row,
+                                                                nm_vi *short_col)
 {
     const int m = t->m, n = t->n, mp = t->mp;
     const int64_t rs = c->warm_x_rs;
@@ -58,12 +61,17 @@ static inline __attribute__((always_inline)) int load_prev_mask(nm_tile *t,
             row -= keep;
             cols[j0 / NM_W] -= keep;
         }
-        ok &= nm_hsum_i(row) == n;
+        const int64_t kept = nm_hsum_i(row);
+        ok &= kept <= n;
+        short_row[i] = kept < n;
     }
-    nm_vi bad = {0};
-    for (int j0 = 0; j0 < mp; j0 += NM_W)
-        bad |= (cols[j0 / NM_W] != n) & ((LANE + j0) < m);
-    return ok && nm_hsum_i(bad) == 0;
+    nm_vi over = {0};
+    for (int j0 = 0; j0 < mp; j0 += NM_W) {
+        const nm_vi valid = (LANE + j0) < m;
+        over |= (cols[j0 / NM_W] > n) & valid;
+        short_col[j0 / NM_W] = (cols[j0 / NM_W] < n) & valid;
+    }
+    return ok && nm_hsum_i(over) == 0;
 }
 
 /* The largest lane of a, in every lane. */
@@ -82,19 +90,28 @@ NM_SIMD_CLONES int nm_warm_tile(nm_tile *t, const nm_exact_ctx *c, int64_t k, do
                                 double *u)
 {
     const int m = t->m, mp = t->mp, blocks = mp / NM_W;
-    if (!load_prev_mask(t, c, k))
+    uint8_t short_row[NM_MAX_M];
+    nm_vi short_col[NM_MAX_M / NM_W];
+    if (!load_prev_mask(t, c, k, short_row, short_col))
         return 0;
     const nm_vd zero = {0}, inf = zero + HUGE_VAL;
     nm_vd vv[NM_MAX_M / NM_W];
-    for (int q = 0; q < blocks; q++)
+    nm_vi any_short_col = {0};
+    for (int q = 0; q < blocks; q++) {
         for (int l = 0; l < NM_W; l++)
             vv[q][l] = q * NM_W + l < m ? v[q * NM_W + l] : 0.0;
+        vv[q] = nm_vblend_d(short_col[q], zero, vv[q]); /* unpriced: a short column */
+        any_short_col |= short_col[q];
+    }
+    if (nm_hsum_i(any_short_col) != 0)
+        return 0; /* its price is pinned at 0: the lowering below would rarely fit */
     double A[NM_MAX_M];
     /* rows update v in place at large m (fewer passes), else after each pass (the rows of a
      * pass are then independent, which small tiles need more) */
     const int in_place = m > 16;
-    int lift = 0, fits = 0;
-    for (int pass = 0; pass < WARM_PASSES && !fits; pass++) {
+    int fits = 0;
+    double lift = 0.0;
+    for (int pass = 0; pass < WARM_PASSES; pass++) {
         nm_vi over = {0};
         nm_vd hi[NM_MAX_M / NM_W];
         for (int q = 0; q < blocks; q++)
@@ -123,32 +140,36 @@ NM_SIMD_CLONES int nm_warm_tile(nm_tile *t, const nm_exact_ctx *c, int64_t k, do
             over |= gt;
             vv[q] = nm_vblend_d(gt, hi[q], vv[q]);
         }
-        if (nm_hsum_i(over) != 0) { /* lowered: another pass */
-            if (lift) /* lifting broke a row: some kept s - v fell below 0 */
-                break;
-            continue;
-        }
+        if (nm_hsum_i(over) != 0)
+            continue; /* lowered: another pass */
+        /* v fits. Below 0, all prices are lifted by the same amount, which keeps every row's
+         * choice while its kept s - v stay >= 0; u_i = max(0, A_i - lift). */
         nm_vd low = zero;
         for (int q = 0; q < blocks; q++)
             low = nm_vblend_d(vv[q] < low, vv[q], low);
-        double lo = low[0];
-        for (int l = 1; l < NM_W; l++)
-            lo = low[l] < lo ? low[l] : lo;
-        if (lo == 0.0 || lift) {
-            fits = 1;
-        } else { /* v fits but dips below 0: lift all prices by -lo, which keeps every row's
-                  * choice while its kept s - v stay >= 0 (checked by one more pass) */
-            for (int q = 0; q < blocks; q++)
-                vv[q] -= lo;
-            lift = 1;
+        low = -lanes_max(-low);
+        lift = -low[0];
+        fits = 1;
+        for (int i = 0; i < m && lift > 0.0 && fits; i++) { /* least kept s - v >= lift */
+            nm_vd b = inf;
+            for (int q = 0; q < blocks; q++) {
+                const nm_vd r = nm_vload_d(t->keptR + i * mp + q * NM_W) - vv[q];
+                b = nm_vblend_d(r < b, r, b);
+            }
+            fits = nm_hsum_i(b < lift) == 0;
         }
+        break;
     }
-    for (int q = 0; q < blocks; q++)
+    for (int q = 0; q < blocks; q++) {
+        vv[q] += lift;
         for (int l = 0; l < NM_W && q * NM_W + l < m; l++) {
             const double x = vv[q][l];
-            v[q * NM_W + l] = fits || x > 0.0 ? x : 0.0;
+            v[q * NM_W + l] = x > 0.0 ? x : 0.0;
         }
-    if (fits)
-        memcpy(u, A, sizeof(double) * (size_t)m);
+    }
+    for (int i = 0; i < m && fits; i++) {
+        u[i] = A[i] - lift > 0.0 ? A[i] - lift : 0.0;
+        fits = !short_row[i] || u[i] == 0.0; /* a short row is unpriced */
+    }
     return fits;
 }
