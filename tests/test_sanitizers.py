@@ -123,6 +123,8 @@ for m in (1, 3, 4, 8, 13, 32, 64):
                                  rowwise=True)
             x2 = x + 1e-3 * rng.standard_normal(x.shape)
             b.exact_matrix(x2, n, m, absolute=True, warm=v)
+            for prev in (mask, rng.random(x.shape) < 0.5):
+                b.exact_matrix(x2, n, m, absolute=True, warm=v, warm_mask=prev, certify=True)
         try:
             bad_w = w.copy(); bad_w[0, 0] = np.nan
             b.exact_matrix(bad_w, n, m, absolute=True)

@@ -12,10 +12,9 @@
  * repeated (a Bellman-Ford on the columns), it ends at the greatest fitting v below the
  * previous one. Prices below 0 are then lifted by the same amount (a shift of every price
  * keeps each row's choice while its kept s - v stay >= 0). Then the previous mask is optimal
- * for the new scores by complementary slackness, priced u_i = max(0, A_i - lift): rows and
- * columns keeping fewer than n are unpriced (a tile with such a column goes to the paths,
- * whose price is pinned at 0). Else the shortest paths start from the lowered prices, any
- * v >= 0 being a valid start. */
+ * for the new scores by complementary slackness, priced u_i = max(0, A_i - lift), when the
+ * rows and columns keeping fewer than n end unpriced (u_i = 0; v_j the least price, lifted to
+ * 0). Else the shortest paths start from the lowered prices, any v >= 0 being a valid start. */
 #include <float.h>
 #include <math.h>
 #include <string.h>
@@ -47,12 +46,18 @@ static inline __attribute__((always_inline)) int load_prev_mask(nm_tile *t,
     int ok = 1;
     for (int i = 0; i < m; i++) {
         uint8_t *x = t->x + i * mp;
-        memcpy(x, p + i * rs, (size_t)m);
+        int j = 0;
+        for (; j + 8 <= m; j += 8) { /* each byte to its lowest bit */
+            uint64_t w;
+            memcpy(&w, p + i * rs + j, sizeof w);
+            w &= 0x0101010101010101ULL;
+            memcpy(x + j, &w, sizeof w);
+        }
+        for (; j < m; j++)
+            x[j] = p[i * rs + j] & 1;
         nm_vi row = {0};
         for (int j0 = 0; j0 < mp; j0 += NM_W) {
-            nm_vi keep = nm_vload_mask(x + j0) & ((LANE + j0) < m);
-            const nm_vb xb = __builtin_convertvector(-keep, nm_vb); /* 0/1 */
-            memcpy(x + j0, &xb, sizeof xb);
+            const nm_vi keep = nm_vload_mask(x + j0) & ((LANE + j0) < m);
             const nm_vd s = nm_vload_d(t->s + i * mp + j0);
             const nm_vd kv = nm_vblend_d(keep, s, inf);
             const nm_vd fv = nm_vblend_d(keep | ((LANE + j0) >= m), -inf, s);
@@ -103,8 +108,6 @@ NM_SIMD_CLONES int nm_warm_tile(nm_tile *t, const nm_exact_ctx *c, int64_t k, do
         vv[q] = nm_vblend_d(short_col[q], zero, vv[q]); /* unpriced: a short column */
         any_short_col |= short_col[q];
     }
-    if (nm_hsum_i(any_short_col) != 0)
-        return 0; /* its price is pinned at 0: the lowering below would rarely fit */
     double A[NM_MAX_M];
     /* rows update v in place at large m (fewer passes), else after each pass (the rows of a
      * pass are then independent, which small tiles need more) */
@@ -149,7 +152,10 @@ NM_SIMD_CLONES int nm_warm_tile(nm_tile *t, const nm_exact_ctx *c, int64_t k, do
             low = nm_vblend_d(vv[q] < low, vv[q], low);
         low = -lanes_max(-low);
         lift = -low[0];
-        fits = 1;
+        nm_vi pinned = {0}; /* short columns are unpriced: each must be the least price */
+        for (int q = 0; q < blocks; q++)
+            pinned |= short_col[q] & (vv[q] != low);
+        fits = nm_hsum_i(pinned) == 0;
         for (int i = 0; i < m && lift > 0.0 && fits; i++) { /* least kept s - v >= lift */
             nm_vd b = inf;
             for (int q = 0; q < blocks; q++) {

@@ -108,6 +108,7 @@ static inline __attribute__((always_inline)) nm_vd nm_vload_d(const double *p)
 
 static inline __attribute__((always_inline)) nm_vi nm_vload_mask(const uint8_t *p)
 {
+    _Static_assert(NM_W == 4, "one 32-bit word per vector of lanes");
     uint32_t w; /* NM_W = 4 bytes, 0/1 each -> lanes 0/-1 (a shift per lane, no byte inserts) */
     memcpy(&w, p, sizeof w);
     return -((((nm_vi){0} + (int64_t)w) >> (nm_vi){0, 8, 16, 24}) & 1);
