@@ -233,10 +233,11 @@ def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = F
         Non-negative saliency to maximise (default ``|weights|``), e.g. ``|W| * ||x||``.
     warm_start : MaskResult, optional
         The result of a previous call on the same shape and pattern (e.g. the weights before
-        a training step): the exact C kernel starts each tile from its column prices instead
-        of estimating them, and needs fewer shortest paths. The result is the same certified
-        optimum as a cold solve, whatever the previous result holds. Other solvers, M = 4 and
-        exactly-N problems ignore it.
+        a training step). The exact C kernel fits its column prices to its mask on the new
+        weights: a tile whose previous mask is still optimal keeps it, proven by the fitted
+        prices, without a solve; the others start from those prices instead of estimating
+        them. The result is the same certified optimum as a cold solve, whatever the previous
+        result holds. Other solvers, M = 4 and exactly-N problems ignore it.
 
     Returns
     -------

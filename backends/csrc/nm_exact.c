@@ -146,6 +146,15 @@ int nm_exact(const double *tiles, int64_t t, int m, int n, int saturate, int fla
     return c.err;
 }
 
+/* A warm start keeps the previous mask in view only while the fit proves it optimal on at
+ * least half of a sample of tiles: a tile whose fit fails pays for it on top of its paths (at
+ * 16:32 about a third of a solve), and the paths alone start as well from the previous
+ * prices. Measured on 2048² N(0,1) (warm/cold, with the mask / prices only): 8:16 at 1.2% of
+ * the mask changed, share 0.58, 0.51 / 0.52; 16:32 at 1.2%, share 0.17, 0.57 / 0.42.
+ * Calls of fewer tiles always keep it (the sample would be most of the work). */
+#define NM_WARM_PROBE_MIN 0.5
+#define NM_WARM_PROBE_TILES 256
+
 int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
                     int64_t rs, int64_t cs, int m, int n, int saturate, int flags,
                     const double *warm_v, const uint8_t *warm_x, int64_t warm_x_rs,
@@ -166,6 +175,14 @@ int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int
     c.warm_v = saturate ? NULL : warm_v;
     c.warm_x = c.warm_v ? warm_x : NULL;
     c.warm_x_rs = warm_x_rs;
+    if (c.warm_x && m > 4 && n < m && t >= NM_WARM_PROBE_TILES && !(flags & NM_FLAG_ROWWISE)) {
+        nm_slot *slots = nm_slots_alloc(m);
+        if (!slots)
+            return NM_ERR_NOMEM;
+        if (nm_warm_probe(slots, &c, t) < NM_WARM_PROBE_MIN)
+            c.warm_x = NULL; /* most masks changed: start from the prices only */
+        nm_slots_free(slots);
+    }
     if (kept && bound && nshort && bad)
         c.cert = (nm_cert){kept, bound, nshort, bad};
     nm_parallel_for(nthreads, t, nm_grain(t, nthreads, 16, 1), exact_task, &c);

@@ -494,13 +494,15 @@ static inline __attribute__((always_inline)) int slot_begin(slot_t *sl, const nm
     double v[NM_MAX_M] NM_A64;
     start_prices(t, c, k, sl->e, v);
     if (warm) {
-        if (nm_warm_tile(t, c, k, v, c->u + k * t->m)) { /* the previous mask, proven optimal */
-            memcpy(c->v + k * t->m, v, sizeof(double) * (size_t)t->m);
+        double fit[NM_MAX_M] NM_A64;
+        memcpy(fit, v, sizeof(double) * (size_t)t->m);
+        if (nm_warm_tile(t, c, k, fit, c->u + k * t->m)) { /* the previous mask, optimal */
+            memcpy(c->v + k * t->m, fit, sizeof(double) * (size_t)t->m);
             write_tile(t, c, k, sl->e, NM_TILE_OK);
             sl->state = SLOT_IDLE;
             return NM_OK;
         }
-        transpose_tile(t);
+        transpose_tile(t); /* the paths start from the previous prices */
     }
     nm_dual_start(t, v);
     sl->col = 0;
@@ -632,6 +634,30 @@ NM_SIMD_CLONES void nm_general_run(nm_exact_ctx *c, nm_slot *slots, int64_t lo, 
         if (!busy || nm_get_error(&c->err) != NM_OK)
             break;
     }
+}
+
+/* The share of a sample of tiles (every (t/64)-th, at most 64) whose previous mask the warm
+ * start proves optimal on its own (nm_warm_tile), in the first slot; 1 when none could be
+ * tried. Reads and fits only: nothing is written out. */
+NM_SIMD_CLONES double nm_warm_probe(nm_slot *slots, const nm_exact_ctx *c, int64_t tiles)
+{
+    nm_tile *t = slots[0].t;
+    t->n = c->n;
+    t->sat = c->sat;
+    const int64_t samples = tiles < 64 ? tiles : 64, stride = tiles / (samples ? samples : 1);
+    int tried = 0, fitted = 0;
+    for (int64_t q = 0; q < samples; q++) {
+        const int64_t k = q * stride;
+        int err = NM_OK;
+        const int e = load_tile(t, nm_tile_scores(c, k, t->in), &err, 1);
+        if (err != NM_OK || e == INT32_MIN)
+            continue;
+        double v[NM_MAX_M] NM_A64, u[NM_MAX_M];
+        start_prices(t, c, k, e, v);
+        tried++;
+        fitted += nm_warm_tile(t, c, k, v, u);
+    }
+    return tried ? (double)fitted / tried : 1.0;
 }
 
 /* Tile k alone, start to finish, in the first slot; returns an error code. */

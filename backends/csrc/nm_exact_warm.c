@@ -14,7 +14,8 @@
  * keeps each row's choice while its kept s - v stay >= 0). Then the previous mask is optimal
  * for the new scores by complementary slackness, priced u_i = max(0, A_i - lift), when the
  * rows and columns keeping fewer than n end unpriced (u_i = 0; v_j the least price, lifted to
- * 0). Else the shortest paths start from the lowered prices, any v >= 0 being a valid start. */
+ * 0). Else the tile is solved by the shortest paths, from the previous prices (measured: the
+ * lowered ones leave more units to move once the mask has to change). */
 #include <float.h>
 #include <math.h>
 #include <string.h>
@@ -89,8 +90,8 @@ static inline __attribute__((always_inline)) nm_vd lanes_max(nm_vd a)
 }
 
 /* Warm-start tile k (loaded into t->s; at most n, n < m) from column prices v (>= 0, scaled
- * like the scores): lowers v as above. Returns 1 when the previous mask is proven optimal,
- * with it in t->x and its row prices in u; else 0, with v >= 0 for nm_dual_start. */
+ * like the scores): fits v as above. Returns 1 when the previous mask is proven optimal, with
+ * it in t->x and its prices in u and v; else 0 (v then holds no useful start). */
 NM_SIMD_CLONES int nm_warm_tile(nm_tile *t, const nm_exact_ctx *c, int64_t k, double *v,
                                 double *u)
 {

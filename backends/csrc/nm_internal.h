@@ -204,7 +204,7 @@ void nm_dual_start(nm_tile *t, const double *v);
 void nm_build_network(nm_tile *t);
 
 /* The warm start with the previous mask (nm_exact_warm.c): 1 when it is proven optimal for
- * tile k (loaded), with its prices v (moved) and u; else 0, v moved toward the new optimum. */
+ * tile k (loaded into t->s), with its prices: v fitted from the previous ones, and u; else 0. */
 typedef struct nm_exact_ctx nm_exact_ctx;
 int nm_warm_tile(nm_tile *t, const nm_exact_ctx *c, int64_t k, double *v, double *u);
 
@@ -414,6 +414,7 @@ nm_slot *nm_slots_alloc(int m); /* NULL when out of memory */
 void nm_slots_free(nm_slot *slots);
 void nm_general_run(nm_exact_ctx *c, nm_slot *slots, int64_t lo, int64_t hi);
 int nm_general_tile(nm_slot *slots, const nm_exact_ctx *c, int64_t k);
+double nm_warm_probe(nm_slot *slots, const nm_exact_ctx *c, int64_t tiles);
 
 /* M = 4 path (nm_exact_q4.c): tiles [lo, hi), the ones it cannot certify through
  * nm_general_tile. */

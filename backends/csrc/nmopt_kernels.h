@@ -71,7 +71,8 @@ enum { NM_F64 = 0, NM_F32 = 1, NM_F16 = 2, NM_BF16 = 3 };
  * (saturate = 0 only): each tile starts from them instead of its own estimate and is solved
  * to the same certified optimum (M = 4 ignores them). warm_x (rows, cols) uint8, row stride
  * warm_x_rs, or NULL: that solve's mask; with it, a tile whose previous mask is still optimal
- * keeps it, proven by prices moved to fit the new scores.
+ * keeps it, proven by prices fitted to the new scores (used when at least half of a sample of
+ * tiles keep theirs; else the prices alone).
  * kept, bound, nshort, bad (t), or all NULL: nm_certify's outputs, computed by its routine on
  * each block of tiles as soon as it is solved (while in cache). */
 int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
