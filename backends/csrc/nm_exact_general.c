@@ -322,13 +322,17 @@ static inline __attribute__((always_inline)) int verified(const nm_tile *t, cons
     return fabs(bound - k) <= tol * scale;
 }
 
-/* t->sT from t->s (the transposed copy that the dual start and the network read). */
+/* t->sT from t->s (the transposed copy that the dual start and the network read), its
+ * padding 0 again after the warm start's fit (which shares its memory). */
 static inline __attribute__((always_inline)) void transpose_tile(nm_tile *t)
 {
     const int m = t->m, mp = t->mp;
-    for (int i = 0; i < m; i++)
-        for (int j = 0; j < m; j++)
+    for (int j = 0; j < m; j++) {
+        for (int i = 0; i < m; i++)
             t->sT[j * mp + i] = t->s[i * mp + j];
+        for (int i = m; i < mp; i++)
+            t->sT[j * mp + i] = 0.0;
+    }
 }
 
 /* Read, check and scale one tile into t->s, and t->sT unless `row_major_only`. Returns the
@@ -481,7 +485,7 @@ static inline __attribute__((always_inline)) int slot_begin(slot_t *sl, const nm
     t->sat = c->sat;
     int err = NM_OK;
     sl->k = k;
-    const int warm = c->warm_x && c->warm_v && !t->sat && t->n < t->m &&
+    const int warm = c->warm_x && !t->sat && t->n < t->m &&
                      !(c->flags & (NM_FLAG_FORCE_FALLBACK | NM_FLAG_COLD_FALLBACK));
     sl->e = load_tile(t, nm_tile_scores(c, k, t->in), &err, warm);
     if (err != NM_OK)

@@ -163,15 +163,20 @@ typedef struct {
     int rdeg[NM_MAX_M], cdeg[NM_MAX_M];
     int cflow[NM_MAX_M]; /* flow on col -> T; cdeg - cflow is the column's excess */
     int nkept;           /* sum of rdeg; the bypass S -> T carries n*m - nkept */
-    /* Scaled scores, row-major and transposed, and the mask; row stride mp, zero padded. */
+    /* Scaled scores, row-major and transposed, and the mask; row stride mp, zero padded.
+     * The warm start's fit (nm_exact_warm.c) runs before sT is written and after `in` is read:
+     * its scores split by the previous mask share their memory. */
     double s[NM_MAX_M * NM_MAX_M] NM_A64;
-    double sT[NM_MAX_M * NM_MAX_M] NM_A64;
+    union {
+        double sT[NM_MAX_M * NM_MAX_M] NM_A64;
+        double keptR[NM_MAX_M * NM_MAX_M] NM_A64;
+    };
     uint8_t x[NM_MAX_M * NM_MAX_M] NM_A64;
     uint8_t xT[NM_MAX_M * NM_MAX_M] NM_A64; /* the start's mask, transposed (nm_dual_start) */
-    double in[NM_MAX_M * NM_MAX_M] NM_A64; /* a tile read from a matrix (nm_tile_scores) */
-    /* The warm start's scores split by the previous mask (nm_exact_warm.c). */
-    double keptR[NM_MAX_M * NM_MAX_M] NM_A64;
-    double freeR[NM_MAX_M * NM_MAX_M] NM_A64;
+    union {
+        double in[NM_MAX_M * NM_MAX_M] NM_A64; /* a tile read from a matrix (nm_tile_scores) */
+        double freeR[NM_MAX_M * NM_MAX_M] NM_A64;
+    };
     double pot[NM_NODES] NM_A64;
     double dist[NM_NODES] NM_A64;
     int64_t done[NM_NODES] NM_A64; /* 0, or -1 (all bits) once settled */
