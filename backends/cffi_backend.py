@@ -219,7 +219,7 @@ class CffiBackend(Backend):
         return mask.view(np.bool_), u, v, status
 
     def exact_matrix(self, x, n, m, *, absolute, saturate=False, warm=None, warm_mask=None,
-                     certify=False, rowwise=False, flags: int = 0):
+                     certify=False, rowwise=False, row_prices=False, flags: int = 0):
         """:meth:`exact` on a 2-D matrix read in place (``matrix_arg``; rows and columns
         multiples of ``m``): scores ``|x|`` when ``absolute``, else ``x``. ``warm``: the tile
         column prices v (T, M) of a previous solve to start from (at most N only; M = 4
@@ -227,7 +227,9 @@ class CffiBackend(Backend):
         mask is still optimal keep it. Returns ``(mask (rows, cols) bool, u, v, status)``, and with ``certify`` also
         :meth:`certify_matrix`'s four arrays, computed by its C routine on each block of tiles
         right after the solve. ``rowwise``: row-wise N:M instead (the top N of every row of
-        every tile; v = 0). Raises :class:`BadScores` on a NaN, infinite (or, for scores,
+        every tile; v = 0). ``row_prices``: ``u`` as a (rows, cols / m) matrix instead (row r
+        of tile column q at ``[r, q]``, the layout of ``MaskResult.u``), written by the kernel
+        while in cache. Raises :class:`BadScores` on a NaN, infinite (or, for scores,
         negative) value."""
         ptr, code, rs, cs, owner = matrix_arg(x)  # owner keeps the memory alive
         rows, cols = owner.shape
@@ -237,6 +239,7 @@ class CffiBackend(Backend):
         u = np.empty((t, m))
         v = np.empty((t, m))
         status = np.empty(t, dtype=np.int8)
+        u_rows = np.empty((rows, cols // m)) if row_prices else None
         wv = k.ffi.NULL
         if warm is not None:
             warm = np.ascontiguousarray(warm, dtype=np.float64)
@@ -258,12 +261,14 @@ class CffiBackend(Backend):
                                    k.ffi.from_buffer("uint8_t[]", mask), cols,
                                    k.ffi.from_buffer("double[]", u),
                                    k.ffi.from_buffer("double[]", v),
+                                   k.ffi.NULL if u_rows is None
+                                   else k.ffi.from_buffer("double[]", u_rows),
                                    k.ffi.from_buffer("int8_t[]", status),
                                    *_cert_args(k, cert), self.num_threads)
         if rc == -2:
             raise BadScores("scores: a value is NaN, infinite or negative")
         _check(rc, "exact")
-        out = (mask.view(np.bool_), u, v, status)
+        out = (mask.view(np.bool_), u if u_rows is None else u_rows, v, status)
         return out + (*cert[:3], cert[3].view(np.bool_)) if certify else out
 
     def certify_matrix(self, x, n, m, *, absolute, saturate, mask, u, v, rowwise=False):

@@ -171,9 +171,9 @@ def _solve_in_place(src, p, grid, saturate, warm, engine, name, start, fallbacks
         warm_v = grid.cols_to_tile_prices(warm.v)
         warm_mask = as_bool_numpy(warm.mask, "warm_start.mask").reshape(tuple(x.shape))
     try:
-        mask, u_t, v_t, status, kept, tile_bound, short, bad = engine.exact_matrix(
+        mask, u_rows, v_t, status, kept, tile_bound, short, bad = engine.exact_matrix(
             x, p.n, p.m, absolute=absolute, saturate=saturate, warm=warm_v, warm_mask=warm_mask,
-            certify=True, rowwise=name == "rowwise")
+            certify=True, rowwise=name == "rowwise", row_prices=True)
     except BadScores:
         return None
     warn_unverified(name, status)
@@ -185,7 +185,7 @@ def _solve_in_place(src, p, grid, saturate, warm, engine, name, start, fallbacks
     with np.errstate(over="ignore"):
         objective, bound = float(kept.sum()), float(tile_bound.sum())
     bound = _checked_bound(name, bound, objective, "weights" if absolute else "scores")
-    big_u, big_v = grid.prices_to_matrices(u_t, v_t)
+    big_u, big_v = u_rows, v_t.reshape(grid.tile_rows, grid.cols)  # full tiles: no cropping
     gap = (bound - objective) / bound if bound > 0 else 0.0
     return MaskResult(
         mask=kind.bool_array(mask), objective=objective, bound=bound, gap=gap,

@@ -187,6 +187,22 @@ def test_warm_start_from_any_prices_is_exact(cffi, m):
         assert bound2.sum() == pytest.approx(kept, rel=1e-10)
 
 
+@pytest.mark.parametrize(("n", "m", "shape"), [(2, 4, (128, 264)), (3, 8, (24, 40)),
+                                               (5, 12, (36, 24))])
+def test_row_prices_are_u_by_matrix_row(cffi, monkeypatch, n, m, shape):
+    """``row_prices``: the kernel writes u in MaskResult's layout, block by block (several
+    blocks and threads at M = 4), the same values as the tile prices rearranged."""
+    w = np.random.default_rng(m).standard_normal(shape).astype(np.float32)
+    monkeypatch.setattr(cffi, "num_threads", 2)
+    mask, u, v, _ = cffi.exact_matrix(w, n, m, absolute=True)
+    want = TileGrid(shape[0], shape[1], m).prices_to_matrices(u, v)[0]
+    for certify in (False, True):
+        res = cffi.exact_matrix(w, n, m, absolute=True, row_prices=True, certify=certify)
+        assert res[1].shape == (shape[0], shape[1] // m)
+        np.testing.assert_array_equal(res[1], want)
+        np.testing.assert_array_equal(res[0], mask)
+
+
 @pytest.mark.parametrize(("n", "m"), [(1, 5), (3, 6), (4, 8), (7, 8), (5, 12), (8, 16),
                                     (16, 32)])
 def test_warm_start_with_the_previous_mask_is_exact(cffi, n, m):

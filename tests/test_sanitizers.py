@@ -31,6 +31,7 @@ from nmopt.backends import cffi_backend
 cffi_backend._KERNELS = mod
 import nmopt
 from nmopt import backends
+from nmopt._tiles import TileGrid
 from nmopt.packed import PackedNM
 b = backends.get("cffi")
 rng = np.random.default_rng(0)
@@ -117,8 +118,10 @@ for m in (1, 3, 4, 8, 13, 32, 64):
                                                            mask=mask, u=u, v=v)
                 assert not bad.any() and (bound >= kept * (1 - 1e-9)).all()
                 mask2, u2, v2, st2, *cert = b.exact_matrix(x, n, m, absolute=True, saturate=sat,
-                                                           rowwise=True, certify=True)
+                                                           rowwise=True, certify=True,
+                                                           row_prices=True)
                 assert not cert[3].any()
+                u2 = TileGrid(*x.shape, m).matrices_to_prices(u2, v2.reshape(len(x) // m, -1))[0]
                 b.certify_matrix(x, n, m, absolute=True, saturate=sat, mask=mask2, u=u2, v=v2,
                                  rowwise=True)
             x2 = x + 1e-3 * rng.standard_normal(x.shape)

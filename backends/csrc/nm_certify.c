@@ -11,9 +11,10 @@
  * solved, while they are in cache; nm_certify runs it on a whole matrix. */
 #include "nm_internal.h"
 
-NM_SIMD_CLONES int nm_certify_range(const nm_src *src, const nm_cert *out, int m, int n, int sat,
-                                    int rowwise, const uint8_t *mask, int64_t mask_rs,
-                                    const double *u, const double *v, int64_t lo, int64_t hi)
+static inline __attribute__((always_inline)) int certify_range(
+    const nm_src *src, const nm_cert *out, const int m, int n, int sat, int rowwise,
+    const uint8_t *mask, int64_t mask_rs, const double *u, const double *v, int64_t lo,
+    int64_t hi)
 {
     double s[NM_MAX_M * NM_MAX_M] NM_A64;
     for (int64_t k = lo; k < hi; k++) {
@@ -86,6 +87,22 @@ NM_SIMD_CLONES int nm_certify_range(const nm_src *src, const nm_cert *out, int m
         out->bad[k] = (int8_t)bad;
     }
     return NM_OK;
+}
+
+/* certify_range with m a constant at the common sizes (its loops unroll). */
+NM_SIMD_CLONES int nm_certify_range(const nm_src *src, const nm_cert *out, int m, int n, int sat,
+                                    int rowwise, const uint8_t *mask, int64_t mask_rs,
+                                    const double *u, const double *v, int64_t lo, int64_t hi)
+{
+#define NM_CERTIFY(M) certify_range(src, out, M, n, sat, rowwise, mask, mask_rs, u, v, lo, hi)
+    switch (m) {
+    case 4: return NM_CERTIFY(4);
+    case 8: return NM_CERTIFY(8);
+    case 16: return NM_CERTIFY(16);
+    case 32: return NM_CERTIFY(32);
+    default: return NM_CERTIFY(m);
+    }
+#undef NM_CERTIFY
 }
 
 typedef struct {

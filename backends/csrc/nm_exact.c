@@ -111,6 +111,12 @@ NM_SIMD_CLONES static void exact_task(void *vctx, int64_t lo, int64_t hi)
             if (rc != NM_OK)
                 nm_set_error(&c->err, rc);
         }
+        for (int64_t k = b; c->u_rows && k < e; k++) { /* row r of tile (R, Q): (R*m + r, Q) */
+            const int64_t tc = c->src.tcols;
+            double *out = c->u_rows + (k / tc) * c->m * tc + k % tc;
+            for (int i = 0; i < c->m; i++)
+                out[i * tc] = c->u[k * c->m + i];
+        }
     }
     nm_slots_free(slots);
 }
@@ -158,8 +164,9 @@ int nm_exact(const double *tiles, int64_t t, int m, int n, int saturate, int fla
 int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
                     int64_t rs, int64_t cs, int m, int n, int saturate, int flags,
                     const double *warm_v, const uint8_t *warm_x, int64_t warm_x_rs,
-                    uint8_t *mask, int64_t mask_rs, double *u, double *v, int8_t *status,
-                    double *kept, double *bound, int32_t *nshort, int8_t *bad, int nthreads)
+                    uint8_t *mask, int64_t mask_rs, double *u, double *v, double *u_rows,
+                    int8_t *status, double *kept, double *bound, int32_t *nshort, int8_t *bad,
+                    int nthreads)
 {
     if (!nm_matrix_args_ok(dtype, rows, cols, m, n, mask_rs, nthreads) ||
         (warm_x && warm_x_rs < cols))
@@ -172,6 +179,7 @@ int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int
     nm_exact_ctx c = exact_ctx(m, n, saturate, flags, mask, u, v, status);
     c.src = (nm_src){data, dtype, absolute != 0, rs, cs, cols / m};
     c.mask_rs = mask_rs;
+    c.u_rows = u_rows;
     c.warm_v = saturate ? NULL : warm_v;
     c.warm_x = c.warm_v ? warm_x : NULL;
     c.warm_x_rs = warm_x_rs;

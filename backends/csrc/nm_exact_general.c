@@ -339,9 +339,9 @@ static inline __attribute__((always_inline)) void transpose_tile(nm_tile *t)
  * binary exponent e of the scale (scores were multiplied by 2^-e), or INT32_MIN for an
  * all-zero tile. */
 static inline __attribute__((always_inline)) int load_tile(nm_tile *t, const double *s, int *err,
-                                                           int row_major_only)
+                                                           int row_major_only, const int m)
 {
-    const int m = t->m, mp = t->mp;
+    const int mp = NM_ROUNDW(m);
     double mx;
     if (nm_scan_scores(s, m * m, &mx)) {
         *err = NM_ERR_VALUE;
@@ -374,9 +374,9 @@ static inline __attribute__((always_inline)) int load_tile(nm_tile *t, const dou
 /* Scale tile k's prices back (unless the tile is all zero) and write its mask and status. */
 static inline __attribute__((always_inline)) void write_tile(const nm_tile *t,
                                                              const nm_exact_ctx *c, int64_t k,
-                                                             int e, int8_t status)
+                                                             int e, int8_t status, const int m)
 {
-    const int m = c->m, mp = t->mp;
+    const int mp = NM_ROUNDW(m);
     if (e != INT32_MIN) {
         double *u = c->u + k * m, *v = c->v + k * m;
         const int fast = NM_NORMAL_SCALE(e);
@@ -433,7 +433,7 @@ static inline __attribute__((always_inline)) void finish_tile(nm_tile *t, const 
             }
         }
     }
-    write_tile(t, c, k, e, status);
+    write_tile(t, c, k, e, status, m);
 }
 
 /* Rounds of the dual start's coordinate descent for an m x m tile: each costs two sorting
@@ -476,18 +476,15 @@ typedef struct nm_slot {
     int e, state, col, src, tsink, paths, built;
 } slot_t;
 
-/* Load tile k into the slot and start it from its prices; returns an error code. */
-static inline __attribute__((always_inline)) int slot_begin(slot_t *sl, const nm_exact_ctx *c,
-                                                            int64_t k)
+/* Load tile k into the slot and start it from its prices (m = t->m, a constant where
+ * slot_begin specialises); returns an error code. */
+static inline __attribute__((always_inline)) int slot_load(slot_t *sl, const nm_exact_ctx *c,
+                                                           int64_t k, int warm, const int m)
 {
     nm_tile *t = sl->t;
-    t->n = c->n;
-    t->sat = c->sat;
     int err = NM_OK;
     sl->k = k;
-    const int warm = c->warm_x && !t->sat && t->n < t->m &&
-                     !(c->flags & (NM_FLAG_FORCE_FALLBACK | NM_FLAG_COLD_FALLBACK));
-    sl->e = load_tile(t, nm_tile_scores(c, k, t->in), &err, warm);
+    sl->e = load_tile(t, nm_tile_scores_m(c, k, t->in, m), &err, warm, m);
     if (err != NM_OK)
         return err;
     if (sl->e == INT32_MIN) {
@@ -499,10 +496,10 @@ static inline __attribute__((always_inline)) int slot_begin(slot_t *sl, const nm
     start_prices(t, c, k, sl->e, v);
     if (warm) {
         double fit[NM_MAX_M] NM_A64;
-        memcpy(fit, v, sizeof(double) * (size_t)t->m);
-        if (nm_warm_tile(t, c, k, fit, c->u + k * t->m)) { /* the previous mask, optimal */
-            memcpy(c->v + k * t->m, fit, sizeof(double) * (size_t)t->m);
-            write_tile(t, c, k, sl->e, NM_TILE_OK);
+        memcpy(fit, v, sizeof(double) * (size_t)m);
+        if (nm_warm_tile(t, c, k, fit, c->u + k * m)) { /* the previous mask, optimal */
+            memcpy(c->v + k * m, fit, sizeof(double) * (size_t)m);
+            write_tile(t, c, k, sl->e, NM_TILE_OK, m);
             sl->state = SLOT_IDLE;
             return NM_OK;
         }
@@ -514,6 +511,24 @@ static inline __attribute__((always_inline)) int slot_begin(slot_t *sl, const nm
     sl->built = 0;
     sl->state = SLOT_NEED_PATH;
     return NM_OK;
+}
+
+/* slot_load, with m a constant for warm starts at the common sizes (where most tiles end
+ * with the fit, the reads and writes around it are most of the time). */
+static inline __attribute__((always_inline)) int slot_begin(slot_t *sl, const nm_exact_ctx *c,
+                                                            int64_t k)
+{
+    nm_tile *t = sl->t;
+    t->n = c->n;
+    t->sat = c->sat;
+    const int warm = c->warm_x && !t->sat && t->n < t->m &&
+                     !(c->flags & (NM_FLAG_FORCE_FALLBACK | NM_FLAG_COLD_FALLBACK));
+    switch (warm ? t->m : 0) {
+    case 8: return slot_load(sl, c, k, 1, 8);
+    case 16: return slot_load(sl, c, k, 1, 16);
+    case 32: return slot_load(sl, c, k, 1, 32);
+    default: return slot_load(sl, c, k, warm, t->m);
+    }
 }
 
 /* A node where the current search ends: a column short of its flow to T, or T itself when
@@ -653,7 +668,7 @@ NM_SIMD_CLONES double nm_warm_probe(nm_slot *slots, const nm_exact_ctx *c, int64
     for (int64_t q = 0; q < samples; q++) {
         const int64_t k = q * stride;
         int err = NM_OK;
-        const int e = load_tile(t, nm_tile_scores(c, k, t->in), &err, 1);
+        const int e = load_tile(t, nm_tile_scores(c, k, t->in), &err, 1, t->m);
         if (err != NM_OK || e == INT32_MIN)
             continue;
         double v[NM_MAX_M] NM_A64, u[NM_MAX_M];

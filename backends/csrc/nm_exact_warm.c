@@ -35,9 +35,9 @@
 static inline __attribute__((always_inline)) int load_prev_mask(nm_tile *t,
                                                                 const nm_exact_ctx *c, int64_t k,
                                                                 uint8_t *short_row,
-                                                                nm_vi *short_col)
+                                                                nm_vi *short_col, const int m)
 {
-    const int m = t->m, n = t->n, mp = t->mp;
+    const int n = t->n, mp = NM_ROUNDW(m);
     const int64_t rs = c->warm_x_rs;
     const uint8_t *p = c->warm_x + (k / c->src.tcols) * m * rs + (k % c->src.tcols) * m;
     const nm_vd inf = (nm_vd){0} + HUGE_VAL;
@@ -92,13 +92,14 @@ static inline __attribute__((always_inline)) nm_vd lanes_max(nm_vd a)
 /* Warm-start tile k (loaded into t->s; at most n, n < m) from column prices v (>= 0, scaled
  * like the scores): fits v as above. Returns 1 when the previous mask is proven optimal, with
  * it in t->x and its prices in u and v; else 0 (v then holds no useful start). */
-NM_SIMD_CLONES int nm_warm_tile(nm_tile *t, const nm_exact_ctx *c, int64_t k, double *v,
-                                double *u)
+static inline __attribute__((always_inline)) int warm_tile(nm_tile *t, const nm_exact_ctx *c,
+                                                            int64_t k, double *v, double *u,
+                                                            const int m)
 {
-    const int m = t->m, mp = t->mp, blocks = mp / NM_W;
+    const int mp = NM_ROUNDW(m), blocks = mp / NM_W;
     uint8_t short_row[NM_MAX_M];
     nm_vi short_col[NM_MAX_M / NM_W];
-    if (!load_prev_mask(t, c, k, short_row, short_col))
+    if (!load_prev_mask(t, c, k, short_row, short_col, m))
         return 0;
     const nm_vd zero = {0}, inf = zero + HUGE_VAL;
     nm_vd vv[NM_MAX_M / NM_W];
@@ -177,4 +178,16 @@ NM_SIMD_CLONES int nm_warm_tile(nm_tile *t, const nm_exact_ctx *c, int64_t k, do
         fits = !short_row[i] || u[i] == 0.0; /* a short row is unpriced */
     }
     return fits;
+}
+
+/* The fit with m a constant at the common sizes: its loops unroll and v stays in registers. */
+NM_SIMD_CLONES int nm_warm_tile(nm_tile *t, const nm_exact_ctx *c, int64_t k, double *v,
+                                double *u)
+{
+    switch (t->m) {
+    case 8: return warm_tile(t, c, k, v, u, 8);
+    case 16: return warm_tile(t, c, k, v, u, 16);
+    case 32: return warm_tile(t, c, k, v, u, 32);
+    default: return warm_tile(t, c, k, v, u, t->m);
+    }
 }

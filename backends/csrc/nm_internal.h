@@ -332,19 +332,27 @@ struct nm_exact_ctx {
     const double *warm_v; /* (t, m), or NULL */
     const uint8_t *warm_x; /* with a matrix and warm_v: the previous mask, or NULL */
     int64_t warm_x_rs;
+    double *u_rows; /* with a matrix: u by matrix row (nm_exact_matrix), or NULL */
     nm_cert cert; /* with a matrix: certify each block of tiles once solved (kept != NULL) */
     int8_t *status;
     int err;
 };
 
-/* Scores of tile k: in place for float64 tiles, else read into buf (m*m doubles). */
+/* Scores of tile k (m = c->m, a constant where the caller specialises): in place for float64
+ * tiles, else read into buf (m*m doubles). */
+static inline __attribute__((always_inline)) const double *
+nm_tile_scores_m(const nm_exact_ctx *c, int64_t k, double *buf, const int m)
+{
+    if (c->tiles)
+        return c->tiles + k * m * m;
+    nm_read_tile(&c->src, m, k, buf);
+    return buf;
+}
+
 static inline __attribute__((always_inline)) const double *nm_tile_scores(const nm_exact_ctx *c,
                                                                           int64_t k, double *buf)
 {
-    if (c->tiles)
-        return c->tiles + k * c->m * c->m;
-    nm_read_tile(&c->src, c->m, k, buf);
-    return buf;
+    return nm_tile_scores_m(c, k, buf, c->m);
 }
 
 /* Where row 0 of tile k's mask goes, and the stride between its rows. */

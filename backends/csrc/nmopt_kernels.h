@@ -73,12 +73,15 @@ enum { NM_F64 = 0, NM_F32 = 1, NM_F16 = 2, NM_BF16 = 3 };
  * warm_x_rs, or NULL: that solve's mask; with it, a tile whose previous mask is still optimal
  * keeps it, proven by prices fitted to the new scores (used when at least half of a sample of
  * tiles keep theirs; else the prices alone).
+ * u_rows (rows, cols/m), or NULL: u again, laid out by matrix row (row r of tile column q
+ * at r * (cols/m) + q), written block by block while in cache.
  * kept, bound, nshort, bad (t), or all NULL: nm_certify's outputs, computed by its routine on
  * each block of tiles as soon as it is solved (while in cache). */
 int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
                     int64_t rs, int64_t cs, int m, int n, int saturate, int flags,
                     const double *warm_v, const uint8_t *warm_x, int64_t warm_x_rs,
-                    uint8_t *mask, int64_t mask_rs, double *u, double *v, int8_t *status,
+                    uint8_t *mask, int64_t mask_rs, double *u, double *v, double *u_rows,
+                    int8_t *status,
                     double *kept, double *bound, int32_t *nshort, int8_t *bad, int nthreads);
 
 /* The certificate of a mask and prices on the same matrix, computed independently of the
