@@ -130,8 +130,9 @@ static inline __attribute__((always_inline)) void top_by_rank(const nm_vd *r, in
 /* The start from column prices v[0..m) (>= 0; all 0 with sat): every row keeps its top n of
  * s - v (ties: lower index, as numpy's stable argsort; at most n, only values >= 0) and is
  * priced u_i = max(0, its (n+1)-th largest). NM_W rows at a time from the transposed tile:
- * the (n+1)-th largest by the selection network, the top n as the values above it; where
- * that is not n values (a tie at the boundary), by counting ranks. A column with a price
+ * the (n+1)-th largest by the selection network, the top n as the values above it and, where
+ * those are fewer than n (a tie at the boundary), the first values equal to it; at m <= 8 or
+ * n = m by counting ranks. A column with a price
  * holds its full n toward T (cflow = n), so complementary slackness holds: it is a sink while
  * it keeps fewer. The residual network is left to nm_build_network: a tile with nothing to
  * move needs none. */
@@ -159,9 +160,17 @@ NM_SIMD_CLONES void nm_dual_start(nm_tile *t, const double *v)
                 top[j] = r[j] > next;
                 count -= top[j];
             }
-        }
-        if (n == m || m <= 8 || nm_hsum_i((count != n) & valid) != 0)
+            /* fewer than n above it: a tie at the boundary (common with float32 weights and
+             * prices from float rounds); the values equal to it fill the top n by index */
+            nm_vi need = ((nm_vi){0} + n - count) & valid;
+            for (int j = 0; j < m && nm_hsum_i(need) != 0; j++) {
+                const nm_vi take = (r[j] == next) & (need > 0);
+                top[j] |= take;
+                need += take;
+            }
+        } else {
             top_by_rank(r, m, n, top, &next);
+        }
         nm_vi rdeg = {0};
         for (int j = 0; j < m; j++) {
             const nm_vi keep = top[j] & valid & (t->sat ? all : (r[j] >= zero));
