@@ -72,21 +72,30 @@ typedef int32_t nm_vm __attribute__((vector_size(4 * NM_F)));
 NM_NETWORK(f, nm_vf, nm_vm, HUGE_VALF)
 NM_NETWORK(d, nm_vd, nm_vi, HUGE_VAL)
 
-/* Rounds of dual coordinate descent from v = 0 (see above) into v[0..m); n < m. */
-NM_SIMD_CLONES void nm_price_rounds(const nm_tile *t, int rounds, double *v)
+/* Rounds of dual coordinate descent from v = 0 (see above) into v[0..m); n < m. m is a
+ * constant where nm_price_rounds specialises. The scores are rounded to float once, row-major
+ * and transposed (NM_F-lane rows; lanes past m are zero padding, unused). */
+static inline __attribute__((always_inline)) void price_rounds(const nm_tile *t, int rounds,
+                                                               double *v, const int m)
 {
-    const int m = t->m, n = t->n, mp = t->mp;
+    const int n = t->n, mp = NM_ROUNDW(m), fp = (m + NM_F - 1) / NM_F * NM_F;
     const nm_vf zero = {0};
     float u[NM_MAX_M + NM_F], vf[NM_MAX_M + NM_F];
+    float sf[NM_MAX_M * (NM_MAX_M + NM_F)] __attribute__((aligned(32)));
+    float sfT[NM_MAX_M * (NM_MAX_M + NM_F)] __attribute__((aligned(32)));
     nm_vf a[NM_MAX_M];
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < fp; j++) {
+            sf[i * fp + j] = j < mp ? (float)t->s[i * mp + j] : 0.0f;
+            sfT[i * fp + j] = j < mp ? (float)t->sT[i * mp + j] : 0.0f;
+        }
     for (int j = 0; j < m; j++)
         vf[j] = 0.0f;
     for (int r = 0; r < rounds; r++) {
         for (int i0 = 0; i0 < m; i0 += NM_F) { /* NM_F rows, from the transposed tile */
             for (int j = 0; j < m; j++) {
                 nm_vf x;
-                for (int q = 0; q < NM_F; q++) /* past row m: other scores, lanes unused */
-                    x[q] = (float)t->sT[j * mp + i0 + q];
+                memcpy(&x, sfT + j * fp + i0, sizeof x);
                 a[j] = x - vf[j];
             }
             const nm_vf k = kth_f(a, m, n + 1);
@@ -96,8 +105,7 @@ NM_SIMD_CLONES void nm_price_rounds(const nm_tile *t, int rounds, double *v)
         for (int j0 = 0; j0 < m; j0 += NM_F) { /* NM_F columns */
             for (int i = 0; i < m; i++) {
                 nm_vf x;
-                for (int q = 0; q < NM_F; q++)
-                    x[q] = (float)t->s[i * mp + j0 + q];
+                memcpy(&x, sf + i * fp + j0, sizeof x);
                 a[i] = x - u[i];
             }
             const nm_vf k = kth_f(a, m, n);
@@ -107,6 +115,17 @@ NM_SIMD_CLONES void nm_price_rounds(const nm_tile *t, int rounds, double *v)
     }
     for (int j = 0; j < m; j++)
         v[j] = vf[j];
+}
+
+/* price_rounds with m a constant at the common sizes. */
+NM_SIMD_CLONES void nm_price_rounds(const nm_tile *t, int rounds, double *v)
+{
+    switch (t->m) {
+    case 8: price_rounds(t, rounds, v, 8); break;
+    case 16: price_rounds(t, rounds, v, 16); break;
+    case 32: price_rounds(t, rounds, v, 32); break;
+    default: price_rounds(t, rounds, v, t->m); break;
+    }
 }
 
 /* Which of r[0..m) (NM_W rows in lanes) are among the n largest, ties to the lower index
@@ -136,9 +155,10 @@ static inline __attribute__((always_inline)) void top_by_rank(const nm_vd *r, in
  * holds its full n toward T (cflow = n), so complementary slackness holds: it is a sink while
  * it keeps fewer. The residual network is left to nm_build_network: a tile with nothing to
  * move needs none. */
-NM_SIMD_CLONES void nm_dual_start(nm_tile *t, const double *v)
+static inline __attribute__((always_inline)) void dual_start(nm_tile *t, const double *v,
+                                                             const int m)
 {
-    const int m = t->m, n = t->n, mp = t->mp, st = t->stride;
+    const int n = t->n, mp = NM_ROUNDW(m), st = 2 * NM_SEG(m);
     const nm_vd zero = {0};
     const nm_vi all = (nm_vi){0} - 1;
     nm_vd r[NM_MAX_M], work[NM_MAX_M];
@@ -192,6 +212,16 @@ NM_SIMD_CLONES void nm_dual_start(nm_tile *t, const double *v)
         t->pot[NM_NODE_COL(m, j)] = -v[j];
         t->cflow[j] = v[j] > 0.0 ? n : (t->cdeg[j] < n ? t->cdeg[j] : n);
     }
+}
+
+/* dual_start with m a constant at M = 8, where its rank counting then unrolls (at 16 and 32
+ * the unrolled selection network measured slower). */
+NM_SIMD_CLONES void nm_dual_start(nm_tile *t, const double *v)
+{
+    if (t->m == 8)
+        dual_start(t, v, 8);
+    else
+        dual_start(t, v, t->m);
 }
 
 /* The residual network of the start (every arc of it; entries that are no arc stay +inf
