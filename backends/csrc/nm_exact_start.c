@@ -20,29 +20,33 @@ typedef float nm_vf __attribute__((vector_size(4 * NM_F)));
 typedef int32_t nm_vm __attribute__((vector_size(4 * NM_F)));
 
 /* A selection network on vectors VT (lane masks MT), branch-free within the lanes:
- * - cmpx_SFX(lo, hi, up): compare-exchange, lo <= hi after (up all ones), or lo >= hi (0);
- * - sort_SFX(a, p, dir): bitonic sort of a[0..p), p a power of two, in direction dir;
+ * - cmpx_SFX(lo, hi, up): compare-exchange, lo <= hi after (up != 0), or lo >= hi; up is a
+ *   constant at every call, so the exchange is one compare and two blends;
+ * - sort_SFX(a, p, up): bitonic sort of a[0..p), p a power of two, ascending when up;
  * - kth_SFX(a, len, k): the k-th largest (1 <= k <= len <= NM_MAX_M) of a[0..len), which it
  *   overwrites. The two halves of the next power of two (padding -inf) are sorted in
  *   opposite directions into one bitonic sequence; each half-cleaner step then puts the
  *   larger half above, and the search goes on in the half that holds the k-th. */
 #define NM_NETWORK(SFX, VT, MT, NEG_INF)                                                      \
-    static inline __attribute__((always_inline)) void cmpx_##SFX(VT *lo, VT *hi, MT up)       \
+    static inline __attribute__((always_inline)) void cmpx_##SFX(VT *lo, VT *hi, int up)      \
     {                                                                                         \
         const VT x = *lo, y = *hi;                                                            \
-        const MT sw = (x > y) == up; /* out of order */                                       \
+        const MT sw = up ? x > y : x < y; /* out of order */                                  \
         *lo = (VT)((sw & (MT)y) | (~sw & (MT)x));                                             \
         *hi = (VT)((sw & (MT)x) | (~sw & (MT)y));                                             \
     }                                                                                         \
-    static inline __attribute__((always_inline)) void sort_##SFX(VT *a, int p, MT dir)        \
+    static inline __attribute__((always_inline)) void sort_##SFX(VT *a, int p, int up)        \
     {                                                                                         \
         for (int size = 2; size <= p; size <<= 1)                                             \
             for (int half = size >> 1; half > 0; half >>= 1)                                  \
                 for (int blk = 0; blk < p; blk += 2 * half) {                                 \
-                    /* blocks alternate direction until the last merge, which goes dir */     \
-                    const MT up = size == p ? dir : (MT){0} - ((blk & size) == 0);            \
-                    for (int i = blk; i < blk + half; i++)                                    \
-                        cmpx_##SFX(a + i, a + i + half, up);                                  \
+                    /* blocks alternate direction until the last merge, which goes up */      \
+                    if (size == p ? up : (blk & size) == 0)                                   \
+                        for (int i = blk; i < blk + half; i++)                                \
+                            cmpx_##SFX(a + i, a + i + half, 1);                               \
+                    else                                                                      \
+                        for (int i = blk; i < blk + half; i++)                                \
+                            cmpx_##SFX(a + i, a + i + half, 0);                               \
                 }                                                                             \
     }                                                                                         \
     static inline __attribute__((always_inline)) VT kth_##SFX(VT *a, int len, int k)          \
@@ -52,15 +56,14 @@ typedef int32_t nm_vm __attribute__((vector_size(4 * NM_F)));
             p <<= 1;                                                                          \
         for (int i = len; i < p; i++)                                                         \
             a[i] = (VT){0} - NEG_INF;                                                         \
-        const MT asc = (MT){0} - 1, desc = {0};                                               \
         int lo = 0;                                                                           \
         if (p > 1) {                                                                          \
-            sort_##SFX(a, p / 2, asc);                                                        \
-            sort_##SFX(a + p / 2, p / 2, desc);                                               \
+            sort_##SFX(a, p / 2, 1);                                                          \
+            sort_##SFX(a + p / 2, p / 2, 0);                                                  \
         }                                                                                     \
         for (int half = p / 2; half > 0; half >>= 1) {                                        \
             for (int i = lo; i < lo + half; i++)                                              \
-                cmpx_##SFX(a + i, a + i + half, asc);                                         \
+                cmpx_##SFX(a + i, a + i + half, 1);                                           \
             if (k <= half)                                                                    \
                 lo += half; /* the k-th largest is in the upper half */                       \
             else                                                                              \
