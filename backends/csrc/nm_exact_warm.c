@@ -77,7 +77,7 @@ static inline __attribute__((always_inline)) int load_prev_mask(nm_tile *t,
         over |= (cols[j0 / NM_W] > n) & valid;
         short_col[j0 / NM_W] = (cols[j0 / NM_W] < n) & valid;
     }
-    return ok && nm_hsum_i(over) == 0;
+    return ok && !nm_any(over);
 }
 
 /* The largest lane of a, in every lane. */
@@ -87,6 +87,33 @@ static inline __attribute__((always_inline)) nm_vd lanes_max(nm_vd a)
     a = nm_vblend_d(o > a, o, a);
     o = __builtin_shuffle(a, (nm_vi){1, 0, 3, 2});
     return nm_vblend_d(o > a, o, a);
+}
+
+/* Lane l of the result: the largest lane of a[l] (four horizontal maxima in three steps). */
+static inline __attribute__((always_inline)) nm_vd lanes_max4(const nm_vd *a)
+{
+    _Static_assert(NM_W == 4, "four vectors of four lanes");
+    const nm_vd p0 = __builtin_shuffle(a[0], a[1], (nm_vi){0, 4, 2, 6});
+    const nm_vd q0 = __builtin_shuffle(a[0], a[1], (nm_vi){1, 5, 3, 7});
+    const nm_vd p1 = __builtin_shuffle(a[2], a[3], (nm_vi){0, 4, 2, 6});
+    const nm_vd q1 = __builtin_shuffle(a[2], a[3], (nm_vi){1, 5, 3, 7});
+    const nm_vd t0 = nm_vblend_d(q0 > p0, q0, p0), t1 = nm_vblend_d(q1 > p1, q1, p1);
+    const nm_vd lo = __builtin_shuffle(t0, t1, (nm_vi){0, 1, 4, 5});
+    const nm_vd hi = __builtin_shuffle(t0, t1, (nm_vi){2, 3, 6, 7});
+    return nm_vblend_d(hi > lo, hi, lo);
+}
+
+/* Lane-wise max(0, s - v) over row i's unkept entries (freeR, -inf elsewhere). */
+static inline __attribute__((always_inline)) nm_vd row_max(const nm_tile *t, int i,
+                                                           const nm_vd *vv, const int m)
+{
+    const int mp = NM_ROUNDW(m);
+    nm_vd a = {0};
+    for (int q = 0; q < mp / NM_W; q++) {
+        const nm_vd f = nm_vload_d(t->freeR + i * mp + q * NM_W) - vv[q];
+        a = nm_vblend_d(f > a, f, a);
+    }
+    return a;
 }
 
 /* Warm-start tile k (loaded into t->s; at most n, n < m) from column prices v (>= 0, scaled
@@ -108,7 +135,7 @@ static inline __attribute__((always_inline)) int warm_tile(nm_tile *t, const nm_
             vv[q][l] = q * NM_W + l < m ? v[q * NM_W + l] : 0.0;
         vv[q] = nm_vblend_d(short_col[q], zero, vv[q]); /* unpriced: a short column */
     }
-    double A[NM_MAX_M];
+    double A[NM_MAX_M + NM_W];
     /* rows update v in place at large m (fewer passes), else after each pass (the rows of a
      * pass are then independent, which small tiles need more) */
     const int in_place = m > 16;
@@ -119,31 +146,35 @@ static inline __attribute__((always_inline)) int warm_tile(nm_tile *t, const nm_
         nm_vd hi[NM_MAX_M / NM_W];
         for (int q = 0; q < blocks; q++)
             hi[q] = inf;
-        for (int i = 0; i < m; i++) { /* A_i, then v_j = min(v_j, s_ij - A_i) where kept */
-            nm_vd a = zero;
-            for (int q = 0; q < blocks; q++) {
-                const nm_vd f = nm_vload_d(t->freeR + i * mp + q * NM_W) - vv[q];
-                a = nm_vblend_d(f > a, f, a);
-            }
-            a = lanes_max(a);
+        for (int i = 0; i < m && in_place; i++) { /* A_i, then v_j = min(v_j, s_ij - A_i) */
+            const nm_vd a = lanes_max(row_max(t, i, vv, m));
             A[i] = a[0];
             for (int q = 0; q < blocks; q++) { /* +inf where not kept and on padding */
                 const nm_vd h = nm_vload_d(t->keptR + i * mp + q * NM_W) - a;
-                if (in_place) {
-                    const nm_vi gt = vv[q] > h;
-                    over |= gt;
-                    vv[q] = nm_vblend_d(gt, h, vv[q]);
-                } else {
+                const nm_vi gt = vv[q] > h;
+                over |= gt;
+                vv[q] = nm_vblend_d(gt, h, vv[q]);
+            }
+        }
+        for (int i0 = 0; i0 < m && !in_place; i0 += NM_W) { /* NM_W rows' A at once */
+            nm_vd a[NM_W];
+            for (int r = 0; r < NM_W; r++) /* past row m: row i0 again, unused */
+                a[r] = row_max(t, i0 + r < m ? i0 + r : i0, vv, m);
+            const nm_vd a4 = lanes_max4(a);
+            memcpy(A + i0, &a4, sizeof a4);
+            for (int r = 0; r < NM_W && i0 + r < m; r++)
+                for (int q = 0; q < blocks; q++) { /* +inf where not kept and on padding */
+                    const nm_vd h =
+                        nm_vload_d(t->keptR + (i0 + r) * mp + q * NM_W) - a4[r];
                     hi[q] = nm_vblend_d(h < hi[q], h, hi[q]);
                 }
-            }
         }
         for (int q = 0; q < blocks && !in_place; q++) {
             const nm_vi gt = vv[q] > hi[q];
             over |= gt;
             vv[q] = nm_vblend_d(gt, hi[q], vv[q]);
         }
-        if (nm_hsum_i(over) != 0)
+        if (nm_any(over))
             continue; /* lowered: another pass */
         /* v fits. Below 0, all prices are lifted by the same amount, which keeps every row's
          * choice while its kept s - v stay >= 0; u_i = max(0, A_i - lift). */
@@ -155,14 +186,14 @@ static inline __attribute__((always_inline)) int warm_tile(nm_tile *t, const nm_
         nm_vi pinned = {0}; /* short columns are unpriced: each must be the least price */
         for (int q = 0; q < blocks; q++)
             pinned |= short_col[q] & (vv[q] != low);
-        fits = nm_hsum_i(pinned) == 0;
+        fits = !nm_any(pinned);
         for (int i = 0; i < m && lift > 0.0 && fits; i++) { /* least kept s - v >= lift */
             nm_vd b = inf;
             for (int q = 0; q < blocks; q++) {
                 const nm_vd r = nm_vload_d(t->keptR + i * mp + q * NM_W) - vv[q];
                 b = nm_vblend_d(r < b, r, b);
             }
-            fits = nm_hsum_i(b < lift) == 0;
+            fits = !nm_any(b < lift);
         }
         break;
     }

@@ -132,6 +132,14 @@ static inline __attribute__((always_inline)) double nm_hsum(nm_vd v)
     return s;
 }
 
+/* Whether any lane is nonzero (two shuffles, no lane extracts). */
+static inline __attribute__((always_inline)) int nm_any(nm_vi v)
+{
+    v |= __builtin_shuffle(v, (nm_vi){2, 3, 0, 1});
+    v |= __builtin_shuffle(v, (nm_vi){1, 0, 3, 2});
+    return v[0] != 0;
+}
+
 static inline __attribute__((always_inline)) int64_t nm_hsum_i(nm_vi v)
 {
     int64_t s = 0;
