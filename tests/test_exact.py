@@ -187,6 +187,26 @@ def test_warm_start_from_any_prices_is_exact(cffi, m):
         assert bound2.sum() == pytest.approx(kept, rel=1e-10)
 
 
+@pytest.mark.parametrize(("n", "m"), [(4, 8), (8, 16)])
+def test_warm_start_on_many_tiles_is_exact_whatever_the_probe_picks(cffi, n, m):
+    """From 256 tiles on, a sample decides between the previous mask and prices, the prices
+    alone, or a cold start (small, larger and complete changes, another matrix's result):
+    every choice gives the cold optimum, certified."""
+    rng = np.random.default_rng(m)
+    w = rng.standard_normal((16 * m, 16 * m)).astype(np.float32)
+    mask, u, v, _ = cffi.exact_matrix(w, n, m, absolute=True)
+    other = cffi.exact_matrix(rng.standard_normal(w.shape), n, m, absolute=True)
+    for noise in (1e-3, 1e-1, 1.0):
+        w2 = w + noise * rng.standard_normal(w.shape).astype(np.float32)
+        cold = cffi.exact_matrix(w2, n, m, absolute=True, certify=True)
+        for prev_mask, prev_v in ((mask, v), (other[0], other[2])):
+            res = cffi.exact_matrix(w2, n, m, absolute=True, warm=prev_v, warm_mask=prev_mask,
+                                    certify=True)
+            assert (res[3] == 0).all() and not res[7].any()
+            np.testing.assert_allclose(res[4], cold[4], rtol=1e-12)  # per-tile optimum
+            np.testing.assert_allclose(res[5], res[4], rtol=1e-10)  # bound = kept
+
+
 @pytest.mark.parametrize(("n", "m", "shape"), [(2, 4, (128, 264)), (3, 8, (24, 40)),
                                                (5, 12, (36, 24))])
 def test_row_prices_are_u_by_matrix_row(cffi, n, m, shape):

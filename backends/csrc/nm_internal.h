@@ -435,7 +435,7 @@ nm_slot *nm_slots_alloc(int m); /* NULL when out of memory */
 void nm_slots_free(nm_slot *slots);
 void nm_general_run(nm_exact_ctx *c, nm_slot *slots, int64_t lo, int64_t hi);
 int nm_general_tile(nm_slot *slots, const nm_exact_ctx *c, int64_t k);
-double nm_warm_probe(nm_slot *slots, const nm_exact_ctx *c, int64_t tiles);
+double nm_warm_probe(nm_slot *slots, const nm_exact_ctx *c, int64_t tiles, double *units);
 
 /* M = 4 path (nm_exact_q4.c): tiles [lo, hi), the ones it cannot certify through
  * nm_general_tile. */
