@@ -10,7 +10,8 @@
  *    prices are lowered until every row's previous choice is its top n of s - v on the new
  *    scores (a Bellman-Ford over the columns), then lifted back to >= 0. If that succeeds
  *    the previous mask is optimal (complementary slackness) and the tile is done; else it is
- *    solved from the previous prices. Used when a sample of 64 tiles shows that it pays.
+ *    solved from the previous prices. A sample of 64 tiles decides whether the mask pays, and
+ *    without it whether the prices do (else the call starts cold).
  * 1. Dual start (nm_exact_start.c): column prices v >= 0, from a previous solve (warm start)
  *    or from a few rounds of dual coordinate descent on the tile (0 with exactly n). Every row
  *    keeps its top n of s - v (values >= 0 only), u_i = its (n+1)-th largest; a column with

@@ -31,9 +31,9 @@ _PRIMAL_TOL = 1e-2
 # A projection is warm-started from the previous one only when each of the last two iterations
 # moved at most this fraction of the kept weights (the first iteration moves few, the next ones
 # many, while rho grows). The C kernel keeps a tile's previous mask where prices fitted to it
-# prove it optimal, else solves from the previous prices: on a 2048² matrix (M = 8-32) that
-# took 0.20-0.64x the cold time when up to 3% of the entries changed, 0.72-0.91x at 7-8%, and
-# 1.5-1.6x on unrelated weights.
+# prove it optimal, else solves from the previous prices (or cold, where a sample shows they
+# are far off): on a 2048² matrix (M = 8-32) that took 0.20-0.65x the cold time when up to 3%
+# of the entries changed, 0.81-1.0x at 7-8%, and 0.99-1.01x on unrelated weights.
 _WARM_MAX_CHANGED = 0.1
 
 

@@ -41,9 +41,10 @@ FIND_MASK = "find_mask"
 # A layer's refresh is warm-started from its previous result only when its previous refresh
 # changed at most this fraction of its mask (``mask_changed``, of all entries). The C kernel
 # keeps a tile's previous mask where prices fitted to it prove it optimal, else solves from the
-# previous prices: on a 2048² matrix (W + eps * noise, M = 8-32, README "Performance") that
-# took 0.20-0.38x the cold kernel time at eps 1e-4-1e-3 (<= 0.2% of the entries changed),
-# 0.42-0.64x at 1e-2-3e-2 (1-3%), 0.72-0.91x at 0.1 (7-8%) and 1.5-1.6x on unrelated weights.
+# previous prices, or cold where a sample shows they are far off: on a 2048² matrix
+# (W + eps * noise, M = 8-32, README "The C backend") that took 0.20-0.31x the cold kernel time
+# at eps 1e-4-1e-3 (<= 0.2% of the entries changed), 0.41-0.65x at 1e-2-3e-2 (1-3%),
+# 0.81-1.0x at 0.1 (7-8%) and 0.99-1.01x on unrelated weights.
 WARM_MAX_CHANGED = 0.05
 
 
