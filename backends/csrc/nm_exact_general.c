@@ -232,16 +232,6 @@ static inline __attribute__((always_inline)) int augment(nm_tile *t, int src, in
     return 1;
 }
 
-/* T's excess, sum(cflow) - nkept: the flow into T beyond its demand n*m, which is minus the
- * columns' total excess (every other node is balanced). */
-static inline int t_excess(const nm_tile *t)
-{
-    int e = -t->nkept;
-    for (int j = 0; j < t->m; j++)
-        e += t->cflow[j];
-    return e;
-}
-
 /* At most n: keep every unkept entry between a short row and a short column. Their prices
  * are 0, so complementary slackness forces these scores to 0: the objective and the
  * certificate are unchanged and the mask becomes maximal (fewer empty slots). */
@@ -550,7 +540,7 @@ static inline __attribute__((always_inline)) void slot_step(slot_t *sl, const nm
     if (sl->state == SLOT_NEED_PATH) {
         while (sl->col < m && t->cdeg[sl->col] <= t->cflow[sl->col])
             sl->col++;
-        const int te = t_excess(t);
+        const int te = nm_t_excess(t);
         if (sl->col == m && te <= 0) {
             finish_tile(t, c, sl->k, sl->e, te == 0);
             sl->state = SLOT_IDLE;
@@ -655,50 +645,23 @@ NM_SIMD_CLONES void nm_general_run(nm_exact_ctx *c, nm_slot *slots, int64_t lo, 
     }
 }
 
-/* The units the shortest paths would have to move from the dual start with column prices v
- * on the loaded tile (its columns' and T's excess): how good a start v is. */
-static int start_units(nm_tile *t, const double *v)
-{
-    nm_dual_start(t, v);
-    int units = 0;
-    for (int j = 0; j < t->m; j++)
-        units += t->cdeg[j] > t->cflow[j] ? t->cdeg[j] - t->cflow[j] : 0;
-    const int te = t_excess(t);
-    return units + (te > 0 ? te : 0);
-}
-
-/* A sample of tiles (every (t/64)-th, at most 64), in the first slot: the share whose
- * previous mask the warm start proves optimal on its own (nm_warm_tile; 1 when none could be
- * tried), and in *units, on every fourth of them, the units to move from the previous prices
- * over those from the tiles' own start (start_units; 1 when none). Reads and fits only:
- * nothing is written out. */
-NM_SIMD_CLONES double nm_warm_probe(nm_slot *slots, const nm_exact_ctx *c, int64_t tiles,
-                                    double *units)
+/* For the warm start's probe (nm_warm_probe): tile k loaded into the first slot (scores and
+ * their transpose) with the previous prices in v, and the tile's own start in own unless it
+ * is NULL; NULL for a tile that is all zero or has a bad score (the solve reports it). */
+NM_SIMD_CLONES nm_tile *nm_probe_tile(nm_slot *slots, const nm_exact_ctx *c, int64_t k,
+                                      double *v, double *own)
 {
     nm_tile *t = slots[0].t;
     t->n = c->n;
     t->sat = c->sat;
-    const int64_t samples = tiles < 64 ? tiles : 64, stride = tiles / (samples ? samples : 1);
-    int tried = 0, fitted = 0;
-    int64_t prev_units = 0, own_units = 0;
-    for (int64_t q = 0; q < samples; q++) {
-        const int64_t k = q * stride;
-        int err = NM_OK;
-        const int e = load_tile(t, nm_tile_scores(c, k, t->in), &err, 0, t->m);
-        if (err != NM_OK || e == INT32_MIN)
-            continue;
-        double v[NM_MAX_M] NM_A64, u[NM_MAX_M], own[NM_MAX_M];
-        start_prices(t, c, k, e, v);
-        if (q % 4 == 0) {
-            nm_price_rounds(t, start_rounds(t->m), own);
-            prev_units += start_units(t, v);
-            own_units += start_units(t, own);
-        }
-        tried++;
-        fitted += nm_warm_tile(t, c, k, v, u);
-    }
-    *units = prev_units ? (double)prev_units / (double)(own_units ? own_units : 1) : 1.0;
-    return tried ? (double)fitted / tried : 1.0;
+    int err = NM_OK;
+    const int e = load_tile(t, nm_tile_scores(c, k, t->in), &err, 0, t->m);
+    if (err != NM_OK || e == INT32_MIN)
+        return NULL;
+    start_prices(t, c, k, e, v);
+    if (own)
+        nm_price_rounds(t, start_rounds(t->m), own);
+    return t;
 }
 
 /* Tile k alone, start to finish, in the first slot; returns an error code. */

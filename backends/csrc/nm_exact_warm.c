@@ -222,3 +222,43 @@ NM_SIMD_CLONES int nm_warm_tile(nm_tile *t, const nm_exact_ctx *c, int64_t k, do
     default: return warm_tile(t, c, k, v, u, t->m);
     }
 }
+
+/* The units the shortest paths would have to move from the dual start with column prices v
+ * on the loaded tile (its columns' and T's excess): how good a start v is. */
+static int start_units(nm_tile *t, const double *v)
+{
+    nm_dual_start(t, v);
+    int units = 0;
+    for (int j = 0; j < t->m; j++)
+        units += t->cdeg[j] > t->cflow[j] ? t->cdeg[j] - t->cflow[j] : 0;
+    const int te = nm_t_excess(t);
+    return units + (te > 0 ? te : 0);
+}
+
+/* A sample of tiles (every (t/64)-th, at most 64), in the first slot: the share whose
+ * previous mask the warm start proves optimal on its own (nm_warm_tile; 1 when none could be
+ * tried), and in *units, on every fourth of them, the units to move from the previous prices
+ * over those from the tiles' own start (start_units; 1 when none). Reads and fits only:
+ * nothing is written out. */
+NM_SIMD_CLONES double nm_warm_probe(nm_slot *slots, const nm_exact_ctx *c, int64_t tiles,
+                                    double *units)
+{
+    const int64_t samples = tiles < 64 ? tiles : 64, stride = tiles / (samples ? samples : 1);
+    int tried = 0, fitted = 0;
+    int64_t prev_units = 0, own_units = 0;
+    for (int64_t q = 0; q < samples; q++) {
+        const int64_t k = q * stride;
+        double v[NM_MAX_M] NM_A64, u[NM_MAX_M], own[NM_MAX_M];
+        nm_tile *t = nm_probe_tile(slots, c, k, v, q % 4 == 0 ? own : NULL);
+        if (!t)
+            continue;
+        if (q % 4 == 0) {
+            prev_units += start_units(t, v);
+            own_units += start_units(t, own);
+        }
+        tried++;
+        fitted += nm_warm_tile(t, c, k, v, u);
+    }
+    *units = prev_units ? (double)prev_units / (double)(own_units ? own_units : 1) : 1.0;
+    return tried ? (double)fitted / tried : 1.0;
+}

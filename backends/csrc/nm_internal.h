@@ -77,7 +77,8 @@ typedef int64_t nm_vi __attribute__((vector_size(8 * NM_W)));
  * nm_exact_general.c  the general path (any M): shortest paths, self-check, and
  *                     the SLOTS tiles a thread interleaves;
  * nm_exact_start.c    its dual start: the column prices and the rows' top n;
- * nm_exact_warm.c     its warm start from a previous mask and prices;
+ * nm_exact_warm.c     its warm start from a previous mask and prices, and the sample that
+ *                     decides how a call uses them;
  * nm_exact_q4.c       the M = 4 path, with the tile in vector registers;
  * nm_exact_fallback.c cycle cancelling, for the tiles the shortest paths do not certify.
  * Functions that hold hot code called from another file carry NM_SIMD_CLONES themselves. */
@@ -209,6 +210,16 @@ static inline void nm_set_bypass(nm_tile *t)
         !t->sat && t->nkept < t->n * t->m ? 0.0 : HUGE_VAL;
 }
 
+/* T's excess, sum(cflow) - nkept: the flow into T beyond its demand n*m, which is minus the
+ * columns' total excess (every other node is balanced). */
+static inline int nm_t_excess(const nm_tile *t)
+{
+    int e = -t->nkept;
+    for (int j = 0; j < t->m; j++)
+        e += t->cflow[j];
+    return e;
+}
+
 /* The dual start (nm_exact_start.c): column prices from rounds of dual coordinate descent
  * (n < m), the start from column prices v (rows keep their top n of s - v), and the residual
  * network of the start, built once a unit has to move. */
@@ -217,9 +228,12 @@ void nm_dual_start(nm_tile *t, const double *v);
 void nm_build_network(nm_tile *t);
 
 /* The warm start with the previous mask (nm_exact_warm.c): 1 when it is proven optimal for
- * tile k (loaded into t->s), with its prices: v fitted from the previous ones, and u; else 0. */
+ * tile k (loaded into t->s), with its prices: v fitted from the previous ones, and u; else 0.
+ * nm_warm_probe: how a call should use the previous result, from a sample of its tiles. */
 typedef struct nm_exact_ctx nm_exact_ctx;
+typedef struct nm_slot nm_slot;
 int nm_warm_tile(nm_tile *t, const nm_exact_ctx *c, int64_t k, double *v, double *u);
+double nm_warm_probe(nm_slot *slots, const nm_exact_ctx *c, int64_t tiles, double *units);
 
 /* A matrix read in place (nm_exact_matrix, nm_certify): see nmopt_kernels.h. */
 typedef struct {
@@ -430,12 +444,12 @@ static inline __attribute__((always_inline)) int nm_scan_scores(const double *s,
 /* General path (nm_exact_general.c). A thread's workspace is an array of slots, the tiles it
  * has in flight; nm_general_run solves tiles [lo, hi) with them, nm_general_tile solves one
  * tile in the first slot. Errors go to c->err. */
-typedef struct nm_slot nm_slot;
 nm_slot *nm_slots_alloc(int m); /* NULL when out of memory */
 void nm_slots_free(nm_slot *slots);
 void nm_general_run(nm_exact_ctx *c, nm_slot *slots, int64_t lo, int64_t hi);
 int nm_general_tile(nm_slot *slots, const nm_exact_ctx *c, int64_t k);
-double nm_warm_probe(nm_slot *slots, const nm_exact_ctx *c, int64_t tiles, double *units);
+nm_tile *nm_probe_tile(nm_slot *slots, const nm_exact_ctx *c, int64_t k, double *v,
+                       double *own);
 
 /* M = 4 path (nm_exact_q4.c): tiles [lo, hi), the ones it cannot certify through
  * nm_general_tile. */
