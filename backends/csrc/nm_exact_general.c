@@ -645,9 +645,9 @@ NM_SIMD_CLONES void nm_general_run(nm_exact_ctx *c, nm_slot *slots, int64_t lo, 
     }
 }
 
-/* For the warm start's probe (nm_warm_probe): tile k loaded into the first slot (scores and
- * their transpose) with the previous prices in v, and the tile's own start in own unless it
- * is NULL; NULL for a tile that is all zero or has a bad score (the solve reports it). */
+/* For the warm start's probe (nm_warm_probe): tile k loaded into the first slot with the
+ * previous prices in v and, unless own is NULL, the transpose and the tile's own start in
+ * own; NULL for a tile that is all zero or has a bad score (the solve reports it). */
 NM_SIMD_CLONES nm_tile *nm_probe_tile(nm_slot *slots, const nm_exact_ctx *c, int64_t k,
                                       double *v, double *own)
 {
@@ -655,7 +655,7 @@ NM_SIMD_CLONES nm_tile *nm_probe_tile(nm_slot *slots, const nm_exact_ctx *c, int
     t->n = c->n;
     t->sat = c->sat;
     int err = NM_OK;
-    const int e = load_tile(t, nm_tile_scores(c, k, t->in), &err, 0, t->m);
+    const int e = load_tile(t, nm_tile_scores(c, k, t->in), &err, own == NULL, t->m);
     if (err != NM_OK || e == INT32_MIN)
         return NULL;
     start_prices(t, c, k, e, v);

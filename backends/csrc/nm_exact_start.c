@@ -154,10 +154,9 @@ static inline __attribute__((always_inline)) void top_by_rank(const nm_vd *r, in
  * priced u_i = max(0, its (n+1)-th largest). NM_W rows at a time from the transposed tile:
  * the (n+1)-th largest by the selection network, the top n as the values above it and, where
  * those are fewer than n (a tie at the boundary), the first values equal to it; at m <= 8 or
- * n = m by counting ranks. A column with a price
- * holds its full n toward T (cflow = n), so complementary slackness holds: it is a sink while
- * it keeps fewer. The residual network is left to nm_build_network: a tile with nothing to
- * move needs none. */
+ * n = m by counting ranks. A column with a price holds its full n toward T (cflow = n), so
+ * complementary slackness holds: it is a sink while it keeps fewer. The residual network is
+ * left to nm_build_network: a tile with nothing to move needs none. */
 static inline __attribute__((always_inline)) void dual_start(nm_tile *t, const double *v,
                                                              const int m)
 {
@@ -186,7 +185,7 @@ static inline __attribute__((always_inline)) void dual_start(nm_tile *t, const d
             /* fewer than n above it: a tie at the boundary (common with float32 weights and
              * prices from float rounds); the values equal to it fill the top n by index */
             nm_vi need = ((nm_vi){0} + n - count) & valid;
-            for (int j = 0; j < m && nm_hsum_i(need) != 0; j++) {
+            for (int j = 0; j < m && nm_any(need); j++) {
                 const nm_vi take = (r[j] == next) & (need > 0);
                 top[j] |= take;
                 need += take;
