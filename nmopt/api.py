@@ -236,8 +236,10 @@ def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = F
         a training step). The exact C kernel fits its column prices to its mask on the new
         weights: a tile whose previous mask is still optimal keeps it, proven by the fitted
         prices, without a solve; the others start from those prices instead of estimating
-        them. The result is the same certified optimum as a cold solve, whatever the previous
-        result holds. Other solvers, M = 4 and exactly-N problems ignore it.
+        them. On calls of 256 tiles or more a sample of tiles first checks that this pays;
+        after a large change the call uses the prices only, or starts cold. The result is the
+        same certified optimum as a cold solve, whatever the previous result holds. Other
+        solvers, M = 4 and exactly-N problems ignore it.
 
     Returns
     -------
