@@ -72,7 +72,6 @@ WORKER = textwrap.dedent('''
     except RuntimeError as exc:
         result["check"] = str(exc)
     torch.save(result, out)
-    dist.destroy_process_group()
 ''')
 
 

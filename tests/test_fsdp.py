@@ -143,7 +143,6 @@ WORKER = textwrap.dedent('''
     except ValueError as exc:
         result["reverse"] = str(exc)
     torch.save(result, out)
-    dist.destroy_process_group()
 ''')
 
 
