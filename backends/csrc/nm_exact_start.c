@@ -14,10 +14,12 @@
 #define LANE NM_LANE
 
 /* The price rounds work in float (their prices are only a starting point: any v >= 0 is
- * one), NM_F rows or columns at a time in one vector; the start itself in double. */
-#define NM_F 8
-typedef float nm_vf __attribute__((vector_size(4 * NM_F)));
-typedef int32_t nm_vm __attribute__((vector_size(4 * NM_F)));
+ * one), 8 rows or columns at a time in one vector at M = 8, 16 at larger M (one AVX-512
+ * register, two AVX2 ones); the start itself in double. */
+typedef float nm_vf8 __attribute__((vector_size(32)));
+typedef int32_t nm_vm8 __attribute__((vector_size(32)));
+typedef float nm_vf16 __attribute__((vector_size(64)));
+typedef int32_t nm_vm16 __attribute__((vector_size(64)));
 
 /* A selection network on vectors VT (lane masks MT), branch-free within the lanes:
  * - cmpx_SFX(lo, hi, up): compare-exchange, lo <= hi after (up != 0), or lo >= hi; up is a
@@ -72,62 +74,68 @@ typedef int32_t nm_vm __attribute__((vector_size(4 * NM_F)));
         return a[lo];                                                                         \
     }
 
-NM_NETWORK(f, nm_vf, nm_vm, HUGE_VALF)
+NM_NETWORK(f8, nm_vf8, nm_vm8, HUGE_VALF)
+NM_NETWORK(f16, nm_vf16, nm_vm16, HUGE_VALF)
 NM_NETWORK(d, nm_vd, nm_vi, HUGE_VAL)
 
 /* Rounds of dual coordinate descent from v = 0 (see above) into v[0..m); n < m. m is a
  * constant where nm_price_rounds specialises. The scores are rounded to float once, row-major
- * and transposed (NM_F-lane rows; lanes past m are zero padding, unused). */
-static inline __attribute__((always_inline)) void price_rounds(const nm_tile *t, int rounds,
-                                                               double *v, const int m)
-{
-    const int n = t->n, mp = NM_ROUNDW(m), fp = (m + NM_F - 1) / NM_F * NM_F;
-    const nm_vf zero = {0};
-    float u[NM_MAX_M + NM_F], vf[NM_MAX_M + NM_F];
-    float sf[NM_MAX_M * (NM_MAX_M + NM_F)] __attribute__((aligned(32)));
-    float sfT[NM_MAX_M * (NM_MAX_M + NM_F)] __attribute__((aligned(32)));
-    nm_vf a[NM_MAX_M];
-    for (int i = 0; i < m; i++)
-        for (int j = 0; j < fp; j++) {
-            sf[i * fp + j] = j < mp ? (float)t->s[i * mp + j] : 0.0f;
-            sfT[i * fp + j] = j < mp ? (float)t->sT[i * mp + j] : 0.0f;
-        }
-    for (int j = 0; j < m; j++)
-        vf[j] = 0.0f;
-    for (int r = 0; r < rounds; r++) {
-        for (int i0 = 0; i0 < m; i0 += NM_F) { /* NM_F rows, from the transposed tile */
-            for (int j = 0; j < m; j++) {
-                nm_vf x;
-                memcpy(&x, sfT + j * fp + i0, sizeof x);
-                a[j] = x - vf[j];
-            }
-            const nm_vf k = kth_f(a, m, n + 1);
-            const nm_vf ui = (nm_vf)((nm_vm)k & (k > zero));
-            memcpy(u + i0, &ui, sizeof ui);
-        }
-        for (int j0 = 0; j0 < m; j0 += NM_F) { /* NM_F columns */
-            for (int i = 0; i < m; i++) {
-                nm_vf x;
-                memcpy(&x, sf + i * fp + j0, sizeof x);
-                a[i] = x - u[i];
-            }
-            const nm_vf k = kth_f(a, m, n);
-            const nm_vf vj = (nm_vf)((nm_vm)k & (k > zero));
-            memcpy(vf + j0, &vj, sizeof vj);
-        }
+ * and transposed (rows of F lanes, F = the vector's width; lanes past m are zero padding,
+ * unused). */
+#define NM_PRICE_ROUNDS(SFX, VT, MT, F)                                                       \
+    static inline __attribute__((always_inline)) void price_rounds_##SFX(                     \
+        const nm_tile *t, int rounds, double *v, const int m)                                 \
+    {                                                                                         \
+        const int n = t->n, mp = NM_ROUNDW(m), fp = (m + F - 1) / F * F;                      \
+        const VT zero = {0};                                                                  \
+        float u[NM_MAX_M + F], vf[NM_MAX_M + F];                                              \
+        float sf[NM_MAX_M * (NM_MAX_M + F)] __attribute__((aligned(64)));                     \
+        float sfT[NM_MAX_M * (NM_MAX_M + F)] __attribute__((aligned(64)));                    \
+        VT a[NM_MAX_M];                                                                       \
+        for (int i = 0; i < m; i++)                                                           \
+            for (int j = 0; j < fp; j++) {                                                    \
+                sf[i * fp + j] = j < mp ? (float)t->s[i * mp + j] : 0.0f;                     \
+                sfT[i * fp + j] = j < mp ? (float)t->sT[i * mp + j] : 0.0f;                   \
+            }                                                                                 \
+        for (int j = 0; j < m; j++)                                                           \
+            vf[j] = 0.0f;                                                                     \
+        for (int r = 0; r < rounds; r++) {                                                    \
+            for (int i0 = 0; i0 < m; i0 += F) { /* F rows, from the transposed tile */        \
+                for (int j = 0; j < m; j++) {                                                 \
+                    VT x;                                                                     \
+                    memcpy(&x, sfT + j * fp + i0, sizeof x);                                  \
+                    a[j] = x - vf[j];                                                         \
+                }                                                                             \
+                const VT k = kth_##SFX(a, m, n + 1);                                          \
+                const VT ui = (VT)((MT)k & (k > zero));                                       \
+                memcpy(u + i0, &ui, sizeof ui);                                               \
+            }                                                                                 \
+            for (int j0 = 0; j0 < m; j0 += F) { /* F columns */                               \
+                for (int i = 0; i < m; i++) {                                                 \
+                    VT x;                                                                     \
+                    memcpy(&x, sf + i * fp + j0, sizeof x);                                   \
+                    a[i] = x - u[i];                                                          \
+                }                                                                             \
+                const VT k = kth_##SFX(a, m, n);                                              \
+                const VT vj = (VT)((MT)k & (k > zero));                                       \
+                memcpy(vf + j0, &vj, sizeof vj);                                              \
+            }                                                                                 \
+        }                                                                                     \
+        for (int j = 0; j < m; j++)                                                           \
+            v[j] = vf[j];                                                                     \
     }
-    for (int j = 0; j < m; j++)
-        v[j] = vf[j];
-}
 
-/* price_rounds with m a constant at the common sizes. */
+NM_PRICE_ROUNDS(f8, nm_vf8, nm_vm8, 8)
+NM_PRICE_ROUNDS(f16, nm_vf16, nm_vm16, 16)
+
+/* The price rounds with m a constant at the common sizes. */
 NM_SIMD_CLONES void nm_price_rounds(const nm_tile *t, int rounds, double *v)
 {
     switch (t->m) {
-    case 8: price_rounds(t, rounds, v, 8); break;
-    case 16: price_rounds(t, rounds, v, 16); break;
-    case 32: price_rounds(t, rounds, v, 32); break;
-    default: price_rounds(t, rounds, v, t->m); break;
+    case 8: price_rounds_f8(t, rounds, v, 8); break;
+    case 16: price_rounds_f16(t, rounds, v, 16); break;
+    case 32: price_rounds_f16(t, rounds, v, 32); break;
+    default: price_rounds_f16(t, rounds, v, t->m); break;
     }
 }
 
