@@ -323,3 +323,24 @@ def test_bad_scores_rejected_before_c(cffi):
             w[3, 5] = bad
             with pytest.raises(ValueError):
                 nmopt.find_mask(w, "2:4", solver="exact", scores=w)
+
+
+@pytest.mark.parametrize("size", [8, 16])
+def test_selection_networks_sort_every_01_input(size):
+    """The C price rounds and dual start sort with Batcher's odd-even merge networks written out
+    as comparator lists (nm_exact_start.c): by the 0-1 principle, a network that sorts all
+    2**size inputs of 0s and 1s sorts every input."""
+    import re
+    from pathlib import Path
+
+    src = (Path(__file__).resolve().parents[1] / "backends" / "csrc" / "nm_exact_start.c").read_text()
+    body = re.search(rf"#define NM_OEM{size}\(F, a, up\)(.*?)\n(?!    )", src, re.S)
+    assert body, f"NM_OEM{size} not found"
+    pairs = [(int(i), int(j)) for i, j in re.findall(r"F\(a \+ (\d+), a \+ (\d+), up\)", body[1])]
+    assert len(pairs) == {8: 19, 16: 63}[size]
+    assert all(0 <= i < j < size for i, j in pairs)
+    v = (np.arange(2**size)[:, None] >> np.arange(size)) & 1  # every 0-1 input, one per row
+    for i, j in pairs:
+        lo, hi = np.minimum(v[:, i], v[:, j]), np.maximum(v[:, i], v[:, j])
+        v[:, i], v[:, j] = lo, hi
+    assert (np.diff(v, axis=1) >= 0).all()

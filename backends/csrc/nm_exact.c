@@ -16,7 +16,7 @@
  *    or from a few rounds of dual coordinate descent on the tile (0 with exactly n). Every row
  *    keeps its top n of s - v (values >= 0 only), u_i = its (n+1)-th largest; a column with
  *    a price keeps its full n flow to T. The result is dual feasible whatever v is; a good v
- *    leaves few units to move (16:32: 36 per tile from v = 0, about 10 after three rounds).
+ *    leaves few units to move (16:32: 36 per tile from v = 0, 6.3 after six rounds).
  * 2. Successive shortest paths: each unit of excess (a column keeping more than its flow to
  *    T, or T receiving more than the rows keep) goes to a sink (a priced column keeping fewer,
  *    or T) along a shortest path (dense Dijkstra on reduced costs, stopped at the first

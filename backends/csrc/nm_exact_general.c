@@ -427,13 +427,13 @@ static inline __attribute__((always_inline)) void finish_tile(nm_tile *t, const 
 }
 
 /* Rounds of the dual start's coordinate descent for an m x m tile: each costs two sorting
- * passes and saves shortest paths, more of them the larger m (tuned at M = 8, 16, 32, 64:
- * one round fewer or more was up to 10% slower, or the same within the noise). At 16:32
- * five rounds leave 7.1 units per tile to the paths, three 9.9 (2048² N(0,1)); with the
- * rounds on 16 float lanes five measured 5-10% faster than three. */
+ * passes and saves shortest paths, more of them the larger m. Tuned at M = 8, 16, 32 with the
+ * odd-even merge networks (2048² N(0,1), one thread): one round more was the same within the
+ * noise, fewer up to 15% slower. They leave 1.3, 2.7 and 6.3 units per tile to the paths at
+ * 4:8, 8:16 and 16:32 (16:32: 9.9 after three rounds, 36 from v = 0). */
 static inline int start_rounds(int m)
 {
-    return m <= 4 ? 0 : m <= 8 ? 2 : m <= 16 ? 3 : m <= 32 ? 5 : 4;
+    return m <= 4 ? 0 : m <= 8 ? 3 : m <= 16 ? 5 : m <= 32 ? 6 : 4;
 }
 
 /* The column prices to start tile k from, scaled like its scores (2^-e): the previous solve's

@@ -5,7 +5,7 @@
  * v_j = max(0, n-th largest of s_ij - u_i over i). Every row then keeps its top n of s - v
  * (only values >= 0), priced by the (n+1)-th. Whatever v is, the result is dual feasible; the
  * better v is, the fewer units the shortest paths have to move: at 16:32, 36 units per tile
- * with v = 0, about 10 after three rounds. */
+ * with v = 0, 6.3 after six rounds. */
 #include <math.h>
 #include <string.h>
 
@@ -14,31 +14,74 @@
 #define LANE NM_LANE
 
 /* The price rounds work in float (their prices are only a starting point: any v >= 0 is
- * one), 8 rows or columns at a time in one vector at M = 8, 16 at larger M (one AVX-512
- * register, two AVX2 ones); the start itself in double. */
-typedef float nm_vf8 __attribute__((vector_size(32)));
-typedef int32_t nm_vm8 __attribute__((vector_size(32)));
-typedef float nm_vf16 __attribute__((vector_size(64)));
-typedef int32_t nm_vm16 __attribute__((vector_size(64)));
+ * one), NM_F rows or columns at a time in one vector; the start itself in double. */
+#define NM_F 8
+typedef float nm_vf __attribute__((vector_size(4 * NM_F)));
+typedef int32_t nm_vm __attribute__((vector_size(4 * NM_F)));
+
+/* Batcher's odd-even merge sort of 8 and 16 inputs, F(lo, hi, up) per comparator (19 and 63
+ * of them, against 24 and 80 in the bitonic sort), straight-line so that the values stay in
+ * registers; tests/test_exact.py checks both by the 0-1 principle. */
+#define NM_OEM8(F, a, up) \
+    F(a + 0, a + 1, up); F(a + 2, a + 3, up); F(a + 0, a + 2, up); F(a + 1, a + 3, up); \
+    F(a + 1, a + 2, up); F(a + 4, a + 5, up); F(a + 6, a + 7, up); F(a + 4, a + 6, up); \
+    F(a + 5, a + 7, up); F(a + 5, a + 6, up); F(a + 0, a + 4, up); F(a + 2, a + 6, up); \
+    F(a + 2, a + 4, up); F(a + 1, a + 5, up); F(a + 3, a + 7, up); F(a + 3, a + 5, up); \
+    F(a + 1, a + 2, up); F(a + 3, a + 4, up); F(a + 5, a + 6, up);
+#define NM_OEM16(F, a, up) \
+    F(a + 0, a + 1, up); F(a + 2, a + 3, up); F(a + 0, a + 2, up); F(a + 1, a + 3, up); \
+    F(a + 1, a + 2, up); F(a + 4, a + 5, up); F(a + 6, a + 7, up); F(a + 4, a + 6, up); \
+    F(a + 5, a + 7, up); F(a + 5, a + 6, up); F(a + 0, a + 4, up); F(a + 2, a + 6, up); \
+    F(a + 2, a + 4, up); F(a + 1, a + 5, up); F(a + 3, a + 7, up); F(a + 3, a + 5, up); \
+    F(a + 1, a + 2, up); F(a + 3, a + 4, up); F(a + 5, a + 6, up); F(a + 8, a + 9, up); \
+    F(a + 10, a + 11, up); F(a + 8, a + 10, up); F(a + 9, a + 11, up); \
+    F(a + 9, a + 10, up); F(a + 12, a + 13, up); F(a + 14, a + 15, up); \
+    F(a + 12, a + 14, up); F(a + 13, a + 15, up); F(a + 13, a + 14, up); \
+    F(a + 8, a + 12, up); F(a + 10, a + 14, up); F(a + 10, a + 12, up); \
+    F(a + 9, a + 13, up); F(a + 11, a + 15, up); F(a + 11, a + 13, up); \
+    F(a + 9, a + 10, up); F(a + 11, a + 12, up); F(a + 13, a + 14, up); \
+    F(a + 0, a + 8, up); F(a + 4, a + 12, up); F(a + 4, a + 8, up); F(a + 2, a + 10, up); \
+    F(a + 6, a + 14, up); F(a + 6, a + 10, up); F(a + 2, a + 4, up); F(a + 6, a + 8, up); \
+    F(a + 10, a + 12, up); F(a + 1, a + 9, up); F(a + 5, a + 13, up); F(a + 5, a + 9, up); \
+    F(a + 3, a + 11, up); F(a + 7, a + 15, up); F(a + 7, a + 11, up); F(a + 3, a + 5, up); \
+    F(a + 7, a + 9, up); F(a + 11, a + 13, up); F(a + 1, a + 2, up); F(a + 3, a + 4, up); \
+    F(a + 5, a + 6, up); F(a + 7, a + 8, up); F(a + 9, a + 10, up); F(a + 11, a + 12, up); \
+    F(a + 13, a + 14, up);
 
 /* A selection network on vectors VT (lane masks MT), branch-free within the lanes:
+ * - blend_SFX(sel, x, y): x in the lanes of sel, y elsewhere;
  * - cmpx_SFX(lo, hi, up): compare-exchange, lo <= hi after (up != 0), or lo >= hi; up is a
  *   constant at every call, so the exchange is one compare and two blends;
- * - sort_SFX(a, p, up): bitonic sort of a[0..p), p a power of two, ascending when up;
+ * - sort_SFX(a, p, up): sort of a[0..p), p a power of two, ascending when up: Batcher's
+ *   odd-even merge sort at p = 8 and 16, else bitonic;
  * - kth_SFX(a, len, k): the k-th largest (1 <= k <= len <= NM_MAX_M) of a[0..len), which it
  *   overwrites. The two halves of the next power of two (padding -inf) are sorted in
  *   opposite directions into one bitonic sequence; each half-cleaner step then puts the
- *   larger half above, and the search goes on in the half that holds the k-th. */
+ *   larger half above, and the search goes on in the half that holds the k-th. At k = p/2 + 1
+ *   or p/2 (the rounds and the start at N = M/2) that is the largest of the lower half or the
+ *   smallest of the upper one after the first step: a running max or min. */
 #define NM_NETWORK(SFX, VT, MT, NEG_INF)                                                      \
+    static inline __attribute__((always_inline)) VT blend_##SFX(MT sel, VT x, VT y)           \
+    {                                                                                         \
+        return (VT)((sel & (MT)x) | (~sel & (MT)y));                                          \
+    }                                                                                         \
     static inline __attribute__((always_inline)) void cmpx_##SFX(VT *lo, VT *hi, int up)      \
     {                                                                                         \
         const VT x = *lo, y = *hi;                                                            \
         const MT sw = up ? x > y : x < y; /* out of order */                                  \
-        *lo = (VT)((sw & (MT)y) | (~sw & (MT)x));                                             \
-        *hi = (VT)((sw & (MT)x) | (~sw & (MT)y));                                             \
+        *lo = blend_##SFX(sw, y, x);                                                          \
+        *hi = blend_##SFX(sw, x, y);                                                          \
     }                                                                                         \
     static inline __attribute__((always_inline)) void sort_##SFX(VT *a, int p, int up)        \
     {                                                                                         \
+        if (p == 16) {                                                                        \
+            NM_OEM16(cmpx_##SFX, a, up);                                                      \
+            return;                                                                           \
+        }                                                                                     \
+        if (p == 8) {                                                                         \
+            NM_OEM8(cmpx_##SFX, a, up);                                                       \
+            return;                                                                           \
+        }                                                                                     \
         for (int size = 2; size <= p; size <<= 1)                                             \
             for (int half = size >> 1; half > 0; half >>= 1)                                  \
                 for (int blk = 0; blk < p; blk += 2 * half) {                                 \
@@ -63,6 +106,21 @@ typedef int32_t nm_vm16 __attribute__((vector_size(64)));
             sort_##SFX(a, p / 2, 1);                                                          \
             sort_##SFX(a + p / 2, p / 2, 0);                                                  \
         }                                                                                     \
+        if (p > 1 && (k == p / 2 + 1 || k == p / 2)) {                                        \
+            const int h = p / 2;                                                              \
+            VT best = (VT){0} + (k > h ? -NEG_INF : NEG_INF);                                 \
+            for (int i = 0; i < h; i++) {                                                     \
+                const VT x = a[i], y = a[i + h];                                              \
+                if (k > h) { /* the largest of the lower half */                              \
+                    const VT lo_ = blend_##SFX(x < y, x, y);                                  \
+                    best = blend_##SFX(lo_ > best, lo_, best);                                \
+                } else { /* the smallest of the upper half */                                 \
+                    const VT hi_ = blend_##SFX(x < y, y, x);                                  \
+                    best = blend_##SFX(hi_ < best, hi_, best);                                \
+                }                                                                             \
+            }                                                                                 \
+            return best;                                                                      \
+        }                                                                                     \
         for (int half = p / 2; half > 0; half >>= 1) {                                        \
             for (int i = lo; i < lo + half; i++)                                              \
                 cmpx_##SFX(a + i, a + i + half, 1);                                           \
@@ -74,68 +132,62 @@ typedef int32_t nm_vm16 __attribute__((vector_size(64)));
         return a[lo];                                                                         \
     }
 
-NM_NETWORK(f8, nm_vf8, nm_vm8, HUGE_VALF)
-NM_NETWORK(f16, nm_vf16, nm_vm16, HUGE_VALF)
+NM_NETWORK(f, nm_vf, nm_vm, HUGE_VALF)
 NM_NETWORK(d, nm_vd, nm_vi, HUGE_VAL)
 
 /* Rounds of dual coordinate descent from v = 0 (see above) into v[0..m); n < m. m is a
  * constant where nm_price_rounds specialises. The scores are rounded to float once, row-major
- * and transposed (rows of F lanes, F = the vector's width; lanes past m are zero padding,
- * unused). */
-#define NM_PRICE_ROUNDS(SFX, VT, MT, F)                                                       \
-    static inline __attribute__((always_inline)) void price_rounds_##SFX(                     \
-        const nm_tile *t, int rounds, double *v, const int m)                                 \
-    {                                                                                         \
-        const int n = t->n, mp = NM_ROUNDW(m), fp = (m + F - 1) / F * F;                      \
-        const VT zero = {0};                                                                  \
-        float u[NM_MAX_M + F], vf[NM_MAX_M + F];                                              \
-        float sf[NM_MAX_M * (NM_MAX_M + F)] __attribute__((aligned(64)));                     \
-        float sfT[NM_MAX_M * (NM_MAX_M + F)] __attribute__((aligned(64)));                    \
-        VT a[NM_MAX_M];                                                                       \
-        for (int i = 0; i < m; i++)                                                           \
-            for (int j = 0; j < fp; j++) {                                                    \
-                sf[i * fp + j] = j < mp ? (float)t->s[i * mp + j] : 0.0f;                     \
-                sfT[i * fp + j] = j < mp ? (float)t->sT[i * mp + j] : 0.0f;                   \
-            }                                                                                 \
-        for (int j = 0; j < m; j++)                                                           \
-            vf[j] = 0.0f;                                                                     \
-        for (int r = 0; r < rounds; r++) {                                                    \
-            for (int i0 = 0; i0 < m; i0 += F) { /* F rows, from the transposed tile */        \
-                for (int j = 0; j < m; j++) {                                                 \
-                    VT x;                                                                     \
-                    memcpy(&x, sfT + j * fp + i0, sizeof x);                                  \
-                    a[j] = x - vf[j];                                                         \
-                }                                                                             \
-                const VT k = kth_##SFX(a, m, n + 1);                                          \
-                const VT ui = (VT)((MT)k & (k > zero));                                       \
-                memcpy(u + i0, &ui, sizeof ui);                                               \
-            }                                                                                 \
-            for (int j0 = 0; j0 < m; j0 += F) { /* F columns */                               \
-                for (int i = 0; i < m; i++) {                                                 \
-                    VT x;                                                                     \
-                    memcpy(&x, sf + i * fp + j0, sizeof x);                                   \
-                    a[i] = x - u[i];                                                          \
-                }                                                                             \
-                const VT k = kth_##SFX(a, m, n);                                              \
-                const VT vj = (VT)((MT)k & (k > zero));                                       \
-                memcpy(vf + j0, &vj, sizeof vj);                                              \
-            }                                                                                 \
-        }                                                                                     \
-        for (int j = 0; j < m; j++)                                                           \
-            v[j] = vf[j];                                                                     \
+ * and transposed (NM_F-lane rows; lanes past m are zero padding, unused). */
+static inline __attribute__((always_inline)) void price_rounds(const nm_tile *t, int rounds,
+                                                               double *v, const int m)
+{
+    const int n = t->n, mp = NM_ROUNDW(m), fp = (m + NM_F - 1) / NM_F * NM_F;
+    const nm_vf zero = {0};
+    float u[NM_MAX_M + NM_F], vf[NM_MAX_M + NM_F];
+    float sf[NM_MAX_M * (NM_MAX_M + NM_F)] __attribute__((aligned(32)));
+    float sfT[NM_MAX_M * (NM_MAX_M + NM_F)] __attribute__((aligned(32)));
+    nm_vf a[NM_MAX_M];
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < fp; j++) {
+            sf[i * fp + j] = j < mp ? (float)t->s[i * mp + j] : 0.0f;
+            sfT[i * fp + j] = j < mp ? (float)t->sT[i * mp + j] : 0.0f;
+        }
+    for (int j = 0; j < m; j++)
+        vf[j] = 0.0f;
+    for (int r = 0; r < rounds; r++) {
+        for (int i0 = 0; i0 < m; i0 += NM_F) { /* NM_F rows, from the transposed tile */
+            for (int j = 0; j < m; j++) {
+                nm_vf x;
+                memcpy(&x, sfT + j * fp + i0, sizeof x);
+                a[j] = x - vf[j];
+            }
+            const nm_vf k = kth_f(a, m, n + 1);
+            const nm_vf ui = (nm_vf)((nm_vm)k & (k > zero));
+            memcpy(u + i0, &ui, sizeof ui);
+        }
+        for (int j0 = 0; j0 < m; j0 += NM_F) { /* NM_F columns */
+            for (int i = 0; i < m; i++) {
+                nm_vf x;
+                memcpy(&x, sf + i * fp + j0, sizeof x);
+                a[i] = x - u[i];
+            }
+            const nm_vf k = kth_f(a, m, n);
+            const nm_vf vj = (nm_vf)((nm_vm)k & (k > zero));
+            memcpy(vf + j0, &vj, sizeof vj);
+        }
     }
+    for (int j = 0; j < m; j++)
+        v[j] = vf[j];
+}
 
-NM_PRICE_ROUNDS(f8, nm_vf8, nm_vm8, 8)
-NM_PRICE_ROUNDS(f16, nm_vf16, nm_vm16, 16)
-
-/* The price rounds with m a constant at the common sizes. */
+/* price_rounds with m a constant at the common sizes. */
 NM_SIMD_CLONES void nm_price_rounds(const nm_tile *t, int rounds, double *v)
 {
     switch (t->m) {
-    case 8: price_rounds_f8(t, rounds, v, 8); break;
-    case 16: price_rounds_f16(t, rounds, v, 16); break;
-    case 32: price_rounds_f16(t, rounds, v, 32); break;
-    default: price_rounds_f16(t, rounds, v, t->m); break;
+    case 8: price_rounds(t, rounds, v, 8); break;
+    case 16: price_rounds(t, rounds, v, 16); break;
+    case 32: price_rounds(t, rounds, v, 32); break;
+    default: price_rounds(t, rounds, v, t->m); break;
     }
 }
 
