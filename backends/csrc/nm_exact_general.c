@@ -429,7 +429,7 @@ static inline __attribute__((always_inline)) void finish_tile(nm_tile *t, const 
 /* Rounds of the dual start's coordinate descent for an m x m tile: each costs two sorting
  * passes and saves shortest paths, more of them the larger m. Tuned at M = 8, 16, 32 with the
  * odd-even merge networks (2048² N(0,1), one thread): one round more was the same within the
- * noise, fewer up to 15% slower. They leave 1.3, 2.7 and 6.3 units per tile to the paths at
+ * noise, fewer 4-19% slower. They leave 1.3, 2.7 and 6.3 units per tile to the paths at
  * 4:8, 8:16 and 16:32 (16:32: 9.9 after three rounds, 36 from v = 0). */
 static inline int start_rounds(int m)
 {
