@@ -70,17 +70,17 @@ def _free_port() -> int:
 # Appended to every worker: the ranks meet, tear the process group down and leave without the
 # interpreter's and C++'s exit-time destructors. gloo's teardown at exit aborted a rank once in
 # CI ("terminate called without an active exception", SIGABRT) after it had written its results.
-_WORKER_END = """
+_DONE = "nmopt-test-worker: results written"
+_WORKER_END = f"""
 import os as _os, sys as _sys
 import torch.distributed as _dist
-print(_DONE, flush=True)
+print({_DONE!r}, flush=True)
 _dist.barrier()
 _dist.destroy_process_group()
 _sys.stdout.flush()
 _sys.stderr.flush()
 _os._exit(0)
 """
-_DONE = "nmopt-test-worker: results written"
 _GLOO_EXIT_ABORT = "terminate called without an active exception"
 
 
@@ -101,7 +101,7 @@ def _spawn_ranks(worker: str, tmp: Path, *args: str, world: int = 2, timeout: in
     import subprocess
 
     script = tmp / "worker.py"
-    script.write_text(worker + f"\n_DONE = {_DONE!r}\n" + _WORKER_END)
+    script.write_text(worker + _WORKER_END)
     port = str(_free_port())
     outs = [tmp / f"rank{r}.pt" for r in range(world)]
     procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), port, str(outs[r]),
