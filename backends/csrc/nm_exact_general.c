@@ -462,6 +462,9 @@ static inline __attribute__((always_inline)) void start_prices(const nm_tile *t,
  * relax, argmin, ...); SLOTS tiles advance in turn, one step each, so that the processor
  * overlaps their chains. The results are the same as solving the tiles one by one. */
 #define SLOTS 2
+/* Tiles ahead whose rows are prefetched (nm_prefetch_tile). Measured (2048², one thread):
+ * 2 took 7-11% off warm starts at 8:16 and 16:32 and a little off cold calls; 4 and 8 less. */
+#define PREFETCH_AHEAD 2
 enum { SLOT_IDLE, SLOT_NEED_PATH, SLOT_SEARCH };
 
 typedef struct nm_slot {
@@ -634,6 +637,8 @@ NM_SIMD_CLONES void nm_general_run(nm_exact_ctx *c, nm_slot *slots, int64_t lo, 
         for (int q = 0; q < SLOTS; q++) {
             slot_t *sl = &slots[q];
             while (sl->state == SLOT_IDLE && next < hi) {
+                if (next + PREFETCH_AHEAD < hi)
+                    nm_prefetch_tile(c, next + PREFETCH_AHEAD);
                 const int rc = slot_begin(sl, c, next++);
                 if (rc != NM_OK) {
                     nm_set_error(&c->err, rc);

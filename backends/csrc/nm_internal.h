@@ -377,6 +377,25 @@ static inline __attribute__((always_inline)) const double *nm_tile_scores(const 
     return nm_tile_scores_m(c, k, buf, c->m);
 }
 
+/* Ask the caches for tile k of a matrix read in place (its scores and the previous mask)
+ * ahead of its use: its rows lie a row stride apart, which the hardware prefetchers do not
+ * follow from tile to tile. Always inlined: GCC drops calls to a function of prefetches only. */
+static inline __attribute__((always_inline)) void nm_prefetch_tile(const nm_exact_ctx *c,
+                                                                   int64_t k)
+{
+    if (c->tiles || c->src.cs != 1)
+        return;
+    const int m = c->m, es = c->src.dtype == NM_F64 ? 8 : c->src.dtype == NM_F32 ? 4 : 2;
+    const int64_t r0 = (k / c->src.tcols) * m, c0 = (k % c->src.tcols) * m;
+    const char *s = (const char *)c->src.data + (r0 * c->src.rs + c0) * es;
+    for (int i = 0; i < m; i++) {
+        __builtin_prefetch(s + i * c->src.rs * es);
+        __builtin_prefetch(s + i * c->src.rs * es + (m - 1) * es);
+        if (c->warm_x)
+            __builtin_prefetch(c->warm_x + (r0 + i) * c->warm_x_rs + c0);
+    }
+}
+
 /* Where row 0 of tile k's mask goes, and the stride between its rows. */
 static inline uint8_t *nm_tile_mask_out(const nm_exact_ctx *c, int64_t k, int64_t *stride)
 {
