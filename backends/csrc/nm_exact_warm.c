@@ -51,16 +51,16 @@ static inline __attribute__((always_inline)) int load_prev_mask(nm_tile *t,
     int ok = 1;
     for (int i = 0; i < m; i++) {
         uint8_t *x = t->x + i * mp;
-        int j = 0;
-        for (; j + 8 <= m; j += 8) { /* each byte to its lowest bit */
+        int j = 0, kept = 0;
+        for (; j + 8 <= m; j += 8) { /* each byte to its lowest bit; their sum */
             uint64_t w;
             memcpy(&w, p + i * rs + j, sizeof w);
             w &= 0x0101010101010101ULL;
             memcpy(x + j, &w, sizeof w);
+            kept += (int)((w * 0x0101010101010101ULL) >> 56);
         }
         for (; j < m; j++)
-            x[j] = p[i * rs + j] & 1;
-        nm_vi row = {0};
+            kept += x[j] = p[i * rs + j] & 1;
         for (int j0 = 0; j0 < mp; j0 += NM_W) {
             const nm_vi keep = nm_vload_mask(x + j0) & ((LANE + j0) < m);
             const nm_vd s = nm_vload_d(t->s + i * mp + j0);
@@ -68,10 +68,8 @@ static inline __attribute__((always_inline)) int load_prev_mask(nm_tile *t,
             const nm_vd fv = nm_vblend_d(keep | ((LANE + j0) >= m), -inf, s);
             memcpy(t->keptR + i * mp + j0, &kv, sizeof kv);
             memcpy(t->freeR + i * mp + j0, &fv, sizeof fv);
-            row -= keep;
             cols[j0 / NM_W] -= keep;
         }
-        const int64_t kept = nm_hsum_i(row);
         ok &= kept <= n;
         short_row[i] = kept < n;
     }
@@ -122,7 +120,7 @@ static inline __attribute__((always_inline)) nm_vd row_max(const nm_tile *t, int
 }
 
 /* Warm-start tile k (loaded into t->s; at most n, n < m) from column prices v (>= 0, scaled
- * like the scores): fits v as above. Returns 1 when the previous mask is proven optimal, with
+ * like the scores; room for NM_ROUNDW(m)): fits v as above. Returns 1 when the previous mask is proven optimal, with
  * it in t->x and its prices in u and v; else 0 (v then holds no useful start). */
 static inline __attribute__((always_inline)) int warm_tile(nm_tile *t, const nm_exact_ctx *c,
                                                             int64_t k, double *v, double *u,
@@ -196,13 +194,16 @@ static inline __attribute__((always_inline)) int warm_tile(nm_tile *t, const nm_
         }
         fits = !nm_any(over) && !zdown; /* else lowered: another pass */
     }
-    for (int q = 0; q < blocks; q++)
-        for (int l = 0; l < NM_W && q * NM_W + l < m; l++) {
-            const double x = vv[q][l] - z;
-            v[q * NM_W + l] = x > 0.0 ? x : 0.0;
-        }
-    for (int i = 0; i < m && fits; i++)
-        u[i] = A[i] + z > 0.0 ? A[i] + z : 0.0;
+    for (int q = 0; q < blocks; q++) { /* v has room for the padding */
+        const nm_vd x = vv[q] - z;
+        const nm_vd p = nm_vblend_d(x > zero, x, zero);
+        memcpy(v + q * NM_W, &p, sizeof p);
+    }
+    for (int i0 = 0; i0 < m && fits; i0 += NM_W) { /* u: no more than m */
+        const nm_vd x = nm_vload_d(A + i0) + z;
+        const nm_vd p = nm_vblend_d(x > zero, x, zero);
+        memcpy(u + i0, &p, sizeof(double) * (size_t)(m - i0 < NM_W ? m - i0 : NM_W));
+    }
     return fits;
 }
 
