@@ -7,8 +7,8 @@
  * and columns).
  *
  * 0. Warm start with a previous mask (nm_exact_warm.c; matrices only): the previous column
- *    prices are lowered until every row's previous choice is its top n of s - v on the new
- *    scores (a Bellman-Ford over the columns), then lifted back to >= 0. If that succeeds
+ *    prices and a zero level are lowered until every row's previous choice is its top n of
+ *    s - v on the new scores (a Bellman-Ford over the columns). If that succeeds
  *    the previous mask is optimal (complementary slackness) and the tile is done; else it is
  *    solved from the previous prices. A sample of 64 tiles decides whether the mask pays, and
  *    without it whether the prices do (else the call starts cold).
