@@ -120,8 +120,9 @@ static inline __attribute__((always_inline)) nm_vd row_max(const nm_tile *t, int
 }
 
 /* Warm-start tile k (loaded into t->s; at most n, n < m) from column prices v (>= 0, scaled
- * like the scores; room for NM_ROUNDW(m)): fits v as above. Returns 1 when the previous mask is proven optimal, with
- * it in t->x and its prices in u and v; else 0 (v then holds no useful start). */
+ * like the scores; room for NM_ROUNDW(m) values): fits v as above. Returns 1 when the previous
+ * mask is proven optimal, with it in t->x and its prices in u and v; else 0 (v then holds no
+ * useful start). */
 static inline __attribute__((always_inline)) int warm_tile(nm_tile *t, const nm_exact_ctx *c,
                                                             int64_t k, double *v, double *u,
                                                             const int m)
@@ -132,8 +133,8 @@ static inline __attribute__((always_inline)) int warm_tile(nm_tile *t, const nm_
     if (!load_prev_mask(t, c, k, short_row, short_col, m))
         return 0;
     const nm_vd zero = {0}, inf = zero + HUGE_VAL;
-    /* vv: v + z; low_j: the least v_j (0, or the largest unkept score of a short row: its
-     * u_i = 0), -inf on padding */
+    /* vv: the v above (prices v - z); low_j: the least v_j - z (0, or the largest unkept
+     * score of a short row, whose u_i = 0), -inf on padding */
     nm_vd vv[NM_MAX_M / NM_W], low[NM_MAX_M / NM_W];
     nm_vi any_short = {0};
     for (int q = 0; q < blocks; q++) {
