@@ -144,12 +144,16 @@ static inline __attribute__((always_inline)) int warm_tile(nm_tile *t, const nm_
         low[q] = nm_vblend_d((LANE + q * NM_W) < m, zero, -inf);
         any_short |= short_col[q];
     }
-    for (int i = 0; i < m && nm_any(any_short); i++) /* short rows bound v from below */
-        for (int q = 0; q < blocks && short_row[i]; q++) { /* and A_i = the floor, u_i = 0 */
+    const int shorts = nm_any(any_short); /* a short row comes with a short column */
+    for (int i = 0; i < m && shorts; i++) {
+        if (!short_row[i])
+            continue;
+        for (int q = 0; q < blocks; q++) { /* bounds v from below; its A_i is the floor */
             const nm_vd f = nm_vload_d(t->freeR + i * mp + q * NM_W);
             low[q] = nm_vblend_d(f > low[q], f, low[q]);
             memcpy(t->freeR + i * mp + q * NM_W, &(nm_vd){0 - HUGE_VAL}, sizeof(nm_vd));
         }
+    }
     double A[NM_MAX_M + NM_W], z = 0.0;
     /* v is lowered after each group of NM_W rows at m >= 16 (fewer passes), else after each
      * pass (the groups of a pass are then independent, which small tiles need more) */

@@ -389,8 +389,9 @@ static inline __attribute__((always_inline)) void nm_prefetch_tile(const nm_exac
     const int64_t r0 = (k / c->src.tcols) * m, c0 = (k % c->src.tcols) * m;
     const char *s = (const char *)c->src.data + (r0 * c->src.rs + c0) * es;
     for (int i = 0; i < m; i++) {
-        __builtin_prefetch(s + i * c->src.rs * es);
-        __builtin_prefetch(s + i * c->src.rs * es + (m - 1) * es);
+        const char *row = s + i * c->src.rs * es;
+        __builtin_prefetch(row);
+        __builtin_prefetch(row + (m - 1) * es);
         if (c->warm_x)
             __builtin_prefetch(c->warm_x + (r0 + i) * c->warm_x_rs + c0);
     }
