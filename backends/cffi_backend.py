@@ -222,9 +222,9 @@ class CffiBackend(Backend):
                      certify=False, rowwise=False, row_prices=False, flags: int = 0):
         """:meth:`exact` on a 2-D matrix read in place (``matrix_arg``; rows and columns
         multiples of ``m``): scores ``|x|`` when ``absolute``, else ``x``. ``warm``: the tile
-        column prices v (T, M) of a previous solve to start from (at most N only; M = 4
-        ignores them); ``warm_mask``: that solve's mask (rows, cols), so that tiles whose
-        mask is still optimal keep it. Returns ``(mask (rows, cols) bool, u, v, status)``, and with ``certify`` also
+        column prices v (T, M) of a previous solve to start from (at most N only; M = 4 uses
+        them only with ``warm_mask``); ``warm_mask``: that solve's mask (rows, cols), so that
+        tiles whose mask is still optimal keep it. Returns ``(mask (rows, cols) bool, u, v, status)``, and with ``certify`` also
         :meth:`certify_matrix`'s four arrays, computed by its C routine on each block of tiles
         right after the solve. ``rowwise``: row-wise N:M instead (the top N of every row of
         every tile; v = 0). ``row_prices``: ``u`` as a (rows, cols / m) matrix instead (row r

@@ -239,7 +239,7 @@ def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = F
         them. On calls of 256 tiles or more a sample of tiles first checks that this pays;
         after a large change the call uses the prices only, or starts cold. The result is the
         same certified optimum as a cold solve, whatever the previous result holds. Other
-        solvers, M = 4 and exactly-N problems ignore it.
+        solvers, row-wise and exactly-N problems ignore it.
 
     Returns
     -------

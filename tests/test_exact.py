@@ -187,7 +187,7 @@ def test_warm_start_from_any_prices_is_exact(cffi, m):
         assert bound2.sum() == pytest.approx(kept, rel=1e-10)
 
 
-@pytest.mark.parametrize(("n", "m"), [(4, 8), (8, 16)])
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (4, 8), (8, 16)])
 def test_warm_start_on_many_tiles_is_exact_whatever_the_probe_picks(cffi, n, m):
     """From 256 tiles on, a sample decides between the previous mask and prices, the prices
     alone, or a cold start (small, larger and complete changes, another matrix's result):
@@ -224,8 +224,8 @@ def test_row_prices_are_u_by_matrix_row(cffi, n, m, shape):
         np.testing.assert_array_equal(res[0], mask)
 
 
-@pytest.mark.parametrize(("n", "m"), [(1, 5), (3, 6), (4, 8), (7, 8), (5, 12), (8, 16),
-                                    (16, 32)])
+@pytest.mark.parametrize(("n", "m"), [(1, 4), (2, 4), (3, 4), (1, 5), (3, 6), (4, 8), (7, 8),
+                                    (5, 12), (8, 16), (16, 32)])
 def test_warm_start_with_the_previous_mask_is_exact(cffi, n, m):
     """With the previous mask, a tile keeps it only when prices fitted to the new scores prove
     it optimal: from any previous mask (still optimal, changed, another matrix's, the greedy's,
@@ -252,6 +252,21 @@ def test_warm_start_with_the_previous_mask_is_exact(cffi, n, m):
             assert res[1].min() >= 0 and res[2].min() >= 0  # at most n: prices >= 0
     with pytest.raises(ValueError, match="warm_mask: expected the previous"):
         cffi.exact_matrix(w2, n, m, absolute=True, warm=v, warm_mask=mask[:m])
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 4), (3, 4), (4, 8), (8, 16)])
+def test_warm_start_keeps_a_previous_mask_that_is_still_optimal(cffi, n, m):
+    """The fit proves a still-optimal previous mask and keeps it (on the M = 4 path too): here
+    one of the many optima of a constant matrix, not the one a cold solve picks."""
+    w = np.ones((2 * m, 3 * m), dtype=np.float32)
+    cold = cffi.exact_matrix(w, n, m, absolute=True)[0]
+    other = np.roll(cold.reshape(2, m, 3, m), 1, axis=3).reshape(w.shape)  # columns rotated
+    assert not np.array_equal(other, cold)
+    res = cffi.exact_matrix(w, n, m, absolute=True, warm=np.zeros((6, m)), warm_mask=other,
+                            certify=True)
+    np.testing.assert_array_equal(res[0], other)
+    assert (res[3] == 0).all() and not res[7].any()
+    np.testing.assert_allclose(res[5], res[4], rtol=1e-12)
 
 
 @pytest.mark.parametrize("flags", [1, 2])

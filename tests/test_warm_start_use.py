@@ -60,7 +60,7 @@ def train_masks(monkeypatch, pattern: str, cold: bool, steps: int = 4) -> tuple:
     return history, seen, ctrl
 
 
-@pytest.mark.parametrize("pattern", ["4:8", "8:16", "16:32"])
+@pytest.mark.parametrize("pattern", ["2:4", "4:8", "8:16", "16:32"])
 def test_warm_refresh_gives_the_cold_masks(monkeypatch, pattern):
     warm, seen, ctrl = train_masks(monkeypatch, pattern, cold=False)
     cold, _, _ = train_masks(monkeypatch, pattern, cold=True)
@@ -109,13 +109,16 @@ def test_warm_admm_is_gated_by_the_change(monkeypatch):
     assert seen[:3] == [None, None, None] and seen[-2] is not None and seen[-1] is None
 
 
-def test_no_warm_start_kept_where_the_kernel_ignores_it():
+def test_no_warm_start_kept_where_the_solver_ignores_it():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        ctrl = nmopt.sparsify_(model, nmopt.SparsityConfig(pattern="2:4"))
-    assert WARM_START not in ctrl.layers["0"].__dict__  # M = 4: the C kernel starts cold
+        ctrl = nmopt.sparsify_(model, nmopt.SparsityConfig(pattern="2:4", solver="mcf"))
+        warm = nmopt.sparsify_(nn.Sequential(nn.Linear(16, 16)),
+                               nmopt.SparsityConfig(pattern="2:4"))
+    assert WARM_START not in ctrl.layers["0"].__dict__  # OR-Tools starts cold
+    assert WARM_START in warm.layers["0"].__dict__  # the C kernel's exact solver: kept
 
 
 def admm_layer():

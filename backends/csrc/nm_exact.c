@@ -6,12 +6,13 @@
  * u_i = p(row i) - p(T), v_j = p(T) - p(col j) (clipped at 0, which only touches empty rows
  * and columns).
  *
- * 0. Warm start with a previous mask (nm_exact_warm.c; matrices only): the previous column
- *    prices and a zero level are lowered until every row's previous choice is its top n of
- *    s - v on the new scores (a Bellman-Ford over the columns). If that succeeds
- *    the previous mask is optimal (complementary slackness) and the tile is done; else it is
- *    solved from the previous prices. A sample of 64 tiles decides whether the mask pays, and
- *    without it whether the prices do (else the call starts cold).
+ * 0. Warm start with a previous mask (nm_exact_warm.c, at M = 4 q4_fit; matrices only): the
+ *    previous column prices and a zero level are lowered until every row's previous choice
+ *    is its top n of s - v on the new scores (a Bellman-Ford over the columns). If that
+ *    succeeds the previous mask is optimal (complementary slackness) and the tile is done;
+ *    else it is solved from the previous prices (at M = 4 from its own start). A sample of 64
+ *    tiles decides whether the mask pays, and without it whether the prices do (else the
+ *    call starts cold).
  * 1. Dual start (nm_exact_start.c): column prices v >= 0, from a previous solve (warm start)
  *    or from a few rounds of dual coordinate descent on the tile (0 with exactly n). Every row
  *    keeps its top n of s - v (values >= 0 only), u_i = its (n+1)-th largest; a column with
@@ -76,8 +77,7 @@ static inline __attribute__((always_inline)) void rowwise_run(nm_exact_ctx *c, i
 }
 
 /* Tiles [lo, hi) on one thread, with a workspace of its own: the M = 4 path unless a flag
- * asks for the general one, else the general path. (M = 4 ignores warm starts: its register
- * path starts from v = 0 and moves a unit or two per tile.) */
+ * asks for the general one, else the general path. */
 NM_SIMD_CLONES static void exact_task(void *vctx, int64_t lo, int64_t hi)
 {
     nm_exact_ctx *c = (nm_exact_ctx *)vctx;
@@ -160,6 +160,9 @@ int nm_exact(const double *tiles, int64_t t, int m, int n, int saturate, int fla
  * the mask changed, share 0.58, 0.51 / 0.52; 16:32 at 1.2%, share 0.17, 0.57 / 0.42.
  * Calls of fewer tiles always keep it (the sample would be most of the work). */
 #define NM_WARM_PROBE_MIN 0.5
+/* At M = 4 a failing fit costs about a solve of its own (2048², one thread, 1e-1 noise: 27%
+ * of the tiles changed, warm 1.05x cold with the mask): the mask pays from 0.85 on. */
+#define NM_WARM_PROBE_MIN_Q4 0.85
 #define NM_WARM_PROBE_TILES 256
 /* Without the mask, the previous prices still pay while they leave at most twice the units
  * to move of the tiles' own start (they save its price rounds). Measured on 2048² (units
@@ -189,12 +192,13 @@ int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int
     c.warm_v = saturate ? NULL : warm_v;
     c.warm_x = c.warm_v ? warm_x : NULL;
     c.warm_x_rs = warm_x_rs;
-    if (c.warm_x && m > 4 && n < m && t >= NM_WARM_PROBE_TILES && !(flags & NM_FLAG_ROWWISE)) {
+    if (c.warm_x && n < m && t >= NM_WARM_PROBE_TILES && !(flags & NM_FLAG_ROWWISE)) {
         nm_slot *slots = nm_slots_alloc(m);
         if (!slots)
             return NM_ERR_NOMEM;
         double units;
-        if (nm_warm_probe(slots, &c, t, &units) < NM_WARM_PROBE_MIN) {
+        const double least = m == 4 ? NM_WARM_PROBE_MIN_Q4 : NM_WARM_PROBE_MIN;
+        if (nm_warm_probe(slots, &c, t, &units) < least) {
             c.warm_x = NULL; /* most masks changed: start from the prices only */
             if (units > NM_WARM_PROBE_UNITS)
                 c.warm_v = NULL; /* or cold, when they are far from the new optimum */

@@ -4,9 +4,10 @@
  * A 4 x 4 tile is four NM_W-lane vectors, so the scores, the mask, and the potentials and
  * Dijkstra distances of the rows and of the columns are a vector each, with S and T as
  * scalars: a Dijkstra step is a handful of vector operations instead of passes over the
- * padded node arrays of the general path. Same start (with v = 0), potentials and self-check. A
- * tile this path does not certify, an all-zero tile and a tile whose scale is not a normal
- * power of two go through the general path (and its fallback) instead. */
+ * padded node arrays of the general path. Same start (with v = 0), potentials and self-check,
+ * and the warm start's fit (step 0) in registers too. A tile this path does not certify, an
+ * all-zero tile and a tile whose scale is not a normal power of two go through the general
+ * path (and its fallback) instead. */
 #include <math.h>
 #include <string.h>
 
@@ -285,6 +286,87 @@ static inline __attribute__((always_inline)) int q4_path(q4_t *q, int src, int t
     return 0;
 }
 
+/* Passes of the warm start's fit at most (a Bellman-Ford over 4 columns and a zero level). */
+#define Q4_FIT_PASSES 8
+
+/* The warm start (nm_exact_warm.c) with the tile in registers: the previous column prices of
+ * tile k (times f = 2^-e, clipped to [0, 1], NaN as 0) and a zero level z are lowered until
+ * every row's choice in the previous mask is its top n of s - v. If that succeeds, the
+ * previous mask is optimal: it is written out with its prices (as the general path's fit
+ * does; the certificate checks them) and 1 returned; else 0, and q holds nothing useful. */
+static inline __attribute__((always_inline)) int q4_fit(q4_t *q, const nm_exact_ctx *c,
+                                                        int64_t k, double f, int e)
+{
+    const nm_vd zero = {0}, one = zero + 1.0, inf = zero + HUGE_VAL;
+    const nm_vi n = (nm_vi){0} + q->n;
+    const int64_t rs = c->warm_x_rs;
+    const uint8_t *p = c->warm_x + (k / c->src.tcols) * 4 * rs + (k % c->src.tcols) * 4;
+    /* fr: unkept scores by row; a row keeping fewer than n is unpriced (u_i = 0): its
+     * unkept scores bound v - z from below (low) instead. kk: kept scores by column. */
+    uint32_t words[4];
+    nm_vd fr[4], kk[4], low = zero;
+    nm_vi cols = {0};
+    int over = 0;
+    for (int i = 0; i < 4; i++) {
+        memcpy(words + i, p + i * rs, sizeof(uint32_t));
+        words[i] &= 0x01010101u; /* each byte as its lowest bit */
+        const int kept = __builtin_popcount(words[i]);
+        q->x[i] = nm_vload_mask((const uint8_t *)(words + i));
+        cols -= q->x[i];
+        over |= kept > q->n;
+        const nm_vd free = nm_vblend_d(q->x[i], -inf, q->s[i]);
+        if (kept < q->n) {
+            low = nm_vblend_d(free > low, free, low);
+            fr[i] = -inf;
+        } else {
+            fr[i] = free;
+        }
+    }
+    if (over || nm_any(cols > n))
+        return 0;
+    const nm_vi short_col = cols < n; /* unpriced: held at z */
+    q4_transpose(q->x, q->xT);
+    for (int j = 0; j < 4; j++)
+        kk[j] = nm_vblend_d(q->xT[j], q->sT[j], inf);
+    const nm_vd w = nm_vload_d(c->warm_v + k * 4) * f;
+    nm_vd vv = nm_vblend_d(w > zero, nm_vblend_d(w < one, w, one), zero);
+    vv = nm_vblend_d(short_col, zero, vv);
+    double z = 0.0;
+    nm_vd A = zero;
+    int fits = 0;
+    for (int pass = 0; pass < Q4_FIT_PASSES && !fits; pass++) {
+        nm_vd a[4];
+        for (int i = 0; i < 4; i++)
+            a[i] = fr[i] - vv;
+        A = nm_lanes_max4(a); /* A_i = max(-z, largest unkept s_ij - v_j) */
+        A = nm_vblend_d(A > zero - z, A, zero - z);
+        for (int j = 0; j < 4; j++)
+            a[j] = A - kk[j];
+        const nm_vd hi = -nm_lanes_max4(a); /* hi_j = least kept s_ij - A_i */
+        nm_vi lowered = vv > hi;
+        vv = nm_vblend_d(lowered, hi, vv);
+        const double zm = -nm_lanes_max(low - vv)[0]; /* z <= v_j - low_j */
+        const int zdown = zm < z;
+        z = zdown ? zm : z;
+        const nm_vi gt = short_col & (vv > z);
+        lowered |= gt;
+        vv = nm_vblend_d(gt, zero + z, vv);
+        fits = !nm_any(lowered) && !zdown;
+    }
+    if (!fits)
+        return 0;
+    const double g = nm_pow2(e);
+    const nm_vd u = vmax0(A + z) * g, v = vmax0(vv - z) * g;
+    memcpy(c->u + k * 4, &u, sizeof u);
+    memcpy(c->v + k * 4, &v, sizeof v);
+    int64_t ors;
+    uint8_t *out = nm_tile_mask_out(c, k, &ors);
+    for (int i = 0; i < 4; i++)
+        memcpy(out + ors * i, words + i, sizeof(uint32_t));
+    c->status[k] = NM_TILE_OK;
+    return 1;
+}
+
 /* Solve tile k on the M = 4 path. Q4_SOLVED: mask, prices and status written; Q4_SKIPPED:
  * an all-zero or extreme-scale tile, for the general path; Q4_UNCERTIFIED: this path could
  * not certify it (the general path takes over, status 1); NM_ERR_VALUE: a score is NaN,
@@ -315,6 +397,8 @@ static inline __attribute__((always_inline)) int q4_tile(const nm_exact_ctx *c, 
         q.sT[j] = (nm_vd)cols_bits[j];
     q.n = c->n;
     q.sat = c->sat;
+    if (c->warm_x && !q.sat && q.n < 4 && q4_fit(&q, c, k, f, e))
+        return Q4_SOLVED;
     q4_start(&q, q.sat || q.n == 4 ? zero : q4_round(&q));
     const nm_vi n = (nm_vi){0} + q.n;
     for (int paths = 0;; paths++) {

@@ -69,10 +69,10 @@ enum { NM_F64 = 0, NM_F32 = 1, NM_F16 = 2, NM_BF16 = 3 };
  * tile order. mask (rows, cols) uint8 with row stride mask_rs; u, v (t, m) and status (t)
  * as nm_exact. warm_v (t, m) or NULL: the column prices of a previous solve to start from
  * (saturate = 0 only): each tile starts from them instead of its own estimate and is solved
- * to the same certified optimum (M = 4 ignores them). warm_x (rows, cols) uint8, row stride
- * warm_x_rs, or NULL: that solve's mask; with it, a tile whose previous mask is still optimal
- * keeps it, proven by prices fitted to the new scores (used when at least half of a sample of
- * tiles keep theirs; else the prices alone).
+ * to the same certified optimum (M = 4 uses them only with warm_x). warm_x (rows, cols)
+ * uint8, row stride warm_x_rs, or NULL: that solve's mask; with it, a tile whose previous mask
+ * is still optimal keeps it, proven by prices fitted to the new scores (used when at least
+ * half of a sample of tiles keep theirs, 85% at M = 4; else the prices alone, or cold).
  * u_rows (rows, cols/m), or NULL: u again, laid out by matrix row (row r of tile column q
  * at r * (cols/m) + q), written block by block while in cache.
  * kept, bound, nshort, bad (t), or all NULL: nm_certify's outputs, computed by its routine on

@@ -104,7 +104,7 @@ def compute_masks(layers: list[_SparseLayer], weights: list | None = None) -> li
         warm = prev is not None and prev[0] == key and layer.mask_changed <= WARM_MAX_CHANGED
         res = find_mask(w, cfg.pattern_str, transposable=cfg.transposable, solver=cfg.solver,
                         warm_start=prev[1] if warm else None)
-        if res.solver == "exact" and res.backend == "cffi" and cfg.m > 4:
+        if res.solver == "exact" and res.backend == "cffi":
             layer.__dict__[WARM_START] = (key, res)
         where = "" if w.device.type == "cpu" else ", host round trip"
         out[i] = (res.mask, f"{res.solver} on {res.backend} via find_mask{where}", res.gap)
