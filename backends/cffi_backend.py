@@ -227,10 +227,10 @@ class CffiBackend(Backend):
         tiles whose mask is still optimal keep it. Returns ``(mask (rows, cols) bool, u, v,
         status)``, and with ``certify`` also :meth:`certify_matrix`'s four arrays, computed
         by its C routine on each block of tiles right after the solve. ``rowwise``: row-wise
-        N:M instead (the top N of every row of every tile; v = 0). ``row_prices``: ``u`` as a (rows, cols / m) matrix instead (row r
-        of tile column q at ``[r, q]``, the layout of ``MaskResult.u``), written by the kernel
-        while in cache. Raises :class:`BadScores` on a NaN, infinite (or, for scores,
-        negative) value."""
+        N:M instead (the top N of every row of every tile; v = 0). ``row_prices``: ``u`` as a
+        (rows, cols / m) matrix instead (row r of tile column q at ``[r, q]``, the layout of
+        ``MaskResult.u``), written by the kernel while in cache. Raises :class:`BadScores` on
+        a NaN, infinite (or, for scores, negative) value."""
         ptr, code, rs, cs, owner = matrix_arg(x)  # owner keeps the memory alive
         rows, cols = owner.shape
         k = _load()
