@@ -269,6 +269,26 @@ def test_warm_start_keeps_a_previous_mask_that_is_still_optimal(cffi, n, m):
     np.testing.assert_allclose(res[5], res[4], rtol=1e-12)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_warm_start_at_m4_groups_with_few_and_special_tiles(cffi, threads):
+    """At M = 4 the fit runs on four tiles at once: a last group of fewer, an all-zero and a
+    subnormal tile among them (these go through the general path) give the cold optimum."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((8, 4 * 7))
+    w[:4, 8:12] = 0.0
+    w[4:, 4:8] *= 1e-310
+    cffi = type(cffi)()  # its own instance: the shared one keeps reading NMOPT_NUM_THREADS
+    cffi.num_threads = threads
+    mask, u, v, _ = cffi.exact_matrix(w, 2, 4, absolute=True)
+    w2 = w * (1 + 1e-6 * rng.standard_normal(w.shape))
+    cold = cffi.exact_matrix(w2, 2, 4, absolute=True, certify=True)
+    res = cffi.exact_matrix(w2, 2, 4, absolute=True, warm=v, warm_mask=mask, certify=True)
+    assert (res[3] == 0).all() and not res[7].any()
+    np.testing.assert_allclose(res[4], cold[4], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(res[5], res[4], rtol=1e-10, atol=0)
+    np.testing.assert_array_equal(res[0], mask)  # so small a change keeps every mask
+
+
 @pytest.mark.parametrize("flags", [1, 2])
 @pytest.mark.parametrize("saturate", [False, True])
 def test_fallback_path_agrees(cffi, flags, saturate):

@@ -286,110 +286,188 @@ static inline __attribute__((always_inline)) int q4_path(q4_t *q, int src, int t
     return 0;
 }
 
-/* Passes of the warm start's fit at most (a Bellman-Ford over 4 columns and a zero level). */
-#define Q4_FIT_PASSES 8
-
-/* The warm start (nm_exact_warm.c) with the tile in registers: the previous column prices of
- * tile k (times f = 2^-e, clipped to [0, 1], NaN as 0) and a zero level z are lowered until
- * every row's choice in the previous mask is its top n of s - v. If that succeeds, the
- * previous mask is optimal: it is written out with its prices (as the general path's fit
- * does; the certificate checks them) and 1 returned; else 0, and q holds nothing useful. */
-static inline __attribute__((always_inline)) int q4_fit(q4_t *q, const nm_exact_ctx *c,
-                                                        int64_t k, double f, int e)
-{
-    const nm_vd zero = {0}, one = zero + 1.0, inf = zero + HUGE_VAL;
-    const nm_vi n = (nm_vi){0} + q->n;
-    const int64_t rs = c->warm_x_rs;
-    const uint8_t *p = c->warm_x + (k / c->src.tcols) * 4 * rs + (k % c->src.tcols) * 4;
-    /* fr: unkept scores by row; a row keeping fewer than n is unpriced (u_i = 0): its
-     * unkept scores bound v - z from below (low) instead. kk: kept scores by column. */
-    uint32_t words[4];
-    nm_vd fr[4], kk[4], low = zero;
-    nm_vi cols = {0};
-    int over = 0;
-    for (int i = 0; i < 4; i++) {
-        memcpy(words + i, p + i * rs, sizeof(uint32_t));
-        words[i] &= 0x01010101u; /* each byte as its lowest bit */
-        const int kept = __builtin_popcount(words[i]);
-        q->x[i] = nm_vload_mask((const uint8_t *)(words + i));
-        cols -= q->x[i];
-        over |= kept > q->n;
-        const nm_vd free = nm_vblend_d(q->x[i], -inf, q->s[i]);
-        if (kept < q->n) {
-            low = nm_vblend_d(free > low, free, low);
-            fr[i] = -inf;
-        } else {
-            fr[i] = free;
-        }
-    }
-    if (over || nm_any(cols > n))
-        return 0;
-    const nm_vi short_col = cols < n; /* unpriced: held at z */
-    q4_transpose(q->x, q->xT);
-    for (int j = 0; j < 4; j++)
-        kk[j] = nm_vblend_d(q->xT[j], q->sT[j], inf);
-    const nm_vd w = nm_vload_d(c->warm_v + k * 4) * f;
-    nm_vd vv = nm_vblend_d(w > zero, nm_vblend_d(w < one, w, one), zero);
-    vv = nm_vblend_d(short_col, zero, vv);
-    double z = 0.0;
-    nm_vd A = zero;
-    int fits = 0;
-    for (int pass = 0; pass < Q4_FIT_PASSES && !fits; pass++) {
-        nm_vd a[4];
-        for (int i = 0; i < 4; i++)
-            a[i] = fr[i] - vv;
-        A = nm_lanes_max4(a); /* A_i = max(-z, largest unkept s_ij - v_j) */
-        A = nm_vblend_d(A > zero - z, A, zero - z);
-        for (int j = 0; j < 4; j++)
-            a[j] = A - kk[j];
-        const nm_vd hi = -nm_lanes_max4(a); /* hi_j = least kept s_ij - A_i */
-        nm_vi lowered = vv > hi;
-        vv = nm_vblend_d(lowered, hi, vv);
-        const double zm = -nm_lanes_max(low - vv)[0]; /* z <= v_j - low_j */
-        const int zdown = zm < z;
-        z = zdown ? zm : z;
-        const nm_vi gt = short_col & (vv > z);
-        lowered |= gt;
-        vv = nm_vblend_d(gt, zero + z, vv);
-        fits = !nm_any(lowered) && !zdown;
-    }
-    if (!fits)
-        return 0;
-    const double g = nm_pow2(e);
-    const nm_vd u = vmax0(A + z) * g, v = vmax0(vv - z) * g;
-    memcpy(c->u + k * 4, &u, sizeof u);
-    memcpy(c->v + k * 4, &v, sizeof v);
-    int64_t ors;
-    uint8_t *out = nm_tile_mask_out(c, k, &ors);
-    for (int i = 0; i < 4; i++)
-        memcpy(out + ors * i, words + i, sizeof(uint32_t));
-    c->status[k] = NM_TILE_OK;
-    return 1;
-}
-
 /* Solve tile k on the M = 4 path. Q4_SOLVED: mask, prices and status written; Q4_SKIPPED:
  * an all-zero or extreme-scale tile, for the general path; Q4_UNCERTIFIED: this path could
  * not certify it (the general path takes over, status 1); NM_ERR_VALUE: a score is NaN,
  * infinite or negative. */
 enum { Q4_SKIPPED, Q4_SOLVED, Q4_UNCERTIFIED };
 
-static inline __attribute__((always_inline)) int q4_tile(const nm_exact_ctx *c, int64_t k)
+/* Tile k's scores into s (by row), scaled by 2^-e so that the largest is in [0.5, 1):
+ * Q4_SOLVED (loaded), Q4_SKIPPED (all zero or an extreme scale) or NM_ERR_VALUE. */
+static inline __attribute__((always_inline)) int q4_load(const nm_exact_ctx *c, int64_t k,
+                                                         nm_vd *s, int *e)
 {
     double buf[16] NM_A64;
     const double *src = nm_tile_scores(c, k, buf);
-    const nm_vd zero = {0};
     double mx;
     if (nm_scan_scores(src, 16, &mx))
         return NM_ERR_VALUE;
     if (mx == 0.0)
         return Q4_SKIPPED;
-    const int e = nm_exponent_of(mx);
-    if (!NM_NORMAL_SCALE(e))
+    *e = nm_exponent_of(mx);
+    if (!NM_NORMAL_SCALE(*e))
         return Q4_SKIPPED;
-    const double f = nm_pow2(-e);
-    q4_t q;
+    const double f = nm_pow2(-*e);
     for (int i = 0; i < 4; i++)
-        q.s[i] = nm_vload_d(src + 4 * i) * f;
+        s[i] = nm_vload_d(src + 4 * i) * f;
+    return Q4_SOLVED;
+}
+
+static inline __attribute__((always_inline)) void q4_transpose_d(nm_vd *a)
+{
+    nm_vi r[4] = {(nm_vi)a[0], (nm_vi)a[1], (nm_vi)a[2], (nm_vi)a[3]}, t[4];
+    q4_transpose(r, t);
+    for (int q = 0; q < 4; q++)
+        a[q] = (nm_vd)t[q];
+}
+
+/* Passes of the warm start's fit at most (a Bellman-Ford over 4 columns and a zero level). */
+#define Q4_FIT_PASSES 8
+
+/* The warm start (step 0 of nm_exact.c, as nm_exact_warm.c) on tiles k0 .. k0 + cnt - 1
+ * (cnt <= 4) at once, one tile per lane: entry (i, j) of the four tiles is one vector. Each
+ * tile's previous column prices (scaled like its scores, clipped to [0, 1], NaN as 0) and a
+ * zero level z are lowered until every row's choice in the previous mask is its top n of
+ * s - v. A tile where that succeeds keeps its previous mask, proven optimal, and it is
+ * written out with its prices (the certificate checks them, as after the general path's
+ * fit). Returns the bit set of those tiles (bit l: tile k0 + l); the others are left. */
+static inline __attribute__((always_inline)) int q4_fit4(const nm_exact_ctx *c, int64_t k0,
+                                                         int cnt)
+{
+    const nm_vd zero = {0}, one = zero + 1.0, inf = zero + HUGE_VAL;
+    const nm_vi n = (nm_vi){0} + c->n;
+    nm_vd s[4][4], vv[4], f = zero, g = zero; /* s[l][i]: tile l's row i, then [i][j] */
+    uint32_t words[4][4];                     /* the previous mask's rows, bytes 0 / 1 */
+    nm_vi idle = {0};                         /* lanes not tried: skipped, or no tile */
+    for (int l = 0; l < 4; l++) {
+        int e = 0;
+        if (l >= cnt || q4_load(c, k0 + l, s[l], &e) != Q4_SOLVED) {
+            idle[l] = -1;
+            for (int i = 0; i < 4; i++)
+                s[l][i] = zero;
+            memset(words[l], 0, sizeof words[l]);
+            vv[l] = zero;
+            continue;
+        }
+        f[l] = nm_pow2(-e);
+        g[l] = nm_pow2(e);
+        const int64_t k = k0 + l, rs = c->warm_x_rs;
+        const uint8_t *p = c->warm_x + (k / c->src.tcols) * 4 * rs + (k % c->src.tcols) * 4;
+        for (int i = 0; i < 4; i++) {
+            memcpy(words[l] + i, p + i * rs, sizeof(uint32_t));
+            words[l][i] &= 0x01010101u; /* each byte as its lowest bit */
+        }
+        vv[l] = nm_vload_d(c->warm_v + k * 4);
+    }
+    nm_vd sij[4][4];
+    for (int i = 0; i < 4; i++) { /* [l][i] -> [i][j], lanes l */
+        nm_vd a[4] = {s[0][i], s[1][i], s[2][i], s[3][i]};
+        q4_transpose_d(a);
+        for (int j = 0; j < 4; j++)
+            sij[i][j] = a[j];
+    }
+    q4_transpose_d(vv); /* vv[j], lanes l */
+    /* fr: unkept scores (-inf on a row keeping fewer than n: unpriced, u_i = 0, its unkept
+     * scores bound v - z from below in low instead); kk: kept scores, +inf elsewhere */
+    nm_vd fr[4][4], kk[4][4], low[4];
+    nm_vi x[4][4], kc[4] = {{0}}, bad = idle;
+    for (int j = 0; j < 4; j++)
+        low[j] = zero;
+    for (int i = 0; i < 4; i++) {
+        const nm_vi w = {words[0][i], words[1][i], words[2][i], words[3][i]};
+        nm_vi kr = {0};
+        for (int j = 0; j < 4; j++) {
+            x[i][j] = -((w >> (8 * j)) & 1);
+            kr -= x[i][j];
+            kc[j] -= x[i][j];
+        }
+        const nm_vi short_row = kr < n;
+        bad |= kr > n;
+        for (int j = 0; j < 4; j++) {
+            const nm_vd free = nm_vblend_d(x[i][j], -inf, sij[i][j]);
+            low[j] = nm_vblend_d(short_row & (free > low[j]), free, low[j]);
+            fr[i][j] = nm_vblend_d(short_row, -inf, free);
+            kk[i][j] = nm_vblend_d(x[i][j], sij[i][j], inf);
+        }
+    }
+    nm_vi short_col[4];
+    for (int j = 0; j < 4; j++) {
+        bad |= kc[j] > n;
+        short_col[j] = kc[j] < n; /* unpriced: held at z */
+        const nm_vd w = vv[j] * f;
+        vv[j] = nm_vblend_d(w > zero, nm_vblend_d(w < one, w, one), zero);
+        vv[j] = nm_vblend_d(short_col[j], zero, vv[j]);
+    }
+    nm_vd A[4] = {zero, zero, zero, zero}, z = zero;
+    nm_vi done = bad; /* lanes at a fixed point (or not fitted at all) */
+    for (int pass = 0; pass < Q4_FIT_PASSES && nm_any(~done); pass++) {
+        nm_vi lowered = {0};
+        for (int i = 0; i < 4; i++) { /* A_i = max(-z, largest unkept s_ij - v_j) */
+            nm_vd a = -z;
+            for (int j = 0; j < 4; j++) {
+                const nm_vd d = fr[i][j] - vv[j];
+                a = nm_vblend_d(d > a, d, a);
+            }
+            A[i] = a;
+        }
+        nm_vd zm = inf;
+        for (int j = 0; j < 4; j++) { /* v_j <= least kept s_ij - A_i */
+            nm_vd hi = inf;
+            for (int i = 0; i < 4; i++) {
+                const nm_vd h = kk[i][j] - A[i];
+                hi = nm_vblend_d(h < hi, h, hi);
+            }
+            const nm_vi gt = vv[j] > hi;
+            lowered |= gt;
+            vv[j] = nm_vblend_d(gt, hi, vv[j]);
+            const nm_vd d = vv[j] - low[j];
+            zm = nm_vblend_d(d < zm, d, zm);
+        }
+        const nm_vi zdown = zm < z; /* z <= v_j - low_j */
+        lowered |= zdown;
+        z = nm_vblend_d(zdown, zm, z);
+        for (int j = 0; j < 4; j++) {
+            const nm_vi gt = short_col[j] & (vv[j] > z);
+            lowered |= gt;
+            vv[j] = nm_vblend_d(gt, z, vv[j]);
+        }
+        done |= ~lowered;
+    }
+    const nm_vi fits = done & ~bad;
+    if (!nm_any(fits))
+        return 0;
+    nm_vd u[4], v[4];
+    for (int q = 0; q < 4; q++) {
+        u[q] = vmax0(A[q] + z) * g;
+        v[q] = vmax0(vv[q] - z) * g;
+    }
+    q4_transpose_d(u); /* by lane */
+    q4_transpose_d(v);
+    int out = 0;
+    for (int l = 0; l < cnt; l++) {
+        if (!fits[l])
+            continue;
+        const int64_t k = k0 + l;
+        memcpy(c->u + k * 4, u + l, sizeof(nm_vd));
+        memcpy(c->v + k * 4, v + l, sizeof(nm_vd));
+        int64_t ors;
+        uint8_t *dst = nm_tile_mask_out(c, k, &ors);
+        for (int i = 0; i < 4; i++)
+            memcpy(dst + ors * i, words[l] + i, sizeof(uint32_t));
+        c->status[k] = NM_TILE_OK;
+        out |= 1 << l;
+    }
+    return out;
+}
+
+static inline __attribute__((always_inline)) int q4_tile(const nm_exact_ctx *c, int64_t k)
+{
+    const nm_vd zero = {0};
+    q4_t q;
+    int e;
+    const int rc = q4_load(c, k, q.s, &e);
+    if (rc != Q4_SOLVED)
+        return rc;
     const nm_vi rows[4] = {(nm_vi)q.s[0], (nm_vi)q.s[1], (nm_vi)q.s[2], (nm_vi)q.s[3]};
     nm_vi cols_bits[4];
     q4_transpose(rows, cols_bits);
@@ -397,8 +475,6 @@ static inline __attribute__((always_inline)) int q4_tile(const nm_exact_ctx *c, 
         q.sT[j] = (nm_vd)cols_bits[j];
     q.n = c->n;
     q.sat = c->sat;
-    if (c->warm_x && !q.sat && q.n < 4 && q4_fit(&q, c, k, f, e))
-        return Q4_SOLVED;
     q4_start(&q, q.sat || q.n == 4 ? zero : q4_round(&q));
     const nm_vi n = (nm_vi){0} + q.n;
     for (int paths = 0;; paths++) {
@@ -463,23 +539,32 @@ static inline __attribute__((always_inline)) int q4_tile(const nm_exact_ctx *c, 
     return Q4_SOLVED;
 }
 
-/* Tiles [lo, hi); the ones this path leaves go through the general path, one at a time. */
+/* Tiles [lo, hi), with a warm start four at a time; the ones this path leaves go through the
+ * general path. */
 NM_SIMD_CLONES void nm_q4_run(nm_exact_ctx *c, nm_slot *slots, int64_t lo, int64_t hi)
 {
-    for (int64_t next = lo; next < hi; next++) {
-        const int rc = q4_tile(c, next);
-        if (rc < 0) {
-            nm_set_error(&c->err, rc);
-            return;
-        }
-        if (rc != Q4_SOLVED) { /* the general path, one tile at a time */
-            const int rc2 = nm_general_tile(slots, c, next);
-            if (rc2 != NM_OK) {
-                nm_set_error(&c->err, rc2);
+    const int warm = c->warm_x && !c->sat && c->n < 4;
+    for (int64_t k0 = lo; k0 < hi; k0 += 4) {
+        const int cnt = hi - k0 < 4 ? (int)(hi - k0) : 4;
+        const int kept = warm ? q4_fit4(c, k0, cnt) : 0;
+        for (int l = 0; l < cnt; l++) {
+            if (kept >> l & 1)
+                continue;
+            const int64_t next = k0 + l;
+            const int rc = q4_tile(c, next);
+            if (rc < 0) {
+                nm_set_error(&c->err, rc);
                 return;
             }
-            if (rc == Q4_UNCERTIFIED && c->status[next] == NM_TILE_OK)
-                c->status[next] = NM_TILE_FALLBACK;
+            if (rc != Q4_SOLVED) { /* the general path, one tile at a time */
+                const int rc2 = nm_general_tile(slots, c, next);
+                if (rc2 != NM_OK) {
+                    nm_set_error(&c->err, rc2);
+                    return;
+                }
+                if (rc == Q4_UNCERTIFIED && c->status[next] == NM_TILE_OK)
+                    c->status[next] = NM_TILE_FALLBACK;
+            }
         }
     }
 }
