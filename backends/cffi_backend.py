@@ -236,10 +236,10 @@ class CffiBackend(Backend):
         k = _load()
         t = (rows // m) * (cols // m)
         mask = np.empty((rows, cols), dtype=np.uint8)
-        u = np.empty((t, m))
+        u_rows = np.empty((rows, cols // m)) if row_prices else None
+        u = None if row_prices else np.empty((t, m))  # with row_prices: per-thread buffers
         v = np.empty((t, m))
         status = np.empty(t, dtype=np.int8)
-        u_rows = np.empty((rows, cols // m)) if row_prices else None
         wv = k.ffi.NULL
         if warm is not None:
             warm = np.ascontiguousarray(warm, dtype=np.float64)
@@ -259,7 +259,7 @@ class CffiBackend(Backend):
                                    cols, rs, cs, m, n, int(bool(saturate)),
                                    int(flags) | (_ROWWISE if rowwise else 0), wv, wx, wx_rs,
                                    k.ffi.from_buffer("uint8_t[]", mask), cols,
-                                   k.ffi.from_buffer("double[]", u),
+                                   k.ffi.NULL if u is None else k.ffi.from_buffer("double[]", u),
                                    k.ffi.from_buffer("double[]", v),
                                    k.ffi.NULL if u_rows is None
                                    else k.ffi.from_buffer("double[]", u_rows),

@@ -23,7 +23,7 @@ static inline __attribute__((always_inline)) int certify_range(
         if (nm_scan_scores(s, m * m, &mx))
             return NM_ERR_VALUE;
         const uint8_t *x = mask + (k / src->tcols) * m * mask_rs + (k % src->tcols) * m;
-        const double *uk = u + k * m, *vk = v + k * m;
+        const double *uk = u + (k - lo) * m, *vk = v + (k - lo) * m;
         double kept = 0.0, slack = 0.0, prices = 0.0;
         int cdeg[NM_MAX_M] = {0};
         int bad = 0, nshort = 0;
@@ -119,7 +119,7 @@ NM_SIMD_CLONES static void certify_task(void *vctx, int64_t lo, int64_t hi)
 {
     certify_ctx *c = (certify_ctx *)vctx;
     const int rc = nm_certify_range(&c->src, &c->out, c->m, c->n, c->sat, c->rowwise, c->mask,
-                                    c->mask_rs, c->u, c->v, lo, hi);
+                                    c->mask_rs, c->u + lo * c->m, c->v + lo * c->m, lo, hi);
     if (rc != NM_OK)
         nm_set_error(&c->err, rc);
 }

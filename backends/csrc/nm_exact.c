@@ -43,6 +43,8 @@
  * fallback in nm_exact_fallback.c,
  * the M = 4 path in nm_exact_q4.c; their shared declarations in nm_internal.h.
  */
+#include <stdlib.h>
+
 #include "nm_internal.h"
 
 double nm_gap_tol(void) { return NM_GAP_TOL; }
@@ -69,7 +71,7 @@ static inline __attribute__((always_inline)) void rowwise_run(nm_exact_ctx *c, i
         for (int i = 0; i < m; i++) {
             const double next = nm_row_topn(s + i * m, m, n, keep);
             memcpy(out + i * ors, keep, (size_t)m);
-            c->u[k * m + i] = next > 0.0 ? next : 0.0;
+            nm_tile_u(c, k)[i] = next > 0.0 ? next : 0.0;
             c->v[k * m + i] = 0.0;
         }
         c->status[k] = NM_TILE_OK;
@@ -77,21 +79,32 @@ static inline __attribute__((always_inline)) void rowwise_run(nm_exact_ctx *c, i
 }
 
 /* Tiles [lo, hi) on one thread, with a workspace of its own: the M = 4 path unless a flag
- * asks for the general one, else the general path. */
+ * asks for the general one, else the general path. Without u (only u_rows), the row prices
+ * of each block go to a buffer of the thread's own. */
 NM_SIMD_CLONES static void exact_task(void *vctx, int64_t lo, int64_t hi)
 {
-    nm_exact_ctx *c = (nm_exact_ctx *)vctx;
+    nm_exact_ctx *shared = (nm_exact_ctx *)vctx, local = *shared, *c = &local;
+    const int own_u = !shared->u;
+    /* with a certificate or a buffer: blocks of about 16K scores, still in cache after */
+    const int64_t block =
+        c->cert.kept || own_u ? 1 + 16384 / ((int64_t)c->m * c->m) : hi - lo;
     nm_slot *slots = nm_slots_alloc(c->m);
-    if (!slots) {
-        nm_set_error(&c->err, NM_ERR_NOMEM);
+    double *ubuf = own_u ? malloc(sizeof(double) * (size_t)(block * c->m)) : NULL;
+    if (!slots || (own_u && !ubuf)) {
+        if (slots)
+            nm_slots_free(slots);
+        free(ubuf);
+        nm_set_error(&shared->err, NM_ERR_NOMEM);
         return;
     }
     const int q4 = c->m == 4 && !(c->flags & (NM_FLAG_FORCE_FALLBACK | NM_FLAG_COLD_FALLBACK |
                                               NM_FLAG_GENERAL_PATH));
-    /* with a certificate: blocks of about 16K scores, certified while still in cache */
-    const int64_t block = c->cert.kept ? 1 + 16384 / ((int64_t)c->m * c->m) : hi - lo;
-    for (int64_t b = lo; b < hi && nm_get_error(&c->err) == NM_OK; b += block) {
+    for (int64_t b = lo; b < hi && nm_get_error(&shared->err) == NM_OK; b += block) {
         const int64_t e = b + block < hi ? b + block : hi;
+        if (own_u) {
+            c->u = ubuf;
+            c->u_first = b;
+        }
         if (c->flags & NM_FLAG_ROWWISE)
             rowwise_run(c, b, e);
         else if (q4)
@@ -103,12 +116,13 @@ NM_SIMD_CLONES static void exact_task(void *vctx, int64_t lo, int64_t hi)
             memset(nm_tile_mask_out(c, b, &rs), 1, (size_t)c->m);
         }
         if (c->flags & NM_FLAG_ZERO_PRICES)
-            for (int64_t q = b * c->m; q < e * c->m; q++)
-                c->u[q] = c->v[q] = 0.0;
-        if (c->cert.kept && nm_get_error(&c->err) == NM_OK) {
+            for (int64_t k = b; k < e; k++)
+                for (int i = 0; i < c->m; i++)
+                    nm_tile_u(c, k)[i] = c->v[k * c->m + i] = 0.0;
+        if (c->cert.kept && c->err == NM_OK) {
             const int rc = nm_certify_range(&c->src, &c->cert, c->m, c->n, c->sat,
                                             (c->flags & NM_FLAG_ROWWISE) != 0, c->mask,
-                                            c->mask_rs, c->u, c->v, b, e);
+                                            c->mask_rs, nm_tile_u(c, b), c->v + b * c->m, b, e);
             if (rc != NM_OK)
                 nm_set_error(&c->err, rc);
         }
@@ -116,9 +130,14 @@ NM_SIMD_CLONES static void exact_task(void *vctx, int64_t lo, int64_t hi)
             const int64_t tc = c->src.tcols;
             double *out = c->u_rows + (k / tc) * c->m * tc + k % tc;
             for (int i = 0; i < c->m; i++)
-                out[i * tc] = c->u[k * c->m + i];
+                out[i * tc] = nm_tile_u(c, k)[i];
+        }
+        if (c->err != NM_OK) {
+            nm_set_error(&shared->err, c->err);
+            break;
         }
     }
+    free(ubuf);
     nm_slots_free(slots);
 }
 
@@ -183,7 +202,7 @@ int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int
     const int64_t t = (rows / m) * (cols / m);
     if (t == 0)
         return NM_OK;
-    if (!data || !mask || !u || !v || !status)
+    if (!data || !mask || (!u && !u_rows) || !v || !status)
         return NM_ERR_ARG;
     nm_exact_ctx c = exact_ctx(m, n, saturate, flags, mask, u, v, status);
     c.src = (nm_src){data, dtype, absolute != 0, rs, cs, cols / m};

@@ -368,7 +368,7 @@ static inline __attribute__((always_inline)) void write_tile(const nm_tile *t,
 {
     const int mp = NM_ROUNDW(m);
     if (e != INT32_MIN) {
-        double *u = c->u + k * m, *v = c->v + k * m;
+        double *u = nm_tile_u(c, k), *v = c->v + k * m;
         const int fast = NM_NORMAL_SCALE(e);
         const double f = fast ? nm_pow2(e) : 0.0;
         for (int i = 0; i < m; i++) {
@@ -389,7 +389,7 @@ static inline __attribute__((always_inline)) void finish_tile(nm_tile *t, const 
                                                               int64_t k, int e, int ok)
 {
     const int m = c->m;
-    double *u = c->u + k * m, *v = c->v + k * m;
+    double *u = nm_tile_u(c, k), *v = c->v + k * m;
     int8_t status = NM_TILE_OK;
     if (e == INT32_MIN) { /* all zero: any full mask is optimal, prices 0 */
         nm_trivial_mask(t, 1);
@@ -495,7 +495,7 @@ static inline __attribute__((always_inline)) int slot_load(slot_t *sl, const nm_
     if (warm) {
         double fit[NM_MAX_M] NM_A64;
         memcpy(fit, v, sizeof(double) * (size_t)m);
-        if (nm_warm_tile(t, c, k, fit, c->u + k * m)) { /* the previous mask, optimal */
+        if (nm_warm_tile(t, c, k, fit, nm_tile_u(c, k))) { /* the previous mask, optimal */
             memcpy(c->v + k * m, fit, sizeof(double) * (size_t)m);
             write_tile(t, c, k, sl->e, NM_TILE_OK, m);
             sl->state = SLOT_IDLE;

@@ -448,7 +448,7 @@ static inline __attribute__((always_inline)) int q4_fit4(const nm_exact_ctx *c, 
         if (!fits[l])
             continue;
         const int64_t k = k0 + l;
-        memcpy(c->u + k * 4, u + l, sizeof(nm_vd));
+        memcpy(nm_tile_u(c, k), u + l, sizeof(nm_vd));
         memcpy(c->v + k * 4, v + l, sizeof(nm_vd));
         int64_t ors;
         uint8_t *dst = nm_tile_mask_out(c, k, &ors);
@@ -528,7 +528,7 @@ static inline __attribute__((always_inline)) int q4_tile(const nm_exact_ctx *c, 
     const double g = nm_pow2(e);
     u *= g;
     v *= g;
-    memcpy(c->u + k * 4, &u, sizeof u);
+    memcpy(nm_tile_u(c, k), &u, sizeof u);
     memcpy(c->v + k * 4, &v, sizeof v);
     int64_t ors;
     uint8_t *out = nm_tile_mask_out(c, k, &ors);

@@ -374,6 +374,7 @@ struct nm_exact_ctx {
     uint8_t *mask;
     int64_t mask_rs;
     double *u, *v;
+    int64_t u_first; /* the tile whose row prices are at u[0] (a thread's block, or 0) */
     const double *warm_v; /* (t, m), or NULL */
     const uint8_t *warm_x; /* with a matrix and warm_v: the previous mask, or NULL */
     int64_t warm_x_rs;
@@ -382,6 +383,12 @@ struct nm_exact_ctx {
     int8_t *status;
     int err;
 };
+
+/* Where tile k's row prices go. */
+static inline double *nm_tile_u(const nm_exact_ctx *c, int64_t k)
+{
+    return c->u + (k - c->u_first) * c->m;
+}
 
 /* Scores of tile k (m = c->m, a constant where the caller specialises): in place for float64
  * tiles, else read into buf (m*m doubles). */

@@ -74,7 +74,8 @@ enum { NM_F64 = 0, NM_F32 = 1, NM_F16 = 2, NM_BF16 = 3 };
  * is still optimal keeps it, proven by prices fitted to the new scores (used when at least
  * half of a sample of tiles keep theirs, 85% at M = 4; else the prices alone, or cold).
  * u_rows (rows, cols/m), or NULL: u again, laid out by matrix row (row r of tile column q
- * at r * (cols/m) + q), written block by block while in cache.
+ * at r * (cols/m) + q), written block by block while in cache; with it u may be NULL (each
+ * thread then keeps a block's u in a buffer of its own).
  * kept, bound, nshort, bad (t), or all NULL: nm_certify's outputs, computed by its routine on
  * each block of tiles as soon as it is solved (while in cache). */
 int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
