@@ -13,7 +13,6 @@ Imports stay light: torch and ortools are reached only when a case runs.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -80,8 +79,6 @@ RATIOS = (
           "find_mask_torch", "find_mask", Target("<=", 1.25, "issue 13, deliverable 5")),
     Ratio("torch/numpy row-wise", "torch CPU tensor / numpy array input, row-wise",
           "rowwise_torch", "rowwise_numpy", Target("<=", 1.25, "issue 13, deliverable 5")),
-    # HOOK (issue 13, deliverable 6): warm start. The cases "warm" and "cold" skip until
-    # find_mask accepts warm_start=; from then on this row is measured with no other change.
     Ratio("warm/cold", "`find_mask(W', p, warm_start=prev)` / cold `find_mask(W', p)`, "
           "W' = W + 1e-3 noise", "warm", "cold", Target("<=", 0.35, "issue 13, deliverable 6")),
 )
@@ -120,8 +117,6 @@ class Context:
     @cached_property
     def perturbed(self) -> tuple[np.ndarray, Any]:
         """(W', the result on W) for a re-solve after a small change, as in training."""
-        if "warm_start" not in inspect.signature(find_mask).parameters:
-            raise Skip("find_mask has no warm_start= yet (issue 13, deliverable 6)")
         noise = np.random.default_rng(1).standard_normal(self.w.shape).astype(self.w.dtype)
         return self.w + 1e-3 * noise, find_mask(self.w, self.p)
 
@@ -203,7 +198,6 @@ CASES = (
     Case("rowwise_torch", "same on a torch CPU tensor", _torch_case(False)),
     Case("mcf", "OR-Tools min-cost flow solver on the tiles (mask + prices)", _mcf,
          ("mcf_size",)),
-    # HOOK (issue 13, deliverable 6): warm start, cold and warm on the same perturbed W'.
     Case("cold", "find_mask(W', p)", _cold),
     Case("warm", "find_mask(W', p, warm_start=find_mask(W, p))", _warm),
 )

@@ -39,7 +39,7 @@ def check_tile_mask(mask2d, n: int, m: int, transposable: bool, name: str = "mas
 # passed as ``warm_start`` to the next one with the same key (weights' shape, pattern,
 # transposable, solver): the exact C kernel then re-solves from the previous mask and prices, to
 # the same optimum (see ``refresh.compute_masks``). A cache: not in the state dict nor in pickles,
-# dropped on any other route or key, kept only where the C kernel uses it (M > 4).
+# dropped on any other route or key, kept only where the C kernel's exact solver ran.
 WARM_START = "_nmopt_warm_start"
 
 
