@@ -286,10 +286,10 @@ static inline __attribute__((always_inline)) int q4_path(q4_t *q, int src, int t
     return 0;
 }
 
-/* Solve tile k on the M = 4 path. Q4_SOLVED: mask, prices and status written; Q4_SKIPPED:
- * an all-zero or extreme-scale tile, for the general path; Q4_UNCERTIFIED: this path could
- * not certify it (the general path takes over, status 1); NM_ERR_VALUE: a score is NaN,
- * infinite or negative. */
+/* Results of the M = 4 path on a tile. Q4_SOLVED: mask, prices and status written (q4_load:
+ * loaded); Q4_SKIPPED: an all-zero or extreme-scale tile, for the general path;
+ * Q4_UNCERTIFIED: this path could not certify it (the general path takes over, status 1); or
+ * NM_ERR_VALUE: a score is NaN, infinite or negative. */
 enum { Q4_SKIPPED, Q4_SOLVED, Q4_UNCERTIFIED };
 
 /* Tile k's scores into s (by row), scaled by 2^-e so that the largest is in [0.5, 1):
@@ -313,6 +313,7 @@ static inline __attribute__((always_inline)) int q4_load(const nm_exact_ctx *c, 
     return Q4_SOLVED;
 }
 
+/* q4_transpose in place, on doubles. */
 static inline __attribute__((always_inline)) void q4_transpose_d(nm_vd *a)
 {
     nm_vi r[4] = {(nm_vi)a[0], (nm_vi)a[1], (nm_vi)a[2], (nm_vi)a[3]}, t[4];
@@ -460,6 +461,7 @@ static inline __attribute__((always_inline)) int q4_fit4(const nm_exact_ctx *c, 
     return out;
 }
 
+/* Solve tile k cold on the M = 4 path: a Q4_* result or NM_ERR_VALUE. */
 static inline __attribute__((always_inline)) int q4_tile(const nm_exact_ctx *c, int64_t k)
 {
     const nm_vd zero = {0};
@@ -468,11 +470,8 @@ static inline __attribute__((always_inline)) int q4_tile(const nm_exact_ctx *c, 
     const int rc = q4_load(c, k, q.s, &e);
     if (rc != Q4_SOLVED)
         return rc;
-    const nm_vi rows[4] = {(nm_vi)q.s[0], (nm_vi)q.s[1], (nm_vi)q.s[2], (nm_vi)q.s[3]};
-    nm_vi cols_bits[4];
-    q4_transpose(rows, cols_bits);
-    for (int j = 0; j < 4; j++)
-        q.sT[j] = (nm_vd)cols_bits[j];
+    memcpy(q.sT, q.s, sizeof q.s);
+    q4_transpose_d(q.sT);
     q.n = c->n;
     q.sat = c->sat;
     q4_start(&q, q.sat || q.n == 4 ? zero : q4_round(&q));
