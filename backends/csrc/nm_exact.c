@@ -6,7 +6,7 @@
  * u_i = p(row i) - p(T), v_j = p(T) - p(col j) (clipped at 0, which only touches empty rows
  * and columns).
  *
- * 0. Warm start with a previous mask (nm_exact_warm.c, at M = 4 q4_fit; matrices only): the
+ * 0. Warm start with a previous mask (nm_exact_warm.c, at M = 4 q4_fit4; matrices only): the
  *    previous column prices and a zero level are lowered until every row's previous choice
  *    is its top n of s - v on the new scores (a Bellman-Ford over the columns). If that
  *    succeeds the previous mask is optimal (complementary slackness) and the tile is done;
@@ -83,7 +83,8 @@ static inline __attribute__((always_inline)) void rowwise_run(nm_exact_ctx *c, i
  * of each block go to a buffer of the thread's own. */
 NM_SIMD_CLONES static void exact_task(void *vctx, int64_t lo, int64_t hi)
 {
-    nm_exact_ctx *shared = (nm_exact_ctx *)vctx, local = *shared, *c = &local;
+    nm_exact_ctx *shared = (nm_exact_ctx *)vctx;
+    nm_exact_ctx local = *shared, *c = &local; /* errors go to shared->err after each block */
     const int own_u = !shared->u;
     /* with a certificate or a buffer: blocks of about 16K scores, still in cache after */
     const int64_t block =

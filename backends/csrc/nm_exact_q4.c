@@ -371,24 +371,24 @@ static inline __attribute__((always_inline)) int q4_fit4(const nm_exact_ctx *c, 
     /* fr: unkept scores (-inf on a row keeping fewer than n: unpriced, u_i = 0, its unkept
      * scores bound v - z from below in low instead); kk: kept scores, +inf elsewhere */
     nm_vd fr[4][4], kk[4][4], low[4];
-    nm_vi x[4][4], kc[4] = {{0}}, bad = idle;
+    nm_vi kc[4] = {{0}}, bad = idle;
     for (int j = 0; j < 4; j++)
         low[j] = zero;
     for (int i = 0; i < 4; i++) {
         const nm_vi w = {words[0][i], words[1][i], words[2][i], words[3][i]};
         nm_vi kr = {0};
         for (int j = 0; j < 4; j++) {
-            x[i][j] = -((w >> (8 * j)) & 1);
-            kr -= x[i][j];
-            kc[j] -= x[i][j];
+            const nm_vi x = -((w >> (8 * j)) & 1); /* kept: -1 */
+            kr -= x;
+            kc[j] -= x;
+            fr[i][j] = nm_vblend_d(x, -inf, sij[i][j]);
+            kk[i][j] = nm_vblend_d(x, sij[i][j], inf);
         }
         const nm_vi short_row = kr < n;
         bad |= kr > n;
         for (int j = 0; j < 4; j++) {
-            const nm_vd free = nm_vblend_d(x[i][j], -inf, sij[i][j]);
-            low[j] = nm_vblend_d(short_row & (free > low[j]), free, low[j]);
-            fr[i][j] = nm_vblend_d(short_row, -inf, free);
-            kk[i][j] = nm_vblend_d(x[i][j], sij[i][j], inf);
+            low[j] = nm_vblend_d(short_row & (fr[i][j] > low[j]), fr[i][j], low[j]);
+            fr[i][j] = nm_vblend_d(short_row, -inf, fr[i][j]);
         }
     }
     nm_vi short_col[4];
@@ -545,9 +545,9 @@ NM_SIMD_CLONES void nm_q4_run(nm_exact_ctx *c, nm_slot *slots, int64_t lo, int64
     const int warm = c->warm_x && !c->sat && c->n < 4;
     for (int64_t k0 = lo; k0 < hi; k0 += 4) {
         const int cnt = hi - k0 < 4 ? (int)(hi - k0) : 4;
-        const int kept = warm ? q4_fit4(c, k0, cnt) : 0;
+        const int fitted = warm ? q4_fit4(c, k0, cnt) : 0;
         for (int l = 0; l < cnt; l++) {
-            if (kept >> l & 1)
+            if (fitted >> l & 1)
                 continue;
             const int64_t next = k0 + l;
             const int rc = q4_tile(c, next);

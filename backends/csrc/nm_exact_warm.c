@@ -82,6 +82,29 @@ static inline __attribute__((always_inline)) int load_prev_mask(nm_tile *t,
     return ok && !nm_any(over);
 }
 
+/* The largest lane of a, in every lane. */
+static inline __attribute__((always_inline)) nm_vd lanes_max(nm_vd a)
+{
+    nm_vd o = __builtin_shuffle(a, (nm_vi){2, 3, 0, 1});
+    a = nm_vblend_d(o > a, o, a);
+    o = __builtin_shuffle(a, (nm_vi){1, 0, 3, 2});
+    return nm_vblend_d(o > a, o, a);
+}
+
+/* Lane l of the result: the largest lane of a[l] (four horizontal maxima in three steps). */
+static inline __attribute__((always_inline)) nm_vd lanes_max4(const nm_vd *a)
+{
+    _Static_assert(NM_W == 4, "four vectors of four lanes");
+    const nm_vd p0 = __builtin_shuffle(a[0], a[1], (nm_vi){0, 4, 2, 6});
+    const nm_vd q0 = __builtin_shuffle(a[0], a[1], (nm_vi){1, 5, 3, 7});
+    const nm_vd p1 = __builtin_shuffle(a[2], a[3], (nm_vi){0, 4, 2, 6});
+    const nm_vd q1 = __builtin_shuffle(a[2], a[3], (nm_vi){1, 5, 3, 7});
+    const nm_vd t0 = nm_vblend_d(q0 > p0, q0, p0), t1 = nm_vblend_d(q1 > p1, q1, p1);
+    const nm_vd lo = __builtin_shuffle(t0, t1, (nm_vi){0, 1, 4, 5});
+    const nm_vd hi = __builtin_shuffle(t0, t1, (nm_vi){2, 3, 6, 7});
+    return nm_vblend_d(hi > lo, hi, lo);
+}
+
 /* Lane-wise max(floor, s - v) over row i's unkept entries (freeR, -inf elsewhere). */
 static inline __attribute__((always_inline)) nm_vd row_max(const nm_tile *t, int i,
                                                            const nm_vd *vv, nm_vd floor,
@@ -146,7 +169,7 @@ static inline __attribute__((always_inline)) int warm_tile(nm_tile *t, const nm_
             nm_vd a[NM_W];
             for (int r = 0; r < NM_W; r++) /* past row m: row i0 again, unused */
                 a[r] = row_max(t, i0 + r < m ? i0 + r : i0, vv, floor, m);
-            const nm_vd a4 = nm_lanes_max4(a);
+            const nm_vd a4 = lanes_max4(a);
             memcpy(A + i0, &a4, sizeof a4);
             for (int r = 0; r < NM_W && i0 + r < m; r++)
                 for (int q = 0; q < blocks; q++) { /* +inf where not kept and on padding */
@@ -166,7 +189,7 @@ static inline __attribute__((always_inline)) int warm_tile(nm_tile *t, const nm_
             const nm_vd d = vv[q] - low[q];
             zm = nm_vblend_d(d < zm, d, zm);
         }
-        zm = -nm_lanes_max(-zm);
+        zm = -lanes_max(-zm);
         const int zdown = zm[0] < z;
         z = zdown ? zm[0] : z;
         for (int q = 0; q < blocks; q++) {

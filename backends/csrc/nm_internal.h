@@ -149,29 +149,6 @@ static inline __attribute__((always_inline)) int64_t nm_hsum_i(nm_vi v)
     return s;
 }
 
-/* The largest lane of a, in every lane. */
-static inline __attribute__((always_inline)) nm_vd nm_lanes_max(nm_vd a)
-{
-    nm_vd o = __builtin_shuffle(a, (nm_vi){2, 3, 0, 1});
-    a = nm_vblend_d(o > a, o, a);
-    o = __builtin_shuffle(a, (nm_vi){1, 0, 3, 2});
-    return nm_vblend_d(o > a, o, a);
-}
-
-/* Lane l of the result: the largest lane of a[l] (four horizontal maxima in three steps). */
-static inline __attribute__((always_inline)) nm_vd nm_lanes_max4(const nm_vd *a)
-{
-    _Static_assert(NM_W == 4, "four vectors of four lanes");
-    const nm_vd p0 = __builtin_shuffle(a[0], a[1], (nm_vi){0, 4, 2, 6});
-    const nm_vd q0 = __builtin_shuffle(a[0], a[1], (nm_vi){1, 5, 3, 7});
-    const nm_vd p1 = __builtin_shuffle(a[2], a[3], (nm_vi){0, 4, 2, 6});
-    const nm_vd q1 = __builtin_shuffle(a[2], a[3], (nm_vi){1, 5, 3, 7});
-    const nm_vd t0 = nm_vblend_d(q0 > p0, q0, p0), t1 = nm_vblend_d(q1 > p1, q1, p1);
-    const nm_vd lo = __builtin_shuffle(t0, t1, (nm_vi){0, 1, 4, 5});
-    const nm_vd hi = __builtin_shuffle(t0, t1, (nm_vi){2, 3, 6, 7});
-    return nm_vblend_d(hi > lo, hi, lo);
-}
-
 /* Node layout, in two segments of NM_SEG(m) nodes (a multiple of NM_W):
  *   A = [0, SEG):      T = 0, rows 1..m, inert padding;
  *   B = [SEG, 2 SEG):  columns SEG..SEG+m-1, S = SEG+m, inert padding.
