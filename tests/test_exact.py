@@ -289,6 +289,40 @@ def test_warm_start_at_m4_groups_with_few_and_special_tiles(cffi, threads):
     np.testing.assert_array_equal(res[0], mask)  # so small a change keeps every mask
 
 
+@settings(max_examples=80, deadline=None)
+@given(m=st.sampled_from([4, 8]), data=st.data())
+def test_hypothesis_warm_start_from_any_previous_result(cffi, m, data):
+    """Tie-heavy and extreme-scale weights, warm-started from the optimum of other weights, of
+    the same ones, or from any mask and prices: the cold optimum, certified (at M = 4 the fit
+    runs on four tiles at once, here on groups of 1 to 4)."""
+    n = data.draw(st.integers(1, m - 1))
+    shape = (m * data.draw(st.integers(1, 2)), m * data.draw(st.integers(1, 5)))
+    t, size = shape[0] * shape[1] // (m * m), shape[0] * shape[1]
+    values = st.sampled_from([0.0, 1.0, 1.0, 2.0, 3.0, 1e-300, 5e-324, 0.5 + 2**-40, 1e300])
+
+    def matrix():
+        return np.array(data.draw(st.lists(values, min_size=size, max_size=size))).reshape(shape)
+
+    w = matrix()
+    cold = cffi.exact_matrix(w, n, m, absolute=True, certify=True)
+    source = data.draw(st.sampled_from(["other", "same", "any"]))
+    if source == "any":
+        prev_mask = np.array(data.draw(st.lists(st.booleans(), min_size=size, max_size=size)))
+        prices = st.sampled_from([0.0, 0.5, 1.0, 3.0, 1e300, -1.0, np.inf, np.nan])
+        prev_v = np.array(data.draw(st.lists(prices, min_size=t * m, max_size=t * m)))
+        prev_mask, prev_v = prev_mask.reshape(shape), prev_v.reshape(t, m)
+    else:
+        prev_mask, _, prev_v = cffi.exact_matrix(w if source == "same" else matrix(), n, m,
+                                                 absolute=True)[:3]
+    res = cffi.exact_matrix(w, n, m, absolute=True, warm=prev_v, warm_mask=prev_mask,
+                            certify=True)
+    assert (res[3] == 0).all() and not res[7].any()
+    np.testing.assert_allclose(res[4], cold[4], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(res[5], res[4], rtol=1e-10, atol=0)
+    if source == "same":
+        np.testing.assert_array_equal(res[0], cold[0])  # the optimum proves itself
+
+
 @pytest.mark.parametrize("flags", [1, 2])
 @pytest.mark.parametrize("saturate", [False, True])
 def test_fallback_path_agrees(cffi, flags, saturate):
