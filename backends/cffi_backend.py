@@ -93,6 +93,7 @@ class BadScores(ValueError):
 #: Element types the C kernels read in place (nmopt_kernels.h: NM_F64, NM_F32, NM_F16, NM_BF16).
 _DTYPE_CODES = {"float64": 0, "float32": 1, "float16": 2, "bfloat16": 3}
 _ROWWISE = 32  # NM_FLAG_ROWWISE
+_CERT_GROUPS = 64  # NM_FLAG_CERT_GROUPS
 
 
 def matrix_arg(x):
@@ -226,7 +227,10 @@ class CffiBackend(Backend):
         them only with ``warm_mask``); ``warm_mask``: that solve's mask (rows, cols), so that
         tiles whose mask is still optimal keep it. Returns ``(mask (rows, cols) bool, u, v,
         status)``, and with ``certify`` also :meth:`certify_matrix`'s four arrays, computed
-        by its C routine on each block of tiles right after the solve. ``rowwise``: row-wise
+        by its C routine on each block of tiles right after the solve; ``certify="groups"``:
+        one entry per group of :meth:`cert_group` tiles instead (sums of the kept scores,
+        bounds and short counts, and int8 flags: 1 a tile breaks the pattern, 2 a tile's
+        bound is not finite while its kept score is). ``rowwise``: row-wise
         N:M instead (the top N of every row of every tile; v = 0). ``row_prices``: ``u`` as a
         (rows, cols / m) matrix instead (row r of tile column q at ``[r, q]``, the layout of
         ``MaskResult.u``), written by the kernel while in cache. Raises :class:`BadScores` on
@@ -254,7 +258,12 @@ class CffiBackend(Backend):
                 raise ValueError(f"warm_mask: expected the previous ({rows}, {cols}) mask, got "
                                  f"shape {warm_mask.shape}")
             wx, wx_rs = k.ffi.from_buffer("uint8_t[]", warm_mask), cols
-        cert = _cert_arrays(t) if certify else None
+        if certify not in (False, True, "groups"):
+            raise ValueError(f"certify: expected False, True or 'groups', got {certify!r}")
+        groups = certify == "groups"
+        if groups:
+            flags = int(flags) | _CERT_GROUPS
+        cert = _cert_arrays(-(-t // self.cert_group(m)) if groups else t) if certify else None
         rc = k.lib.nm_exact_matrix(k.ffi.cast("void *", ptr), code, int(bool(absolute)), rows,
                                    cols, rs, cs, m, n, int(bool(saturate)),
                                    int(flags) | (_ROWWISE if rowwise else 0), wv, wx, wx_rs,
@@ -269,7 +278,15 @@ class CffiBackend(Backend):
             raise BadScores("scores: a value is NaN, infinite or negative")
         _check(rc, "exact")
         out = (mask.view(np.bool_), u if u_rows is None else u_rows, v, status)
-        return out + (*cert[:3], cert[3].view(np.bool_)) if certify else out
+        if not certify:
+            return out
+        return out + (*cert[:3], cert[3] if groups else cert[3].view(np.bool_))
+
+    @staticmethod
+    def cert_group(m):
+        """Tiles per entry of :meth:`exact_matrix`'s ``certify="groups"`` outputs (tile k in
+        entry ``k // cert_group(m)``)."""
+        return int(_load().lib.nm_cert_group(int(m)))
 
     def certify_matrix(self, x, n, m, *, absolute, saturate, mask, u, v, rowwise=False):
         """The certificate of ``mask`` (rows, cols) and prices ``u``, ``v`` (T, M) on ``x``,

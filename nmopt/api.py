@@ -170,20 +170,22 @@ def _solve_in_place(src, p, grid, saturate, warm, engine, name, start, fallbacks
     if warm is not None:
         warm_v = grid.cols_to_tile_prices(warm.v)
         warm_mask = as_bool_numpy(warm.mask, "warm_start.mask").reshape(tuple(x.shape))
-    try:
-        mask, u_rows, v_t, status, kept, tile_bound, short, bad = engine.exact_matrix(
+    try:  # the certificate by groups of tiles: sums, and flags (1 broken, 2 a price not finite)
+        mask, u_rows, v_t, status, kept, group_bound, short, flags = engine.exact_matrix(
             x, p.n, p.m, absolute=absolute, saturate=saturate, warm=warm_v, warm_mask=warm_mask,
-            certify=True, rowwise=name == "rowwise", row_prices=True)
+            certify="groups", rowwise=name == "rowwise", row_prices=True)
     except BadScores:
         return None
     warn_unverified(name, status)
-    if not np.isfinite(tile_bound).all() and np.isfinite(kept).all():  # a price is inf or NaN
+    if (flags & 2).any():
         raise RuntimeError(f"solver {name!r} returned prices that are not finite")
-    if bad.any():
-        raise RuntimeError(f"solver {name!r} returned an invalid mask: tile "
-                           f"{int(np.flatnonzero(bad)[0])} breaks {p}")
+    if (flags & 1).any():
+        first = int(np.flatnonzero(flags & 1)[0]) * engine.cert_group(p.m)
+        last = min(first + engine.cert_group(p.m), grid.num_tiles) - 1
+        raise RuntimeError(f"solver {name!r} returned an invalid mask: one of tiles "
+                           f"{first}-{last} breaks {p}")
     with np.errstate(over="ignore"):
-        objective, bound = float(kept.sum()), float(tile_bound.sum())
+        objective, bound = float(kept.sum()), float(group_bound.sum())
     bound = _checked_bound(name, bound, objective, "weights" if absolute else "scores")
     big_u, big_v = u_rows, v_t.reshape(grid.tile_rows, grid.cols)  # full tiles: no cropping
     gap = (bound - objective) / bound if bound > 0 else 0.0

@@ -119,8 +119,10 @@ def _with_flags(monkeypatch, flags):
 
 def test_an_invalid_mask_from_the_kernel_is_refused(monkeypatch):
     _with_flags(monkeypatch, 8)  # NM_FLAG_BREAK_MASK: row 0 of a tile keeps all M
-    with pytest.raises(RuntimeError, match="invalid mask: tile 0 breaks 2:4"):
+    with pytest.raises(RuntimeError, match="invalid mask: one of tiles 0-3 breaks 2:4"):
         nmopt.find_mask(np.random.default_rng(0).standard_normal((8, 8)), "2:4")
+    with pytest.raises(RuntimeError, match="invalid mask: one of tiles 0-1023 breaks 2:4"):
+        nmopt.find_mask(np.random.default_rng(0).standard_normal((256, 256)), "2:4")
 
 
 def test_the_certificate_does_not_trust_the_kernel(monkeypatch):
@@ -212,3 +214,36 @@ def test_unaligned_broadcast_and_read_only_inputs():
     row = np.broadcast_to(w[:1], (16, 16))  # stride 0 along the rows
     _check(nmopt.find_mask(row, "4:8"), np.abs(row.astype(np.float64)), "4:8",
            _reference(np.abs(np.ascontiguousarray(row, dtype=np.float64)), "4:8"))
+
+
+@pytest.mark.parametrize("shape,pattern", [((72, 1000), "2:4"), ((96, 800), "4:8"),
+                                           ((64, 320), "16:32"), ((24, 40), "5:8")])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode", ["cold", "warm", "rowwise", "broken"])
+def test_certificate_by_groups_is_the_per_tile_one_summed(monkeypatch, shape, pattern, threads,
+                                                          mode):
+    """``certify="groups"`` (find_mask's): each entry is its group's per-tile certificate summed
+    in tile order, bit for bit, on any number of threads; flag 1 where a tile breaks."""
+    cffi = BACKENDS.instance("cffi")
+    monkeypatch.setattr(cffi, "num_threads", threads)
+    n, m = map(int, pattern.split(":"))
+    rng = np.random.default_rng(threads)
+    w = rng.standard_normal(shape).astype(np.float32)
+    kw = {"absolute": True, "rowwise": mode == "rowwise", "flags": 8 if mode == "broken" else 0}
+    if mode == "warm":
+        mask, _, v, _ = cffi.exact_matrix(w, n, m, absolute=True)
+        w = w + np.float32(1e-3) * rng.standard_normal(shape).astype(np.float32)
+        kw.update(warm=v, warm_mask=mask)
+    tiles = cffi.exact_matrix(w, n, m, certify=True, **kw)
+    groups = cffi.exact_matrix(w, n, m, certify="groups", **kw)
+    np.testing.assert_array_equal(groups[0], tiles[0])
+    kept, bound, short, bad = tiles[4:]
+    g = cffi.cert_group(m)
+    starts = range(0, kept.size, g)
+    assert groups[4].shape == (len(starts),)
+    for i, a in enumerate(starts):  # np.cumsum adds in order, as the C loop does
+        assert groups[4][i] == np.cumsum(kept[a:a + g])[-1]
+        assert groups[5][i] == np.cumsum(bound[a:a + g])[-1]
+        assert groups[6][i] == short[a:a + g].sum()
+        assert groups[7][i] == int(bad[a:a + g].any())
+    assert bad.any() == (mode == "broken")

@@ -121,6 +121,9 @@ for m in (1, 3, 4, 8, 13, 32, 64):
                                                            rowwise=True, certify=True,
                                                            row_prices=True)
                 assert not cert[3].any()
+                *_, flags = b.exact_matrix(x, n, m, absolute=True, saturate=sat,
+                                           certify="groups", row_prices=True)
+                assert not flags.any()
                 u2 = TileGrid(*x.shape, m).matrices_to_prices(u2, v2.reshape(len(x) // m, -1))[0]
                 b.certify_matrix(x, n, m, absolute=True, saturate=sat, mask=mask2, u=u2, v=v2,
                                  rowwise=True)
@@ -128,12 +131,16 @@ for m in (1, 3, 4, 8, 13, 32, 64):
             b.exact_matrix(x2, n, m, absolute=True, warm=v)
             for prev in (mask, rng.random(x.shape) < 0.5):
                 b.exact_matrix(x2, n, m, absolute=True, warm=v, warm_mask=prev, certify=True)
+                b.exact_matrix(x2, n, m, absolute=True, warm=v, warm_mask=prev,
+                               certify="groups", row_prices=True)
         if m in (4, 8):  # tiles enough for the warm start's probe: it keeps the mask, then cold
             big = rng.standard_normal((256, 256))
             mask, u, v, st = b.exact_matrix(big, n, m, absolute=True)
             for step in (1e-3, 10.0):
                 b.exact_matrix(big + step * rng.standard_normal(big.shape), n, m,
                                absolute=True, warm=v, warm_mask=mask, certify=True)
+                b.exact_matrix(big + step * rng.standard_normal(big.shape), n, m, absolute=True,
+                               warm=v, warm_mask=mask, certify="groups", row_prices=True)
         try:
             bad_w = w.copy(); bad_w[0, 0] = np.nan
             b.exact_matrix(bad_w, n, m, absolute=True)

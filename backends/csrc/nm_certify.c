@@ -81,10 +81,10 @@ static inline __attribute__((always_inline)) int certify_range(
             bad |= cdeg[j] > n || (sat && cdeg[j] != n);
             nshort += cdeg[j] < n;
         }
-        out->kept[k] = kept;
-        out->bound[k] = n * prices + slack;
-        out->nshort[k] = nshort;
-        out->bad[k] = (int8_t)bad;
+        out->kept[k - lo] = kept;
+        out->bound[k - lo] = n * prices + slack;
+        out->nshort[k - lo] = nshort;
+        out->bad[k - lo] = (int8_t)bad;
     }
     return NM_OK;
 }
@@ -118,7 +118,9 @@ typedef struct {
 NM_SIMD_CLONES static void certify_task(void *vctx, int64_t lo, int64_t hi)
 {
     certify_ctx *c = (certify_ctx *)vctx;
-    const int rc = nm_certify_range(&c->src, &c->out, c->m, c->n, c->sat, c->rowwise, c->mask,
+    const nm_cert out = {c->out.kept + lo, c->out.bound + lo, c->out.nshort + lo,
+                         c->out.bad + lo};
+    const int rc = nm_certify_range(&c->src, &out, c->m, c->n, c->sat, c->rowwise, c->mask,
                                     c->mask_rs, c->u + lo * c->m, c->v + lo * c->m, lo, hi);
     if (rc != NM_OK)
         nm_set_error(&c->err, rc);

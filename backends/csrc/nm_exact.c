@@ -43,12 +43,39 @@
  * fallback in nm_exact_fallback.c,
  * the M = 4 path in nm_exact_q4.c; their shared declarations in nm_internal.h.
  */
+#include <math.h>
 #include <stdlib.h>
 
 #include "nm_internal.h"
 
 double nm_gap_tol(void) { return NM_GAP_TOL; }
 double nm_fallback_tol(void) { return NM_FALLBACK_TOL; }
+
+/* About 16K scores: a block of tiles still in cache once solved, for its certificate. */
+int64_t nm_cert_group(int m)
+{
+    const int64_t g = 16384 / ((int64_t)m * m);
+    return g > 0 ? g : 1;
+}
+
+/* The certificates of cnt tiles (t) summed, in tile order, into entry g of out. */
+static void cert_sum(const nm_cert *t, int64_t cnt, const nm_cert *out, int64_t g)
+{
+    double kept = 0.0, bound = 0.0;
+    int64_t nshort = 0;
+    int bad = 0;
+    for (int64_t k = 0; k < cnt; k++) {
+        kept += t->kept[k];
+        bound += t->bound[k];
+        nshort += t->nshort[k];
+        bad |= t->bad[k] != 0;
+        bad |= (!isfinite(t->bound[k]) && isfinite(t->kept[k])) << 1;
+    }
+    out->kept[g] = kept;
+    out->bound[g] = bound;
+    out->nshort[g] = (int32_t)nshort; /* at most 2m per tile */
+    out->bad[g] = (int8_t)bad;
+}
 
 /* Row-wise N:M on tiles [lo, hi) of a matrix: every tile row keeps its top n (ties: lower
  * index) and is priced by its (n+1)-th largest score (0 when n = m); columns are free (v = 0).
@@ -80,23 +107,33 @@ static inline __attribute__((always_inline)) void rowwise_run(nm_exact_ctx *c, i
 
 /* Tiles [lo, hi) on one thread, with a workspace of its own: the M = 4 path unless a flag
  * asks for the general one, else the general path. Without u (only u_rows), the row prices
- * of each block go to a buffer of the thread's own. */
+ * of each block go to a buffer of the thread's own; with the certificate by groups, the
+ * tiles' certificates too. */
 NM_SIMD_CLONES static void exact_task(void *vctx, int64_t lo, int64_t hi)
 {
     nm_exact_ctx *shared = (nm_exact_ctx *)vctx;
     nm_exact_ctx local = *shared, *c = &local; /* errors go to shared->err after each block */
-    const int own_u = !shared->u;
-    /* with a certificate or a buffer: blocks of about 16K scores, still in cache after */
-    const int64_t block =
-        c->cert.kept || own_u ? 1 + 16384 / ((int64_t)c->m * c->m) : hi - lo;
+    const int own_u = !shared->u, groups = c->cert.kept && (c->flags & NM_FLAG_CERT_GROUPS);
+    /* with a certificate or a buffer: blocks of one certificate group, still in cache after
+     * (nm_exact_matrix hands out whole groups, so block b / block is group b / block) */
+    const int64_t block = c->cert.kept || own_u ? nm_cert_group(c->m) : hi - lo;
     nm_slot *slots = nm_slots_alloc(c->m);
     double *ubuf = own_u ? malloc(sizeof(double) * (size_t)(block * c->m)) : NULL;
-    if (!slots || (own_u && !ubuf)) {
+    char *cbuf = groups ? malloc((2 * sizeof(double) + sizeof(int32_t) + 1) * (size_t)block)
+                        : NULL;
+    if (!slots || (own_u && !ubuf) || (groups && !cbuf)) {
         if (slots)
             nm_slots_free(slots);
         free(ubuf);
+        free(cbuf);
         nm_set_error(&shared->err, NM_ERR_NOMEM);
         return;
+    }
+    nm_cert tiles_cert = {0};
+    if (cbuf) { /* kept, bound (double), nshort (int32), bad (int8): block of each */
+        double *d = (double *)cbuf;
+        int32_t *ns = (int32_t *)(d + 2 * block);
+        tiles_cert = (nm_cert){d, d + block, ns, (int8_t *)(ns + block)};
     }
     const int q4 = c->m == 4 && !(c->flags & (NM_FLAG_FORCE_FALLBACK | NM_FLAG_COLD_FALLBACK |
                                               NM_FLAG_GENERAL_PATH));
@@ -121,11 +158,16 @@ NM_SIMD_CLONES static void exact_task(void *vctx, int64_t lo, int64_t hi)
                 for (int i = 0; i < c->m; i++)
                     nm_tile_u(c, k)[i] = c->v[k * c->m + i] = 0.0;
         if (c->cert.kept && c->err == NM_OK) {
-            const int rc = nm_certify_range(&c->src, &c->cert, c->m, c->n, c->sat,
+            const nm_cert out = groups ? tiles_cert
+                                       : (nm_cert){c->cert.kept + b, c->cert.bound + b,
+                                                   c->cert.nshort + b, c->cert.bad + b};
+            const int rc = nm_certify_range(&c->src, &out, c->m, c->n, c->sat,
                                             (c->flags & NM_FLAG_ROWWISE) != 0, c->mask,
                                             c->mask_rs, nm_tile_u(c, b), c->v + b * c->m, b, e);
             if (rc != NM_OK)
                 nm_set_error(&c->err, rc);
+            else if (groups)
+                cert_sum(&tiles_cert, e - b, &c->cert, b / block);
         }
         for (int64_t k = b; c->u_rows && k < e; k++) { /* row r of tile (R, Q): (R*m + r, Q) */
             const int64_t tc = c->src.tcols;
@@ -139,6 +181,7 @@ NM_SIMD_CLONES static void exact_task(void *vctx, int64_t lo, int64_t hi)
         }
     }
     free(ubuf);
+    free(cbuf);
     nm_slots_free(slots);
 }
 
@@ -227,6 +270,11 @@ int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int
     }
     if (kept && bound && nshort && bad)
         c.cert = (nm_cert){kept, bound, nshort, bad};
-    nm_parallel_for(nthreads, t, nm_grain(t, nthreads, 16, 1), exact_task, &c);
+    int64_t grain = nm_grain(t, nthreads, 16, 1);
+    if (c.cert.kept || !u) { /* whole blocks of exact_task's */
+        const int64_t g = nm_cert_group(m);
+        grain = (grain + g - 1) / g * g;
+    }
+    nm_parallel_for(nthreads, t, grain, exact_task, &c);
     return c.err;
 }

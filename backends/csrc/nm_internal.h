@@ -334,7 +334,7 @@ typedef struct {
 
 /* The certificate of tiles [lo, hi) of a mask and its prices (nm_certify.c): the kept score,
  * the dual bound, the short rows and columns and the broken ones, computed apart from the
- * solver. NM_ERR_VALUE on a bad score. */
+ * solver, tile k's at out->kept[k - lo] etc. NM_ERR_VALUE on a bad score. */
 int nm_certify_range(const nm_src *src, const nm_cert *out, int m, int n, int sat, int rowwise,
                      const uint8_t *mask, int64_t mask_rs, const double *u, const double *v,
                      int64_t lo, int64_t hi);

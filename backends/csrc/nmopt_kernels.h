@@ -39,9 +39,11 @@ enum {
                                  * tile, before the certificate (it must flag the tile) */
     NM_FLAG_ZERO_PRICES = 16,   /* nm_exact_matrix: prices 0 before the certificate (a valid
                                  * but loose bound) */
-    NM_FLAG_ROWWISE = 32        /* nm_exact_matrix and nm_certify: row-wise N:M (the top n of
+    NM_FLAG_ROWWISE = 32,       /* nm_exact_matrix and nm_certify: row-wise N:M (the top n of
                                  * every row of every tile, prices u = the (n+1)-th largest,
                                  * v = 0; columns unconstrained) instead of transposable */
+    NM_FLAG_CERT_GROUPS = 64    /* nm_exact_matrix: the certificate per group of tiles (see
+                                 * nm_cert_group) instead of per tile */
 };
 
 /* Relative tolerances of the exact kernel's self-check (see nm_exact.c). */
@@ -77,13 +79,20 @@ enum { NM_F64 = 0, NM_F32 = 1, NM_F16 = 2, NM_BF16 = 3 };
  * at r * (cols/m) + q), written block by block while in cache; with it u may be NULL (each
  * thread then keeps a block's u in a buffer of its own).
  * kept, bound, nshort, bad (t), or all NULL: nm_certify's outputs, computed by its routine on
- * each block of tiles as soon as it is solved (while in cache). */
+ * each block of tiles as soon as it is solved (while in cache). With NM_FLAG_CERT_GROUPS they
+ * hold one entry per group g of nm_cert_group(m) tiles (the last one may be shorter): the
+ * sums of the group's kept scores, bounds and short rows and columns (in tile order, so the
+ * same whatever the threads), and bad = 1 where a tile breaks the pattern, | 2 where a
+ * tile's bound is not finite while its kept score is (an infinite or NaN price). */
 int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
                     int64_t rs, int64_t cs, int m, int n, int saturate, int flags,
                     const double *warm_v, const uint8_t *warm_x, int64_t warm_x_rs,
                     uint8_t *mask, int64_t mask_rs, double *u, double *v, double *u_rows,
                     int8_t *status,
                     double *kept, double *bound, int32_t *nshort, int8_t *bad, int nthreads);
+
+/* Tiles per group of nm_exact_matrix's certificate with NM_FLAG_CERT_GROUPS. */
+int64_t nm_cert_group(int m);
 
 /* The certificate of a mask and prices on the same matrix, computed independently of the
  * solver: per tile the kept score, the dual bound n*sum(u) + n*sum(v) + sum(max(0, s-u-v)),
