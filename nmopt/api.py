@@ -180,8 +180,9 @@ def _solve_in_place(src, p, grid, saturate, warm, engine, name, start, fallbacks
     if (flags & 2).any():
         raise RuntimeError(f"solver {name!r} returned prices that are not finite")
     if (flags & 1).any():
-        first = int(np.flatnonzero(flags & 1)[0]) * engine.cert_group(p.m)
-        last = min(first + engine.cert_group(p.m), grid.num_tiles) - 1
+        size = engine.cert_group(p.m)
+        first = int(np.flatnonzero(flags & 1)[0]) * size
+        last = min(first + size, grid.num_tiles) - 1
         raise RuntimeError(f"solver {name!r} returned an invalid mask: one of tiles "
                            f"{first}-{last} breaks {p}")
     with np.errstate(over="ignore"):
