@@ -230,11 +230,11 @@ class CffiBackend(Backend):
         by its C routine on each block of tiles right after the solve; ``certify="groups"``:
         one entry per group of :meth:`cert_group` tiles instead (sums of the kept scores,
         bounds and short counts, and int8 flags: 1 a tile breaks the pattern, 2 a tile's
-        bound is not finite while its kept score is). ``rowwise``: row-wise
-        N:M instead (the top N of every row of every tile; v = 0). ``row_prices``: ``u`` as a
-        (rows, cols / m) matrix instead (row r of tile column q at ``[r, q]``, the layout of
-        ``MaskResult.u``), written by the kernel while in cache. Raises :class:`BadScores` on
-        a NaN, infinite (or, for scores, negative) value."""
+        bound is not finite while its kept score is). ``rowwise``: row-wise N:M instead (the
+        top N of every row of every tile; v = 0). ``row_prices``: ``u`` as a (rows, cols / m)
+        matrix instead (row r of tile column q at ``[r, q]``, the layout of ``MaskResult.u``),
+        written by the kernel while in cache. Raises :class:`BadScores` on a NaN, infinite
+        (or, for scores, negative) value."""
         ptr, code, rs, cs, owner = matrix_arg(x)  # owner keeps the memory alive
         rows, cols = owner.shape
         k = _load()
@@ -261,9 +261,9 @@ class CffiBackend(Backend):
         if certify not in (False, True, "groups"):
             raise ValueError(f"certify: expected False, True or 'groups', got {certify!r}")
         groups = certify == "groups"
-        if groups:
-            flags = int(flags) | _CERT_GROUPS
-        cert = _cert_arrays(-(-t // self.cert_group(m)) if groups else t) if certify else None
+        flags = int(flags) | (_CERT_GROUPS if groups else 0)
+        entries = -(-t // self.cert_group(m)) if groups else t
+        cert = _cert_arrays(entries) if certify else None
         rc = k.lib.nm_exact_matrix(k.ffi.cast("void *", ptr), code, int(bool(absolute)), rows,
                                    cols, rs, cs, m, n, int(bool(saturate)),
                                    int(flags) | (_ROWWISE if rowwise else 0), wv, wx, wx_rs,

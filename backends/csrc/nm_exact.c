@@ -115,7 +115,7 @@ NM_SIMD_CLONES static void exact_task(void *vctx, int64_t lo, int64_t hi)
     nm_exact_ctx local = *shared, *c = &local; /* errors go to shared->err after each block */
     const int own_u = !shared->u, groups = c->cert.kept && (c->flags & NM_FLAG_CERT_GROUPS);
     /* with a certificate or a buffer: blocks of one certificate group, still in cache after
-     * (nm_exact_matrix hands out whole groups, so block b / block is group b / block) */
+     * (nm_exact_matrix then hands out whole groups, so block b / block is group b / block) */
     const int64_t block = c->cert.kept || own_u ? nm_cert_group(c->m) : hi - lo;
     nm_slot *slots = nm_slots_alloc(c->m);
     double *ubuf = own_u ? malloc(sizeof(double) * (size_t)(block * c->m)) : NULL;
@@ -271,7 +271,7 @@ int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int
     if (kept && bound && nshort && bad)
         c.cert = (nm_cert){kept, bound, nshort, bad};
     int64_t grain = nm_grain(t, nthreads, 16, 1);
-    if (c.cert.kept || !u) { /* whole blocks of exact_task's */
+    if (c.cert.kept) { /* whole groups per thread (by tile too: the same blocks either way) */
         const int64_t g = nm_cert_group(m);
         grain = (grain + g - 1) / g * g;
     }
