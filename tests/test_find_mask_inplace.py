@@ -125,6 +125,16 @@ def test_an_invalid_mask_from_the_kernel_is_refused(monkeypatch):
         nmopt.find_mask(np.random.default_rng(0).standard_normal((256, 256)), "2:4")
 
 
+def test_prices_that_are_not_finite_are_refused(monkeypatch):
+    cffi = BACKENDS.instance("cffi")
+    w = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+    flags = cffi.exact_matrix(w, 2, 4, absolute=True, certify="groups", flags=128)[-1]
+    assert flags.tolist() == [2, 2, 2, 2]  # NM_FLAG_INF_PRICES: one per block, so per group
+    _with_flags(monkeypatch, 128)
+    with pytest.raises(RuntimeError, match="solver 'exact' returned prices that are not finite"):
+        nmopt.find_mask(w, "2:4")
+
+
 def test_the_certificate_does_not_trust_the_kernel(monkeypatch):
     _with_flags(monkeypatch, 16)  # NM_FLAG_ZERO_PRICES: valid prices, not optimal ones
     w = np.random.default_rng(0).standard_normal((8, 8))

@@ -153,6 +153,8 @@ NM_SIMD_CLONES static void exact_task(void *vctx, int64_t lo, int64_t hi)
             int64_t rs;
             memset(nm_tile_mask_out(c, b, &rs), 1, (size_t)c->m);
         }
+        if (c->flags & NM_FLAG_INF_PRICES)
+            c->v[b * c->m] = HUGE_VAL;
         if (c->flags & NM_FLAG_ZERO_PRICES)
             for (int64_t k = b; k < e; k++)
                 for (int i = 0; i < c->m; i++)

@@ -42,8 +42,10 @@ enum {
     NM_FLAG_ROWWISE = 32,       /* nm_exact_matrix and nm_certify: row-wise N:M (the top n of
                                  * every row of every tile, prices u = the (n+1)-th largest,
                                  * v = 0; columns unconstrained) instead of transposable */
-    NM_FLAG_CERT_GROUPS = 64    /* nm_exact_matrix: the certificate per group of tiles (see
+    NM_FLAG_CERT_GROUPS = 64,   /* nm_exact_matrix: the certificate per group of tiles (see
                                  * nm_cert_group) instead of per tile */
+    NM_FLAG_INF_PRICES = 128    /* nm_exact_matrix: the first price of each block's first tile
+                                 * +inf, before the certificate (it must flag the group) */
 };
 
 /* Relative tolerances of the exact kernel's self-check (see nm_exact.c). */
