@@ -284,13 +284,17 @@ static inline __attribute__((always_inline)) void nm_read_tile(const nm_src *src
     const int ab = src->absolute;
     if (src->dtype == NM_F32 && cs == 1 && m % NM_W == 0) { /* NM_W floats per vector */
         typedef float nm_vf __attribute__((vector_size(4 * NM_W)));
+        _Static_assert(NM_W == 4, "four floats per vector, converted lane by lane");
         const nm_vi sign = ab ? (nm_vi){0} + INT64_MAX : (nm_vi){0} - 1;
         const float *base = (const float *)src->data + r0 * rs + c0;
         for (int i = 0; i < m; i++)
             for (int j0 = 0; j0 < m; j0 += NM_W) {
                 nm_vf f;
                 memcpy(&f, base + i * rs + j0, sizeof f);
-                const nm_vd d = (nm_vd)((nm_vi)__builtin_convertvector(f, nm_vd) & sign);
+                /* lane by lane: GCC 12 turns this into one vcvtps2pd, but a convertvector
+                 * into two half-width ones and an insert */
+                const nm_vd x = {f[0], f[1], f[2], f[3]};
+                const nm_vd d = (nm_vd)((nm_vi)x & sign);
                 memcpy(buf + i * m + j0, &d, sizeof d);
             }
         return;
