@@ -230,12 +230,11 @@ def test_unaligned_broadcast_and_read_only_inputs():
                                            ((64, 320), "16:32"), ((24, 40), "5:8")])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", ["cold", "warm", "rowwise", "broken"])
-def test_certificate_by_groups_is_the_per_tile_one_summed(monkeypatch, shape, pattern, threads,
-                                                          mode):
+def test_certificate_by_groups_is_the_per_tile_one_summed(shape, pattern, threads, mode):
     """``certify="groups"`` (find_mask's): each entry is its group's per-tile certificate summed
     in tile order, bit for bit, on any number of threads; flag 1 where a tile breaks."""
-    cffi = BACKENDS.instance("cffi")
-    monkeypatch.setattr(cffi, "num_threads", threads)
+    cffi = type(BACKENDS.instance("cffi"))()  # its own: setting the shared one's threads
+    cffi.num_threads = threads  # would stop it following NMOPT_NUM_THREADS for later tests
     n, m = map(int, pattern.split(":"))
     rng = np.random.default_rng(threads)
     w = rng.standard_normal(shape).astype(np.float32)
