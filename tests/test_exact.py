@@ -207,6 +207,29 @@ def test_warm_start_on_many_tiles_is_exact_whatever_the_probe_picks(cffi, n, m):
             np.testing.assert_allclose(res[5], res[4], rtol=1e-10)  # bound = kept
 
 
+@pytest.mark.parametrize(("n", "m", "shape"), [(2, 4, (40, 4)), (2, 4, (4, 1028)), (2, 4, (60, 36)),
+                                               (4, 8, (8, 8)), (4, 8, (24, 8 * 127)),
+                                               (3, 5, (35, 5))])
+def test_matrix_tiles_are_placed_right_at_any_grid_width(cffi, n, m, shape):
+    """The in-place kernel finds tile k's rows and columns by a multiplication (by a division
+    when the grid is one tile wide): mask, prices and certificate match the same tiles solved
+    as an array, with the previous result as a warm start too."""
+    w = np.random.default_rng(shape[1]).standard_normal(shape).astype(np.float32)
+    grid = TileGrid(*shape, m)
+    tiles = grid.to_tiles(np.abs(w.astype(np.float64)))
+    mask_t, u_t, v_t, _ = cffi.exact(tiles, n)
+    for warm in (None, cffi.exact_matrix(w, n, m, absolute=True)):
+        kw = {} if warm is None else {"warm": warm[2], "warm_mask": warm[0]}
+        res = cffi.exact_matrix(w, n, m, absolute=True, certify=True, **kw)
+        np.testing.assert_array_equal(grid.to_tiles(res[0]), mask_t)
+        np.testing.assert_allclose(res[4], per_tile_kept(np.abs(w.astype(np.float64)), res[0], m),
+                                   rtol=1e-12)
+        np.testing.assert_allclose(res[5], res[4], rtol=1e-10)
+        if warm is None:
+            np.testing.assert_array_equal(res[1], u_t)
+            np.testing.assert_array_equal(res[2], v_t)
+
+
 @pytest.mark.parametrize(("n", "m", "shape"), [(2, 4, (128, 264)), (3, 8, (24, 40)),
                                                (5, 12, (36, 24))])
 def test_row_prices_are_u_by_matrix_row(cffi, n, m, shape):

@@ -22,7 +22,9 @@ static inline __attribute__((always_inline)) int certify_range(
         double mx;
         if (nm_scan_scores(s, m * m, &mx))
             return NM_ERR_VALUE;
-        const uint8_t *x = mask + (k / src->tcols) * m * mask_rs + (k % src->tcols) * m;
+        int64_t r, q;
+        nm_tile_place(src, k, &r, &q);
+        const uint8_t *x = mask + r * m * mask_rs + q * m;
         const double *uk = u + (k - lo) * m, *vk = v + (k - lo) * m;
         double kept = 0.0, slack = 0.0, prices = 0.0;
         int cdeg[NM_MAX_M] = {0};
@@ -138,7 +140,8 @@ int nm_certify(const void *data, int dtype, int absolute, int64_t rows, int64_t 
         return NM_OK;
     if (!data || !mask || !u || !v || !kept || !bound || !nshort || !bad)
         return NM_ERR_ARG;
-    certify_ctx c = {{data, dtype, absolute != 0, rs, cs, cols / m}, {kept, bound, nshort, bad},
+    certify_ctx c = {{data, dtype, absolute != 0, rs, cs, cols / m, nm_src_tdiv(cols / m, t)},
+                     {kept, bound, nshort, bad},
                      m, n, saturate != 0, (flags & NM_FLAG_ROWWISE) != 0, mask, mask_rs, u, v, 0};
     nm_parallel_for(nthreads, t, nm_grain(t, nthreads, 16, 64), certify_task, &c);
     return c.err;

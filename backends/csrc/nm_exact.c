@@ -105,6 +105,26 @@ static inline __attribute__((always_inline)) void rowwise_run(nm_exact_ctx *c, i
     }
 }
 
+/* The row prices of tiles [lo, hi) into u_rows: row r of tile (R, Q) at (R*m + r, Q). m is a
+ * constant where the caller specialises; the tile's place is stepped, not divided out. */
+static inline __attribute__((always_inline)) void rows_out(const nm_exact_ctx *c, int64_t lo,
+                                                            int64_t hi, const int m)
+{
+    const int64_t tc = c->src.tcols;
+    int64_t r, q;
+    nm_tile_place(&c->src, lo, &r, &q);
+    for (int64_t k = lo; k < hi; k++) {
+        double *out = c->u_rows + r * m * tc + q;
+        const double *u = nm_tile_u(c, k);
+        for (int i = 0; i < m; i++)
+            out[i * tc] = u[i];
+        if (++q == tc) {
+            q = 0;
+            r++;
+        }
+    }
+}
+
 /* Tiles [lo, hi) on one thread, with a workspace of its own: the M = 4 path unless a flag
  * asks for the general one, else the general path. Without u (only u_rows), the row prices
  * of each block go to a buffer of the thread's own; with the certificate by groups, the
@@ -171,12 +191,8 @@ NM_SIMD_CLONES static void exact_task(void *vctx, int64_t lo, int64_t hi)
             else if (groups)
                 cert_sum(&tiles_cert, e - b, &c->cert, b / block);
         }
-        for (int64_t k = b; c->u_rows && k < e; k++) { /* row r of tile (R, Q): (R*m + r, Q) */
-            const int64_t tc = c->src.tcols;
-            double *out = c->u_rows + (k / tc) * c->m * tc + k % tc;
-            for (int i = 0; i < c->m; i++)
-                out[i * tc] = nm_tile_u(c, k)[i];
-        }
+        if (c->u_rows)
+            c->m == 4 ? rows_out(c, b, e, 4) : rows_out(c, b, e, c->m);
         if (c->err != NM_OK) {
             nm_set_error(&shared->err, c->err);
             break;
@@ -251,7 +267,7 @@ int nm_exact_matrix(const void *data, int dtype, int absolute, int64_t rows, int
     if (!data || !mask || (!u && !u_rows) || !v || !status)
         return NM_ERR_ARG;
     nm_exact_ctx c = exact_ctx(m, n, saturate, flags, mask, u, v, status);
-    c.src = (nm_src){data, dtype, absolute != 0, rs, cs, cols / m};
+    c.src = (nm_src){data, dtype, absolute != 0, rs, cs, cols / m, nm_src_tdiv(cols / m, t)};
     c.mask_rs = mask_rs;
     c.u_rows = u_rows;
     c.warm_v = saturate ? NULL : warm_v;

@@ -298,7 +298,7 @@ static inline __attribute__((always_inline)) int q4_load(const nm_exact_ctx *c, 
                                                          nm_vd *s, int *e)
 {
     double buf[16] NM_A64;
-    const double *src = nm_tile_scores(c, k, buf);
+    const double *src = nm_tile_scores_m(c, k, buf, 4);
     double mx;
     if (nm_scan_scores(src, 16, &mx))
         return NM_ERR_VALUE;
@@ -353,7 +353,9 @@ static inline __attribute__((always_inline)) int q4_fit4(const nm_exact_ctx *c, 
         f[l] = nm_pow2(-e);
         g[l] = nm_pow2(e);
         const int64_t k = k0 + l, rs = c->warm_x_rs;
-        const uint8_t *p = c->warm_x + (k / c->src.tcols) * 4 * rs + (k % c->src.tcols) * 4;
+        int64_t r, q;
+        nm_tile_place(&c->src, k, &r, &q);
+        const uint8_t *p = c->warm_x + r * 4 * rs + q * 4;
         for (int i = 0; i < 4; i++) {
             memcpy(words[l] + i, p + i * rs, sizeof(uint32_t));
             words[l][i] &= 0x01010101u; /* each byte as its lowest bit */

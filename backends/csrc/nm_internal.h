@@ -240,7 +240,31 @@ typedef struct {
     const void *data;
     int dtype, absolute;
     int64_t rs, cs, tcols; /* strides in elements; tiles per row of tiles */
+    uint64_t tdiv;         /* nm_src_tdiv(tcols, tiles): k / tcols without a division */
 } nm_src;
+
+/* For k / tcols by a multiplication (Lemire, Kaser and Kurz, "Faster remainder by direct
+ * computation", 2019): ceil(2^64 / tcols), exact for every k and tcols below 2^32; 0 (divide)
+ * when tcols is 1 or the sizes are larger. */
+static inline uint64_t nm_src_tdiv(int64_t tcols, int64_t tiles)
+{
+    return tcols > 1 && tcols < (INT64_C(1) << 32) && tiles <= (INT64_C(1) << 32)
+               ? UINT64_MAX / (uint64_t)tcols + 1
+               : 0;
+}
+
+/* Tile k's row and column in the grid of tiles (k < tiles). */
+static inline __attribute__((always_inline)) void nm_tile_place(const nm_src *src, int64_t k,
+                                                                int64_t *r, int64_t *q)
+{
+    if (src->tdiv) {
+        *r = (int64_t)(((unsigned __int128)src->tdiv * (uint64_t)k) >> 64);
+        *q = k - *r * src->tcols;
+    } else {
+        *r = k / src->tcols;
+        *q = k % src->tcols;
+    }
+}
 
 /* The sizes of a matrix call (nm_exact_matrix, nm_certify) are valid. */
 static inline int nm_matrix_args_ok(int dtype, int64_t rows, int64_t cols, int m, int n,
@@ -279,7 +303,10 @@ static inline double nm_bf16(uint16_t h)
 static inline __attribute__((always_inline)) void nm_read_tile(const nm_src *src, int m,
                                                                int64_t k, double *buf)
 {
-    const int64_t r0 = (k / src->tcols) * m, c0 = (k % src->tcols) * m;
+    int64_t r0, c0;
+    nm_tile_place(src, k, &r0, &c0);
+    r0 *= m;
+    c0 *= m;
     const int64_t rs = src->rs, cs = src->cs;
     const int ab = src->absolute;
     if (src->dtype == NM_F32 && cs == 1 && m % NM_W == 0) { /* NM_W floats per vector */
@@ -397,7 +424,10 @@ static inline __attribute__((always_inline)) void nm_prefetch_tile(const nm_exac
     if (c->tiles || c->src.cs != 1)
         return;
     const int m = c->m, es = c->src.dtype == NM_F64 ? 8 : c->src.dtype == NM_F32 ? 4 : 2;
-    const int64_t r0 = (k / c->src.tcols) * m, c0 = (k % c->src.tcols) * m;
+    int64_t r0, c0;
+    nm_tile_place(&c->src, k, &r0, &c0);
+    r0 *= m;
+    c0 *= m;
     const char *s = (const char *)c->src.data + (r0 * c->src.rs + c0) * es;
     for (int i = 0; i < m; i++) {
         const char *row = s + i * c->src.rs * es;
@@ -417,7 +447,9 @@ static inline uint8_t *nm_tile_mask_out(const nm_exact_ctx *c, int64_t k, int64_
         return c->mask + k * m * m;
     }
     *stride = c->mask_rs;
-    return c->mask + (k / c->src.tcols) * m * c->mask_rs + (k % c->src.tcols) * m;
+    int64_t r, q;
+    nm_tile_place(&c->src, k, &r, &q);
+    return c->mask + r * m * c->mask_rs + q * m;
 }
 
 /* 2^k as a double, for -1022 <= k <= 1023 (exact, no libm call). */
