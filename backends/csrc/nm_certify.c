@@ -11,6 +11,27 @@
  * solved, while they are in cache; nm_certify runs it on a whole matrix. */
 #include "nm_internal.h"
 
+/* Lane l: the sum of the lanes of g[l] (four horizontal sums in six shuffles). */
+static inline __attribute__((always_inline)) nm_vi lane_sums4(const nm_vi *g)
+{
+    _Static_assert(NM_W == 4, "four vectors of four lanes");
+    const nm_vi t0 = __builtin_shuffle(g[0], g[1], (nm_vi){0, 4, 2, 6}) +
+                     __builtin_shuffle(g[0], g[1], (nm_vi){1, 5, 3, 7});
+    const nm_vi t1 = __builtin_shuffle(g[2], g[3], (nm_vi){0, 4, 2, 6}) +
+                     __builtin_shuffle(g[2], g[3], (nm_vi){1, 5, 3, 7});
+    return __builtin_shuffle(t0, t1, (nm_vi){0, 1, 4, 5}) +
+           __builtin_shuffle(t0, t1, (nm_vi){2, 3, 6, 7});
+}
+
+/* Counts d of rows or columns against n: bad lanes (above n, or with sat not n) into *bad,
+ * lanes below n counted (as -1 each) into *under. */
+static inline __attribute__((always_inline)) void check_counts(nm_vi d, nm_vi n, int sat,
+                                                               nm_vi *bad, nm_vi *under)
+{
+    *bad |= (d > n) | (sat ? d != n : (nm_vi){0});
+    *under += d < n;
+}
+
 static inline __attribute__((always_inline)) int certify_range(
     const nm_src *src, const nm_cert *out, const int m, int n, int sat, int rowwise,
     const uint8_t *mask, int64_t mask_rs, const double *u, const double *v, int64_t lo,
@@ -27,7 +48,6 @@ static inline __attribute__((always_inline)) int certify_range(
         const uint8_t *x = mask + r * m * mask_rs + q * m;
         const double *uk = u + (k - lo) * m, *vk = v + (k - lo) * m;
         double kept = 0.0, slack = 0.0, prices = 0.0;
-        int cdeg[NM_MAX_M] = {0};
         int bad = 0, nshort = 0;
         for (int j = 0; j < m; j++) {
             prices += uk[j] + vk[j];
@@ -35,8 +55,9 @@ static inline __attribute__((always_inline)) int certify_range(
         }
         if (m % NM_W == 0) { /* NM_W columns at a time; the mask holds 0 and 1 only */
             const nm_vd zero = {0};
+            const nm_vi nv = (nm_vi){0} + n;
             nm_vd vkept = zero, vslack = zero;
-            nm_vi vc[NM_MAX_M / NM_W];
+            nm_vi vc[NM_MAX_M / NM_W], group[NM_W], vbad = {0}, under = {0};
             for (int q = 0; q < m / NM_W; q++)
                 vc[q] = (nm_vi){0};
             for (int i = 0; i < m; i++) {
@@ -54,15 +75,18 @@ static inline __attribute__((always_inline)) int certify_range(
                     rows -= keep;
                     vc[j0 / NM_W] -= keep;
                 }
-                const int rdeg = (int)nm_hsum_i(rows);
-                bad |= rdeg > n || (sat && rdeg != n);
-                nshort += rdeg < n;
+                group[i % NM_W] = rows; /* rows i - 3 .. i, counted four at a time */
+                if (i % NM_W == NM_W - 1)
+                    check_counts(lane_sums4(group), nv, sat, &vbad, &under);
             }
+            for (int q = 0; q < m / NM_W && !rowwise; q++)
+                check_counts(vc[q], nv, sat, &vbad, &under);
             kept = nm_hsum(vkept);
             slack = nm_hsum(vslack);
-            for (int j = 0; j < m; j++)
-                cdeg[j] = (int)vc[j / NM_W][j % NM_W];
+            bad |= nm_any(vbad);
+            nshort = -(int)nm_hsum_i(under);
         } else {
+            int cdeg[NM_MAX_M] = {0};
             for (int i = 0; i < m; i++) {
                 const uint8_t *xi = x + i * mask_rs;
                 const double *si = s + i * m;
@@ -78,10 +102,10 @@ static inline __attribute__((always_inline)) int certify_range(
                 bad |= rdeg > n || (sat && rdeg != n);
                 nshort += rdeg < n;
             }
-        }
-        for (int j = 0; j < m && !rowwise; j++) {
-            bad |= cdeg[j] > n || (sat && cdeg[j] != n);
-            nshort += cdeg[j] < n;
+            for (int j = 0; j < m && !rowwise; j++) {
+                bad |= cdeg[j] > n || (sat && cdeg[j] != n);
+                nshort += cdeg[j] < n;
+            }
         }
         out->kept[k - lo] = kept;
         out->bound[k - lo] = n * prices + slack;
