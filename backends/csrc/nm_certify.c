@@ -43,9 +43,9 @@ static inline __attribute__((always_inline)) int certify_range(
         double mx;
         if (nm_scan_scores(s, m * m, &mx))
             return NM_ERR_VALUE;
-        int64_t r, q;
-        nm_tile_place(src, k, &r, &q);
-        const uint8_t *x = mask + r * m * mask_rs + q * m;
+        int64_t tr, tq; /* the tile's row and column in the grid */
+        nm_tile_place(src, k, &tr, &tq);
+        const uint8_t *x = mask + tr * m * mask_rs + tq * m;
         const double *uk = u + (k - lo) * m, *vk = v + (k - lo) * m;
         double kept = 0.0, slack = 0.0, prices = 0.0;
         int bad = 0, nshort = 0;

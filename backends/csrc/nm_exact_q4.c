@@ -353,9 +353,9 @@ static inline __attribute__((always_inline)) int q4_fit4(const nm_exact_ctx *c, 
         f[l] = nm_pow2(-e);
         g[l] = nm_pow2(e);
         const int64_t k = k0 + l, rs = c->warm_x_rs;
-        int64_t r, q;
-        nm_tile_place(&c->src, k, &r, &q);
-        const uint8_t *p = c->warm_x + r * 4 * rs + q * 4;
+        int64_t tr, tq;
+        nm_tile_place(&c->src, k, &tr, &tq);
+        const uint8_t *p = c->warm_x + tr * 4 * rs + tq * 4;
         for (int i = 0; i < 4; i++) {
             memcpy(words[l] + i, p + i * rs, sizeof(uint32_t));
             words[l][i] &= 0x01010101u; /* each byte as its lowest bit */

@@ -43,9 +43,9 @@ static inline __attribute__((always_inline)) int load_prev_mask(nm_tile *t,
 {
     const int n = t->n, mp = NM_ROUNDW(m);
     const int64_t rs = c->warm_x_rs;
-    int64_t r, q;
-    nm_tile_place(&c->src, k, &r, &q);
-    const uint8_t *p = c->warm_x + r * m * rs + q * m;
+    int64_t tr, tq;
+    nm_tile_place(&c->src, k, &tr, &tq);
+    const uint8_t *p = c->warm_x + tr * m * rs + tq * m;
     const nm_vd inf = (nm_vd){0} + HUGE_VAL;
     nm_vi cols[NM_MAX_M / NM_W];
     for (int q = 0; q < mp / NM_W; q++)
