@@ -261,12 +261,12 @@ class CffiBackend(Backend):
         if certify not in (False, True, "groups"):
             raise ValueError(f"certify: expected False, True or 'groups', got {certify!r}")
         groups = certify == "groups"
-        flags = int(flags) | (_CERT_GROUPS if groups else 0)
+        flags = int(flags) | (_CERT_GROUPS if groups else 0) | (_ROWWISE if rowwise else 0)
         entries = -(-t // self.cert_group(m)) if groups else t
         cert = _cert_arrays(entries) if certify else None
         rc = k.lib.nm_exact_matrix(k.ffi.cast("void *", ptr), code, int(bool(absolute)), rows,
                                    cols, rs, cs, m, n, int(bool(saturate)),
-                                   int(flags) | (_ROWWISE if rowwise else 0), wv, wx, wx_rs,
+                                   flags, wv, wx, wx_rs,
                                    k.ffi.from_buffer("uint8_t[]", mask), cols,
                                    k.ffi.NULL if u is None else k.ffi.from_buffer("double[]", u),
                                    k.ffi.from_buffer("double[]", v),

@@ -191,8 +191,10 @@ NM_SIMD_CLONES static void exact_task(void *vctx, int64_t lo, int64_t hi)
             else if (groups)
                 cert_sum(&tiles_cert, e - b, &c->cert, b / block);
         }
-        if (c->u_rows)
-            c->m == 4 ? rows_out(c, b, e, 4) : rows_out(c, b, e, c->m);
+        if (c->u_rows && c->m == 4)
+            rows_out(c, b, e, 4); /* its loops unroll */
+        else if (c->u_rows)
+            rows_out(c, b, e, c->m);
         if (c->err != NM_OK) {
             nm_set_error(&shared->err, c->err);
             break;
