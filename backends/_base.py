@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from nmopt._registry import Plugin, Registry
+from nmopt.certificates import DESCENT_STARTS, descent_prices
 
 #: Backends in order of decreasing preference when the call names none: the compiled C kernels,
 #: then the numpy reference, then torch (preferred only for torch inputs, see ``frameworks``).
@@ -29,6 +30,12 @@ class Backend(Plugin):
     def rowwise(self, tiles: np.ndarray, n: int) -> np.ndarray:
         """Row-wise N:M: the top N of every row of every tile (exact)."""
         raise NotImplementedError(f"backend {self.name!r} has no row-wise kernel")
+
+    def descent_prices(self, tiles: np.ndarray, n: int, sweeps: int = 4,
+                       starts: tuple[float, ...] = DESCENT_STARTS):
+        """Cheap dual prices ``(u, v)`` for an approximate mask: the numpy reference
+        :func:`nmopt.certificates.descent_prices` unless the backend has its own kernel."""
+        return descent_prices(tiles, n, sweeps, starts)
 
     def apply_mask(self, weights, mask):
         """``weights * mask`` in the weights' own type."""

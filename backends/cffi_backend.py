@@ -20,6 +20,7 @@ import numpy as np
 from nmopt._packed import PackedNM, check_matmul_args, check_pack_args, first_overfull_group
 from nmopt.backends._base import Backend, register
 from nmopt.backends.numpy_backend import NumpyBackend
+from nmopt.certificates import DESCENT_STARTS, check_descent_args
 from nmopt.patterns import MAX_M
 
 ENV_THREADS = "NMOPT_NUM_THREADS"
@@ -190,6 +191,22 @@ class CffiBackend(Backend):
 
     def rowwise(self, tiles, n):
         return self._select("rowwise", tiles, n)
+
+    def descent_prices(self, tiles, n, sweeps=4, starts=DESCENT_STARTS):
+        n, m = _check_tiles(tiles, n)
+        sweeps, starts = check_descent_args(sweeps, starts)
+        k = _load()
+        t = tiles.shape[0]
+        u, v = np.empty((t, m)), np.empty((t, m))
+        c_starts = np.asarray(starts, dtype=np.float64)
+        rc = k.lib.nm_descent_prices(k.ffi.from_buffer("double[]", tiles), t, m, n, sweeps,
+                                     k.ffi.from_buffer("double[]", c_starts), len(starts),
+                                     k.ffi.from_buffer("double[]", u),
+                                     k.ffi.from_buffer("double[]", v), self.num_threads)
+        if rc == -2:
+            raise _bad_scores(tiles, negative_ok=True)
+        _check(rc, "descent_prices")
+        return u, v
 
     def exact(self, tiles, n, saturate=False, *, flags: int = 0):
         """Exact transposable masks (at most N, or exactly N with ``saturate``).

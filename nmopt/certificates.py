@@ -149,8 +149,23 @@ def _kth_largest(a: np.ndarray, k: int, axis: int) -> np.ndarray:
     return np.take(np.partition(a, size - k, axis=axis), size - k, axis=axis)
 
 
+#: Start factors of :func:`descent_prices` (column prices as fractions of the columns' (N+1)-th
+#: largest score).
+DESCENT_STARTS = (0.35, 0.5, 0.65)
+
+
+def check_descent_args(sweeps, starts) -> tuple[int, tuple[float, ...]]:
+    """``(sweeps, starts)`` of :func:`descent_prices` checked: sweeps >= 1, starts finite."""
+    if isinstance(sweeps, bool) or not isinstance(sweeps, (int, np.integer)) or sweeps < 1:
+        raise ValueError(f"sweeps: expected an integer >= 1, got {sweeps!r}")
+    starts = tuple(float(b) for b in starts)
+    if not 1 <= len(starts) <= 64 or not np.isfinite(starts).all():
+        raise ValueError(f"starts: expected 1 to 64 finite factors, got {starts!r}")
+    return int(sweeps), starts
+
+
 def descent_prices(tiles: np.ndarray, n: int, sweeps: int = 4,
-                   starts: tuple[float, ...] = (0.35, 0.5, 0.65)) -> tuple[np.ndarray, np.ndarray]:
+                   starts: tuple[float, ...] = DESCENT_STARTS) -> tuple[np.ndarray, np.ndarray]:
     """Cheap prices for approximate solvers: block coordinate descent on ``B(u, v)``.
 
     Given ``v``, the best ``u_i`` is the (N+1)-th largest of ``s_ij - v_j`` clipped at 0 (and
@@ -160,7 +175,9 @@ def descent_prices(tiles: np.ndarray, n: int, sweeps: int = 4,
     for each ``beta`` in ``starts`` and keeps, per tile, the prices with the lowest bound (tiles
     are independent, so the per-tile minimum is still a valid certificate). The benchmark reports
     how tight it gets (about 0.3% above the optimum at 2:4 on Gaussian weights, less at larger M).
+    This is the reference; backends run it through ``Backend.descent_prices`` (C on cffi).
     """
+    sweeps, starts = check_descent_args(sweeps, starts)
     t, m, _ = tiles.shape
     best_u = np.zeros((t, m))
     best_v = np.zeros((t, m))

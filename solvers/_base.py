@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from nmopt._registry import Plugin, Registry
-from nmopt.certificates import descent_prices, prices_from_mask, tile_bounds
+from nmopt.certificates import prices_from_mask, tile_bounds
 
 #: Solvers in order of decreasing preference for ``solver="auto"`` (the first available exact
 #: solver that takes the problem): the C kernel, exact row-wise top-N, enumeration (2:4 and
@@ -80,7 +80,7 @@ class CallableSolver(Solver):
         if mask.shape != tiles.shape:
             raise ValueError(f"solver callable returned shape {mask.shape}, expected {tiles.shape}")
         u1, v1 = prices_from_mask(tiles, mask, n, saturate)
-        u2, v2 = descent_prices(tiles, n)
+        u2, v2 = backend.descent_prices(tiles, n)
         better = tile_bounds(tiles, n, u1, v1) <= tile_bounds(tiles, n, u2, v2)
         if saturate:
             better[:] = True

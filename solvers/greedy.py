@@ -7,7 +7,7 @@ column that are already paired, so it keeps at most N; it is guaranteed >= 1/2 o
 
 from __future__ import annotations
 
-from nmopt.certificates import descent_prices
+from nmopt.certificates import DESCENT_STARTS, check_descent_args
 from nmopt.solvers._base import Solver, register
 
 
@@ -21,9 +21,9 @@ class GreedySolver(Solver):
     exactly = False
 
     def __init__(self, sweeps: int = 4):
-        self.sweeps = sweeps
+        self.sweeps, _ = check_descent_args(sweeps, DESCENT_STARTS)
 
     def solve(self, tiles, n, *, saturate, backend):
         mask = backend.greedy(tiles, n)
-        u, v = descent_prices(tiles, n, self.sweeps)
+        u, v = backend.descent_prices(tiles, n, self.sweeps)
         return mask, u, v

@@ -155,6 +155,55 @@ def test_greedy_and_rowwise_bit_for_bit(cffi, n, m, kind):
     assert np.array_equal(cffi.rowwise(tiles, n), REF.rowwise(tiles, n))
 
 
+@pytest.mark.parametrize("kind", ["gauss", "ties", "zeros", "signed", "wide"])
+@pytest.mark.parametrize(("n", "m"), PATTERNS)
+def test_descent_prices_match_the_reference(cffi, n, m, kind):
+    """From one start the C prices are the reference's bit for bit; from several, the chosen
+    start's bound is the reference's up to rounding (sums in another order may break a tie
+    between starts the other way), and so is every price's validity."""
+    from nmopt.certificates import descent_prices, tile_bounds
+
+    rng = np.random.default_rng(n * 100 + m + 7)
+    tiles = family(rng, kind, (max(3, 3000 // (m * m)), m, m))
+    for sweeps in (1, 4):
+        got, ref = cffi.descent_prices(tiles, n, sweeps, (0.5,)), descent_prices(tiles, n, sweeps, (0.5,))
+        assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
+    (u, v), (ur, vr) = cffi.descent_prices(tiles, n), descent_prices(tiles, n)
+    assert (u >= 0).all() and (v >= 0).all()
+    b, br = tile_bounds(tiles, n, u, v), tile_bounds(tiles, n, ur, vr)
+    np.testing.assert_allclose(b, br, rtol=1e-12, atol=1e-300)
+
+
+def test_descent_prices_argument_checks(cffi):
+    good = np.ones((2, 4, 4))
+    assert cffi.descent_prices(np.zeros((0, 4, 4)), 2)[0].shape == (0, 4)
+    bad = good.copy()
+    bad[1, 2, 3] = np.inf
+    with pytest.raises(ValueError, match=r"tiles: .*finite.*\(1, 2, 3\)"):
+        cffi.descent_prices(bad, 2)
+    for sweeps in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="sweeps: expected an integer >= 1"):
+            cffi.descent_prices(good, 2, sweeps)
+    for starts in ((), (np.nan,), (1.0,) * 65):
+        with pytest.raises(ValueError, match="starts: expected 1 to 64 finite"):
+            cffi.descent_prices(good, 2, 4, starts)
+    with pytest.raises(ValueError, match="n: expected an integer in 1..M=4"):
+        cffi.descent_prices(good, 5)
+    with pytest.raises(ValueError, match="sweeps: expected an integer >= 1"):
+        type(nmopt.solvers.get("greedy"))(sweeps=0)
+
+
+def test_greedy_find_mask_certifies_as_on_numpy(cffi):
+    """find_mask(solver="greedy") takes its bound from the backend's descent prices."""
+    w = np.random.default_rng(3).standard_normal((48, 40))
+    for pattern in ("2:4", "4:8", "3:5"):
+        got = nmopt.find_mask(w, pattern, solver="greedy", backend="cffi")
+        ref = nmopt.find_mask(w, pattern, solver="greedy", backend="numpy")
+        assert np.array_equal(got.mask, ref.mask)
+        assert got.bound == pytest.approx(ref.bound, rel=1e-12)
+        assert got.bound >= nmopt.find_mask(w, pattern).objective * (1 - 1e-12)
+
+
 def test_greedy_all_equal_and_empty(cffi):
     tiles = np.zeros((3, 4, 4))
     assert np.array_equal(cffi.greedy(tiles, 2), REF.greedy(tiles, 2))

@@ -418,12 +418,12 @@ def test_bad_scores_rejected_before_c(cffi):
 @pytest.mark.parametrize("size", [8, 16])
 def test_selection_networks_sort_every_01_input(size):
     """The C price rounds and dual start sort with Batcher's odd-even merge networks written out
-    as comparator lists (nm_exact_start.c): by the 0-1 principle, a network that sorts all
+    as comparator lists (nm_network.h): by the 0-1 principle, a network that sorts all
     2**size inputs of 0s and 1s sorts every input."""
     import re
     from pathlib import Path
 
-    src = (Path(__file__).resolve().parents[1] / "backends" / "csrc" / "nm_exact_start.c").read_text()
+    src = (Path(__file__).resolve().parents[1] / "backends" / "csrc" / "nm_network.h").read_text()
     body = re.search(rf"#define NM_OEM{size}\(F, a, up\)(.*?)\n(?!    )", src, re.S)
     assert body, f"NM_OEM{size} not found"
     pairs = [(int(i), int(j)) for i, j in re.findall(r"F\(a \+ (\d+), a \+ (\d+), up\)", body[1])]

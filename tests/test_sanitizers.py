@@ -53,6 +53,7 @@ for m in list(range(1, 17)) + [23, 31, 32, 33, 47, 63, 64]:
             s = tiles_of(kind, t, m)
             b.num_threads = int(rng.integers(1, 4))
             g = b.greedy(s, n); r = b.rowwise(s, n)
+            du, dv = b.descent_prices(s, n, int(rng.integers(1, 5)))
             for sat in (False, True):
                 for flags in ((0, 1, 2, 4) if m <= 12 else (0,)):
                     mask, u, v, st = b.exact(s, n, sat, flags=flags)
@@ -61,7 +62,7 @@ for m in list(range(1, 17)) + [23, 31, 32, 33, 47, 63, 64]:
 # bad values are reported, not crashed on
 for bad in (np.nan, np.inf, -1.0):
     s = tiles_of(0, 3, 8); s[1, 2, 3] = bad
-    for fn in (b.greedy, b.rowwise, b.exact):
+    for fn in (b.greedy, b.rowwise, b.exact, b.descent_prices):
         try:
             fn(s, 2)
         except ValueError:

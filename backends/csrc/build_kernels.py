@@ -21,7 +21,8 @@ from cffi import FFI
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "nmopt_kernels.h"
 SOURCES = ["nm_parallel.c", "nm_select.c", "nm_exact.c", "nm_exact_general.c", "nm_exact_start.c",
-           "nm_exact_warm.c", "nm_exact_q4.c", "nm_exact_fallback.c", "nm_certify.c", "nm_packed.c"]
+           "nm_exact_warm.c", "nm_exact_q4.c", "nm_exact_fallback.c", "nm_certify.c", "nm_packed.c",
+           "nm_descent.c"]
 MODULE = "nmopt.backends._kernels"
 
 

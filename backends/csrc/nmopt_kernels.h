@@ -58,6 +58,13 @@ int nm_greedy(const double *tiles, int64_t t, int m, int n, uint8_t *mask, int n
 /* Row-wise top n per tile row (ties: lower index first). Any finite scores. */
 int nm_rowwise(const double *tiles, int64_t t, int m, int n, uint8_t *mask, int nthreads);
 
+/* Descent prices (nmopt.certificates.descent_prices): per tile, from each of the nstarts start
+ * factors (column prices starts[b] times the columns' (n+1)-th largest score), `sweeps` >= 1
+ * rounds of block coordinate descent on the dual bound; u, v (t, m) the prices of the start
+ * with the lowest bound, all 0 where n = m. Any finite scores (NM_ERR_VALUE otherwise). */
+int nm_descent_prices(const double *tiles, int64_t t, int m, int n, int sweeps,
+                      const double *starts, int nstarts, double *u, double *v, int nthreads);
+
 /* Exact transposable masks: at most n per tile row and column (saturate = 0) or exactly n
  * (saturate = 1), maximising the kept score. Scores must be finite and >= 0. Writes the mask,
  * dual prices u (t, m) and v (t, m) with bound(u, v) == kept score, and a per-tile status. */
