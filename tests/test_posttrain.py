@@ -155,6 +155,44 @@ def test_bert_encoder_with_dict_calibration():
     assert torch.equal(model.pooler.dense.weight, pooler)  # outside the blocks: dense
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_tokens_are_left_out_of_the_statistics(side):
+    """A padded dict batch (attention_mask 0 on padding) prunes as its real tokens alone do:
+    the same sequences unpadded, one batch each, give the same masks and weights."""
+    ids = calib(n=2, seqlen=16)
+    short, pad = ids[1, :10], torch.zeros(6, dtype=ids.dtype)
+    row = torch.cat([short, pad] if side == "right" else [pad, short])
+    padded, am = torch.stack([ids[0], row]), torch.ones(2, 16, dtype=torch.long)
+    am[1, 10:] = 0 if side == "right" else 1
+    am[1, :6] = 0 if side == "left" else 1
+    alone = [{"input_ids": t[None], "attention_mask": torch.ones(1, len(t), dtype=torch.long)} for t in (ids[0], short)]
+    config = PruneConfig(method="wanda", include_lm_head=True)  # masks from diag(H): no near-ties moved by rounding
+    a, b = tiny_llama(), tiny_llama()
+    ra = nmopt.prune_model(a, [{"input_ids": padded, "attention_mask": am}], config, progress=False)
+    rb = nmopt.prune_model(b, alone, config, progress=False)
+    assert ra.tokens == rb.tokens == 26
+    for (name, wa), wb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(wa != 0, wb != 0), name
+        assert torch.equal(wa, wb), name
+
+
+def test_stats_keep_the_flagged_rows_of_a_per_token_input():
+    from nmopt.posttrain.hessian import StatsCollector
+
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(6, 3)
+    x = torch.randn(2, 5, 6, generator=g)
+    keep = torch.rand(10, generator=g) < 0.5
+    col = StatsCollector({"l": lin})
+    col.token_mask = keep
+    lin(x)  # one row per token: the flagged ones count
+    lin(x[0])  # 5 rows, not one per token of the mask: all of them count
+    st = col.finish()["l"]
+    rows = torch.cat([x.reshape(-1, 6)[keep], x[0]]).double()
+    assert st.tokens == int(keep.sum()) + 5
+    torch.testing.assert_close(st.H, rows.T @ rows, rtol=1e-5, atol=1e-5)  # products in float32
+
+
 def test_gpt2_conv1d_layers_are_pruned_transposed():
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128,

@@ -11,7 +11,7 @@ from torch import nn
 from nmopt.masks import check_mask
 from nmopt.posttrain.adaprune import adaprune
 from nmopt.posttrain.admm import admm
-from nmopt.posttrain.capture import block_linears, calibration_batches, capture, find_blocks
+from nmopt.posttrain.capture import block_linears, calibration_batches, capture, find_blocks, token_mask
 from nmopt.posttrain.config import PruneConfig
 from nmopt.posttrain.hessian import ErrorMeter, StatsCollector, is_conv1d, weight_matrix, write_weight
 from nmopt.posttrain.methods import magnitude, sparsegpt, wanda
@@ -80,13 +80,15 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     backup = _Backup()
     with _inference_state(model):
         hidden, calls = capture(model, block_list, names, batches)
+        masks = [token_mask(batch, h) for batch, h in zip(batches, hidden)]  # padding left out
         report.samples = int(sum(h.shape[0] for h in hidden))
-        report.tokens = int(sum(h.numel() // h.shape[-1] for h in hidden))
+        report.tokens = int(sum(h.numel() // h.shape[-1] if k is None else k.sum()
+                                for h, k in zip(hidden, masks)))
         bar = _progress(len(block_list), progress)
         try:
-            _run_blocks(block_list, names, plan, hidden, calls, config, method, report, backup, bar)
+            _run_blocks(block_list, names, plan, hidden, calls, masks, config, method, report, backup, bar)
             if head is not None:
-                _prune_head(model, batches, head, config, method, report, backup)
+                _prune_head(model, batches, masks, head, config, method, report, backup)
         except BaseException:
             backup.restore()  # an error (or Ctrl-C) half-way leaves the model as it was
             raise
@@ -97,15 +99,17 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     return report
 
 
-def _run_blocks(block_list, names, plan, hidden, calls, config, method, report, backup, bar) -> None:
-    """The sequential pass: statistics of block b on the outputs of the pruned blocks < b, prune b's
-    layers, then run the pruned block b to make the inputs of block b + 1."""
+def _run_blocks(block_list, names, plan, hidden, calls, masks, config, method, report, backup, bar) -> None:
+    """The sequential pass: statistics of block b on the outputs of the pruned blocks < b (real
+    tokens only, ``masks``), prune b's layers, then run the pruned block b to make the inputs of
+    block b + 1."""
     fraction = _row_fraction(config, report.tokens)
     for b, block in enumerate(block_list):
         if plan[b]:
             collector = StatsCollector(dict(plan[b]), keep_rows_per_token=fraction, seed=config.seed + b)
             try:
                 for i, h in enumerate(hidden):
+                    collector.token_mask = masks[i]
                     calls[b][i].run(block, h)
             finally:
                 stats = collector.finish()
@@ -262,12 +266,13 @@ def _prune_layer(name, mod, stats, config, method, cache, block_name, backup):
                        seconds=time.perf_counter() - start, iterations=int(res.iterations), fallback=fallback)
 
 
-def _prune_head(model, batches, head, config, method, report, backup) -> None:
+def _prune_head(model, batches, masks, head, config, method, report, backup) -> None:
     """Prune the LM head from its inputs on the pruned model (one more forward pass)."""
     name, mod = head
     collector = StatsCollector({name: mod}, keep_rows_per_token=_row_fraction(config, report.tokens), seed=config.seed)
     try:
-        for args, kwargs in batches:
+        for (args, kwargs), keep in zip(batches, masks):
+            collector.token_mask = keep
             model(*args, **kwargs)
     finally:
         stats = collector.finish()

@@ -121,6 +121,17 @@ def calibration_batches(calibration, model: nn.Module, device) -> list[tuple[tup
     return batches
 
 
+def token_mask(batch: tuple[tuple, dict], hidden: torch.Tensor) -> torch.Tensor | None:
+    """The real tokens of a calibration batch, one flag per row of ``hidden`` (B, T, d)
+    flattened, from a dict batch's 2-D ``attention_mask`` (0: padding); None when every token
+    is real or the batch has no such mask."""
+    am = batch[1].get("attention_mask")
+    if not torch.is_tensor(am) or am.dim() != 2 or tuple(am.shape) != tuple(hidden.shape[:-1]):
+        return None
+    keep = am.reshape(-1) != 0
+    return None if bool(keep.all()) else keep.to(hidden.device)
+
+
 def _check_ids(ids: torch.Tensor, max_pos, vocab) -> None:
     if ids.numel() == 0:
         raise ValueError(f"calibration: no tokens (shape {tuple(ids.shape)})")

@@ -35,7 +35,9 @@ class StatsCollector:
     """Forward hooks that accumulate :class:`InputStats` for a set of linear layers.
 
     Layers fed the same tensor (q/k/v, gate/up) reuse one ``XᵀX`` product per call, and end up
-    sharing one ``H`` object (see :meth:`finish`) so factorisations are computed once.
+    sharing one ``H`` object (see :meth:`finish`) so factorisations are computed once. Set
+    ``token_mask`` (bool, one flag per token of the call, see ``capture.token_mask``) before a
+    call to leave padding out: a layer whose input has one row per token keeps the flagged rows.
     """
 
     def __init__(self, layers: dict, *, keep_rows_per_token: float = 0.0, seed: int = 0):
@@ -44,7 +46,8 @@ class StatsCollector:
                       for name, mod in layers.items()}
         self._fraction = keep_rows_per_token
         self._gen = torch.Generator(device="cpu").manual_seed(seed)
-        self._last = None  # (input tensor, serial, xtx, xsum, sampled rows) of the latest call
+        self._last = None  # (input tensor, serial, xtx, xsum, rows used, sampled rows) of the latest call
+        self.token_mask: torch.Tensor | None = None
         self._serial = 0
         self._handles = [mod.register_forward_hook(self._hook(name)) for name, mod in layers.items()]
 
@@ -55,6 +58,9 @@ class StatsCollector:
                 return
             if self._last is None or self._last[0] is not x:
                 x2 = x.detach().reshape(-1, x.shape[-1]).float()
+                keep = self.token_mask
+                if keep is not None and keep.numel() == x2.shape[0]:
+                    x2 = x2[keep.to(x2.device)]
                 xtx = (x2.T @ x2).double()
                 xsum = x2.sum(0, dtype=torch.float64)
                 rows = None
@@ -63,12 +69,12 @@ class StatsCollector:
                     idx = torch.randperm(x2.shape[0], generator=self._gen)[:k].to(x2.device)
                     rows = x2[idx].clone()
                 self._serial += 1
-                self._last = (x, self._serial, xtx, xsum, rows)
-            _, serial, xtx, xsum, rows = self._last
+                self._last = (x, self._serial, xtx, xsum, x2.shape[0], rows)
+            _, serial, xtx, xsum, used, rows = self._last
             st = self.stats[name]
             st.H += xtx.to(st.H.device)
             st.xsum += xsum.to(st.H.device)
-            st.tokens += x.numel() // x.shape[-1]
+            st.tokens += used
             st.sources.append(serial)
             if st.rows is not None and rows is not None:
                 st.rows.append(rows)

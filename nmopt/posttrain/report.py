@@ -90,7 +90,8 @@ class PruneReport:
     blocks : str
         Where the blocks were found, e.g. ``"model.layers (30 blocks)"``.
     samples, tokens : int
-        Calibration batches' samples and tokens seen by the first block.
+        Calibration batches' samples, and their tokens seen by the first block (padding, where
+        a dict batch's ``attention_mask`` marks it, left out).
     seconds : float
         Wall time of the whole call.
     """
