@@ -130,7 +130,13 @@ def _have_torch() -> bool:
 
 
 def refuse_torch_file(path: str | os.PathLike, head: bytes) -> None:
-    """Raise when a file named ``.safetensors`` starts like a PyTorch file (zip or pickle)."""
+    """Raise when a file named ``.safetensors`` starts like a PyTorch file (zip or pickle).
+
+    ``head``: the file's first 9 bytes or more. A safetensors header (8-byte length, then the
+    JSON's ``{``) never counts: its length's first byte may well be 0x80, a pickle's first byte.
+    """
+    if head[8:9] == b"{":
+        return
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
         raise CheckpointError(f"input {str(path)!r}: looks like a PyTorch file (zip/pickle), not "
                               "safetensors; rename it to .pt")

@@ -115,8 +115,10 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Entry], dict[str, st
 
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
         refuse_torch_file(path, head)
+        head = head[:8]
+        f.seek(len(head))
         if len(head) < 8:
             raise bad("shorter than the 8-byte header length")
         length = int.from_bytes(head, "little")
@@ -140,11 +142,20 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Entry], dict[str, st
         if code not in DTYPES:
             raise bad(f"tensor {name!r}: dtype {code!r} is not supported ({', '.join(DTYPES)})")
         entry = Entry(name, code, shape, start + int(begin))
-        if min(shape, default=0) < 0 or int(end) - int(begin) != entry.nbytes or start + int(end) > size:
+        if (min(shape, default=0) < 0 or int(begin) < 0 or int(end) - int(begin) != entry.nbytes
+                or start + int(end) > size):
             raise bad(f"tensor {name!r}: offsets {[begin, end]} do not fit shape {list(shape)} "
                       f"{code} in a file of {size} bytes (truncated?)")
         entries.append(entry)
-    entries.sort(key=lambda e: e.offset)
+    entries.sort(key=lambda e: (e.offset, e.nbytes))
+    end = start  # the data must tile the rest of the file, as the safetensors library demands
+    for prev, e in zip([None] + entries, entries):
+        if e.offset != end:
+            raise bad(f"tensor {e.name!r} overlaps tensor {prev.name!r}" if e.offset < end else
+                      f"{e.offset - end} bytes before tensor {e.name!r} belong to no tensor")
+        end = e.offset + e.nbytes
+    if end != size:
+        raise bad(f"{size - end} bytes after the last tensor belong to no tensor")
     return {e.name: e for e in entries}, meta
 
 

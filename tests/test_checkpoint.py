@@ -4,6 +4,7 @@ leave nothing behind, never clobber without force, and clean up after killed run
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -64,6 +65,26 @@ def test_safetensors_metadata_format_pt(tmp_path):
     path = tmp_path / "m.safetensors"
     save({"w": torch.ones(2, 2)}, path, metadata={"origin": "test"})
     assert read_metadata(path) == {"origin": "test", "format": "pt"}
+
+
+@pytest.mark.parametrize("length", [128, 640, 0x8080])
+def test_safetensors_whose_header_length_starts_like_a_pickle_load(tmp_path, length):
+    """A header length whose first byte is 0x80 (a pickle's first byte; 640 even reads as
+    pickle protocol 2) is still safetensors: its JSON follows at byte 8."""
+    from nmopt.safetensors_stream import read_header
+
+    text = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    text += b" " * (length - len(text))  # the library pads headers with spaces too
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(length.to_bytes(8, "little") + text + np.float32([1, 2]).tobytes())
+    assert path.read_bytes()[0] == 0x80
+    assert torch.equal(load(path)["w"], torch.tensor([1.0, 2.0]))
+    assert list(read_header(path)[0]) == ["w"]
+    torch.save({"w": torch.ones(2)}, path)  # a real PyTorch file under that name is still refused
+    with pytest.raises(CheckpointError, match="looks like a PyTorch file"):
+        load(path)
+    with pytest.raises(CheckpointError, match="looks like a PyTorch file"):
+        read_header(path)
 
 
 def test_numpy_arrays_to_safetensors(tmp_path):

@@ -160,6 +160,37 @@ def test_single_file_stream_equals_load_whole(tmp_path):
         assert f.metadata == {"format": "pt"}
 
 
+def _raw_safetensors(path, header: dict, data_bytes: int) -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + bytes(data_bytes))
+
+
+@pytest.mark.parametrize("offsets, size, why", [
+    ({"a": [0, 16], "b": [8, 24]}, 24, "tensor 'b' overlaps tensor 'a'"),
+    ({"a": [0, 16], "b": [0, 16]}, 16, "overlaps"),
+    ({"a": [0, 16], "b": [20, 36]}, 36, "4 bytes before tensor 'b' belong to no tensor"),
+    ({"a": [8, 24], "b": [24, 40]}, 40, "8 bytes before tensor 'a'"),
+    ({"a": [0, 16], "b": [16, 32]}, 40, "8 bytes after the last tensor"),
+])
+def test_safetensors_whose_data_does_not_tile_the_file_are_refused(tmp_path, offsets, size, why):
+    """As the safetensors library demands: the tensors' bytes follow each other, no overlap,
+    no hole, nothing after them (a file that breaks this is corrupt)."""
+    from nmopt.checkpoint import CheckpointError
+    from nmopt.safetensors_stream import read_header
+
+    path = tmp_path / "bad.safetensors"
+    _raw_safetensors(path, {k: {"dtype": "F32", "shape": [4], "data_offsets": v} for k, v in offsets.items()}, size)
+    with pytest.raises(CheckpointError, match=f"cannot read as safetensors .*{why}"):
+        read_header(path)
+    with pytest.raises(safetensors_torch.SafetensorError if hasattr(safetensors_torch, "SafetensorError")
+                       else Exception):
+        safetensors_torch.load_file(path)  # the library refuses it too
+    _raw_safetensors(path, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                            "b": {"dtype": "F32", "shape": [2, 2], "data_offsets": [16, 32]}}, 32)
+    assert list(read_header(path)[0]) == ["a", "b"]
+    assert set(safetensors_torch.load_file(path)) == {"a", "b"}
+
+
 def test_blocks_give_the_masks_of_one_call(monkeypatch):
     w = torch.randn(64, 40, generator=torch.Generator().manual_seed(1))
     whole = prune_state_dict({"w": w}, "4:8", progress=False)
