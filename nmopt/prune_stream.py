@@ -76,11 +76,14 @@ def prune_path(input_path, out_path, pattern, *, fmt: str = "dense", masks_path=
     with contextlib.ExitStack() as inputs:
         readers = [inputs.enter_context(TensorFile(base / s)) for s in shards]
         entries: dict[str, Any] = {}
-        for reader in readers:
+        where: dict[str, str] = {}  # tensor -> the shard that holds it
+        for reader, shard in zip(readers, shards):
             for name, e in reader.entries.items():
                 if name in entries:
                     raise CheckpointError(f"input {str(src)!r}: tensor {name!r} is in two shards")
-                entries[name] = e
+                entries[name], where[name] = e, shard
+        if index is not None:
+            _check_index(src, index["weight_map"], where)
         names, copied = select_layers(entries, include, exclude)
         if not names:
             raise ValueError(f"nothing to prune in {str(src)!r}: no 2-D/4-D float weight was "
@@ -166,6 +169,23 @@ def _check_others(src: Path, shards: list[str]) -> None:
         if item.is_symlink() and not item.exists():
             raise CheckpointError(f"input {str(item)!r}: a broken symbolic link (to "
                                   f"{os.readlink(item)!r}), which cannot be copied; remove it or fix it")
+
+
+def _check_index(src: Path, weight_map: dict, where: dict) -> None:
+    """Refuse an index that sends a tensor to a shard without it (``from_pretrained`` would fail
+    on such a model, so the output's index, rebuilt from the shards, would hide a broken input)."""
+    def held(name):  # the parts of a packed tensor are held where the tensor is
+        for part in (VALUES, INDEX):
+            if name not in where and name.endswith(part) and name.removesuffix(part) in where:
+                return where[name.removesuffix(part)]
+        return where.get(name)
+
+    wrong = [(name, shard) for name, shard in weight_map.items() if held(name) != shard]
+    if wrong:
+        name, shard = wrong[0]
+        found = f"it is in {held(name)!r}" if held(name) else "no shard holds it"
+        raise CheckpointError(f"input {str(src / HF_INDEX)!r}: maps tensor {name!r} to {shard!r} but "
+                              f"{found} ({len(wrong)} such entries); regenerate the index")
 
 
 def _copy_others(src: Path, root: Path, shards: list[str], index, weight_map, sizes) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,22 @@ def test_failure_leaves_nothing_and_existing_output_refused(model, tmp_path, cap
     assert main(argv) == 2
     assert "exists; pass --force" in capsys.readouterr().err
     assert main([*argv, "--force"]) == 0
+
+
+@pytest.mark.parametrize("edit, text", [
+    (lambda m: m.update({"layers.0.q.weight": "model-00002-of-00003.safetensors"}),
+     "maps tensor 'layers.0.q.weight' to 'model-00002-of-00003.safetensors' but it is in "
+     "'model-00001-of-00003.safetensors' \\(1 such entries\\)"),
+    (lambda m: m.update({"layers.9.q.weight": "model-00001-of-00003.safetensors"}), "no shard holds it"),
+])
+def test_an_index_that_does_not_match_its_shards_is_refused_before_work(model, tmp_path, capsys, edit, text):
+    index = json.loads((model / HF_INDEX).read_text())
+    edit(index["weight_map"])
+    (model / HF_INDEX).write_text(json.dumps(index))
+    assert main(["prune", str(model), "--pattern", "2:4", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert re.search(text, err) and "regenerate the index" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 @pytest.mark.parametrize("argv,text", [
