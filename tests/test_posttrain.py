@@ -193,6 +193,23 @@ def test_stats_keep_the_flagged_rows_of_a_per_token_input():
     torch.testing.assert_close(st.H, rows.T @ rows, rtol=1e-5, atol=1e-5)  # products in float32
 
 
+def test_encoder_decoder_other_stack_warned_and_prunable():
+    """An encoder-decoder: the default prunes one stack and warns that the other stays dense;
+    blocks= prunes the other, cross-attention included (no KV cache replays the dense pass)."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                                num_heads=4, decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    ids = calib(n=4)
+    batches = [{"input_ids": ids, "decoder_input_ids": ids[:, :8]}]
+    with pytest.warns(UserWarning, match=r"'encoder.block'; 'decoder.block' \(2 blocks\) .* stays dense"):
+        first = nmopt.prune_model(model, batches, PruneConfig(method="wanda"), progress=False)
+    assert first.blocks.startswith("encoder.block") and len(first.layers) == 12 and not first.skipped
+    second = nmopt.prune_model(model, batches, PruneConfig(method="wanda"), blocks="decoder.block", progress=False)
+    assert len(second.layers) == 20 and not second.skipped  # self- and cross-attention q, k, v, o; wi, wo
+    assert_valid(model, "decoder.block")
+
+
 def test_gpt2_conv1d_layers_are_pruned_transposed():
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -11,7 +12,14 @@ from torch import nn
 from nmopt.masks import check_mask
 from nmopt.posttrain.adaprune import adaprune
 from nmopt.posttrain.admm import admm
-from nmopt.posttrain.capture import block_linears, calibration_batches, capture, find_blocks, token_mask
+from nmopt.posttrain.capture import (
+    block_linears,
+    calibration_batches,
+    capture,
+    find_blocks,
+    other_block_lists,
+    token_mask,
+)
 from nmopt.posttrain.config import PruneConfig
 from nmopt.posttrain.hessian import ErrorMeter, StatsCollector, is_conv1d, weight_matrix, write_weight
 from nmopt.posttrain.methods import magnitude, sparsegpt, wanda
@@ -69,6 +77,11 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     if not isinstance(config, PruneConfig):
         raise TypeError(f"config: expected an nmopt.PruneConfig, got {type(config).__name__}")
     block_name, block_list = find_blocks(model, blocks)
+    if blocks is None:
+        for other, count in other_block_lists(model, block_name):
+            warnings.warn(f"prune_model: pruning the blocks of {block_name!r}; {other!r} ({count} blocks) holds "
+                          f"Linear layers too and stays dense (call prune_model again with blocks={other!r})",
+                          stacklevel=2)
     names = [f"{block_name}.{i}" if block_name else str(i) for i in range(len(block_list))]
     plan, skipped = _plan(block_list, names, config)
     head = _lm_head(model, config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -28,12 +29,7 @@ def find_blocks(model: nn.Module, blocks) -> tuple[str, list]:
     """
     if blocks is None:
         best, best_key = None, None
-        for name, mod in model.named_modules():
-            if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < 2:
-                continue
-            kinds = {type(child) for child in mod}
-            if len(kinds) != 1 or not any(True for _ in mod[0].parameters()):
-                continue
+        for name, mod in _block_lists(model):
             # prefer lists whose blocks hold Linear layers, then the longest, then the first found
             key = (bool(block_linears(mod[0], "")), len(mod))
             if best_key is None or key > best_key:
@@ -59,6 +55,23 @@ def find_blocks(model: nn.Module, blocks) -> tuple[str, list]:
         raise ValueError(f"blocks: {name or 'the model'!r} is a {type(container).__name__}, expected a non-empty "
                          "nn.ModuleList or nn.Sequential of blocks")
     return name, list(container)
+
+
+def _block_lists(model: nn.Module):
+    """``(name, list)`` of every ModuleList / Sequential of two or more same-class blocks with
+    parameters."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.ModuleList, nn.Sequential)) and len(mod) >= 2 \
+                and len({type(child) for child in mod}) == 1 and any(True for _ in mod[0].parameters()):
+            yield name, mod
+
+
+def other_block_lists(model: nn.Module, chosen: str) -> list[tuple[str, int]]:
+    """``(name, blocks)`` of the block lists with Linear layers that are neither ``chosen`` nor
+    inside or around it (an encoder-decoder's other stack), which a call on ``chosen`` leaves dense."""
+    return [(name, len(mod)) for name, mod in _block_lists(model)
+            if name != chosen and not name.startswith(chosen + ".") and not chosen.startswith(name + ".")
+            and block_linears(mod[0], "")]
 
 
 def block_linears(block: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
@@ -172,6 +185,12 @@ def first_output(out):
                     "element is the hidden state")
 
 
+def _is_kv_cache(x) -> bool:
+    """A ``transformers`` KV cache (only a model built with transformers loaded can pass one)."""
+    cache_utils = sys.modules.get("transformers.cache_utils")
+    return cache_utils is not None and isinstance(x, cache_utils.Cache)
+
+
 def capture(model: nn.Module, blocks: list, names: list[str], batches) -> tuple[list, list]:
     """Record every block's call for every batch, running only block 0 of the dense model once.
 
@@ -201,8 +220,11 @@ def capture(model: nn.Module, blocks: list, names: list[str], batches) -> tuple[
                     raise ValueError(f"calibration: non-finite activations (nan/inf) enter the first block "
                                      f"{names[0]} on batch {len(hidden)}; nothing was pruned")
                 hidden.append(h.detach())
-            args = tuple(None if (isinstance(slot, int) and j == slot) else a for j, a in enumerate(args))
-            kw = {k: (None if k == slot else v) for k, v in kwargs.items()}
+            # the hidden state is recomputed from the pruned blocks; a KV cache would replay
+            # what the dense forward stored (cross-attention keys, say), so both are dropped
+            args = tuple(None if (isinstance(slot, int) and j == slot) or _is_kv_cache(a) else a
+                         for j, a in enumerate(args))
+            kw = {k: (None if k == slot or _is_kv_cache(v) else v) for k, v in kwargs.items()}
             calls[b].append(BlockCall(args, kw, slot))
             if b == len(blocks) - 1:
                 raise _Stop
