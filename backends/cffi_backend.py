@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 
 import numpy as np
 
 from nmopt._packed import PackedNM, check_matmul_args, check_pack_args, first_overfull_group
 from nmopt.backends._base import Backend, register
+from nmopt.backends._matrix import BadScores, matrix_arg
 from nmopt.backends.numpy_backend import NumpyBackend
 from nmopt.certificates import DESCENT_STARTS, check_descent_args
 from nmopt.patterns import MAX_M
@@ -87,33 +87,8 @@ def _bad_scores(tiles: np.ndarray, negative_ok: bool) -> ValueError:
                       f"index {where}")
 
 
-class BadScores(ValueError):
-    """A matrix read in place holds a NaN, infinite or (for scores) negative value."""
-
-
-#: Element types the C kernels read in place (nmopt_kernels.h: NM_F64, NM_F32, NM_F16, NM_BF16).
-_DTYPE_CODES = {"float64": 0, "float32": 1, "float16": 2, "bfloat16": 3}
 _ROWWISE = 32  # NM_FLAG_ROWWISE
 _CERT_GROUPS = 64  # NM_FLAG_CERT_GROUPS
-
-
-def matrix_arg(x):
-    """``(pointer, dtype code, row stride, col stride, owner)`` of a 2-D numpy float array or
-    CPU tensor, read in place (strides in elements), or None when the C kernels cannot read it."""
-    if isinstance(x, np.ndarray):
-        code = _DTYPE_CODES.get(x.dtype.name)
-        if code is None or x.ndim != 2 or not x.flags.aligned \
-                or any(st % x.itemsize for st in x.strides):
-            return None
-        return x.ctypes.data, code, x.strides[0] // x.itemsize, x.strides[1] // x.itemsize, x
-    torch = sys.modules.get("torch")
-    if torch is None or not isinstance(x, torch.Tensor) or x.ndim != 2:
-        return None
-    code = _DTYPE_CODES.get(str(x.dtype).removeprefix("torch."))
-    if code is None or x.device.type != "cpu" or x.layout != torch.strided:
-        return None
-    x = x.detach().resolve_neg().resolve_conj()
-    return x.data_ptr(), code, x.stride(0), x.stride(1), x
 
 
 def _cert_arrays(t: int):
@@ -127,6 +102,16 @@ def _cert_args(k, cert):
     kept, bound, nshort, bad = cert
     return (k.ffi.from_buffer("double[]", kept), k.ffi.from_buffer("double[]", bound),
             k.ffi.from_buffer("int32_t[]", nshort), k.ffi.from_buffer("int8_t[]", bad))
+
+
+def _descent_args(k, sweeps, starts):
+    """``sweeps, starts, nstarts`` of the C descent prices, checked (the cdata keeps the array)."""
+    sweeps, starts = check_descent_args(sweeps, starts)
+    return sweeps, k.ffi.from_buffer("double[]", np.asarray(starts, dtype=np.float64)), len(starts)
+
+
+def _doubles(k, *arrays):
+    return tuple(k.ffi.from_buffer("double[]", a) for a in arrays)
 
 
 @register
@@ -194,15 +179,11 @@ class CffiBackend(Backend):
 
     def descent_prices(self, tiles, n, sweeps=4, starts=DESCENT_STARTS):
         n, m = _check_tiles(tiles, n)
-        sweeps, starts = check_descent_args(sweeps, starts)
         k = _load()
-        t = tiles.shape[0]
-        u, v = np.empty((t, m)), np.empty((t, m))
-        c_starts = np.asarray(starts, dtype=np.float64)
-        rc = k.lib.nm_descent_prices(k.ffi.from_buffer("double[]", tiles), t, m, n, sweeps,
-                                     k.ffi.from_buffer("double[]", c_starts), len(starts),
-                                     k.ffi.from_buffer("double[]", u),
-                                     k.ffi.from_buffer("double[]", v), self.num_threads)
+        u, v = np.empty((len(tiles), m)), np.empty((len(tiles), m))
+        rc = k.lib.nm_descent_prices(k.ffi.from_buffer("double[]", tiles), len(tiles), m, n,
+                                     *_descent_args(k, sweeps, starts), *_doubles(k, u, v),
+                                     self.num_threads)
         if rc == -2:
             raise _bad_scores(tiles, negative_ok=True)
         _check(rc, "descent_prices")
@@ -298,6 +279,24 @@ class CffiBackend(Backend):
         if not certify:
             return out
         return out + (*cert[:3], cert[3] if groups else cert[3].view(np.bool_))
+
+    def greedy_matrix(self, x, n, m, *, absolute, sweeps=4, starts=DESCENT_STARTS):
+        """:meth:`greedy` and :meth:`descent_prices` on a matrix read as :meth:`exact_matrix`
+        reads it: ``(mask (rows, cols) bool, u, v)``, prices per tile (T, M); :class:`BadScores`
+        on a NaN, infinite (or, for scores, negative) value."""
+        ptr, code, rs, cs, owner = matrix_arg(x)  # owner keeps the memory alive
+        rows, cols = owner.shape
+        k = _load()
+        t = (rows // m) * (cols // m)
+        mask, u, v = np.empty((rows, cols), dtype=np.uint8), np.empty((t, m)), np.empty((t, m))
+        rc = k.lib.nm_greedy_matrix(k.ffi.cast("void *", ptr), code, int(bool(absolute)), rows,
+                                    cols, rs, cs, m, n, *_descent_args(k, sweeps, starts),
+                                    k.ffi.from_buffer("uint8_t[]", mask), cols,
+                                    *_doubles(k, u, v), self.num_threads)
+        if rc == -2:
+            raise BadScores("scores: a value is NaN, infinite or negative")
+        _check(rc, "greedy")
+        return mask.view(np.bool_), u, v
 
     @staticmethod
     def cert_group(m):

@@ -9,7 +9,7 @@ import numpy as np
 from nmopt._arrays import ArrayKind, as_bool_numpy, is_torch_tensor, to_float64
 from nmopt._tiles import TileGrid, as_matrix, check_scores, tile_counts
 from nmopt.backends import get as get_backend
-from nmopt.backends.cffi_backend import BadScores, matrix_arg
+from nmopt.backends._matrix import BadScores, matrix_arg
 from nmopt.certificates import OPTIMALITY_TOL, total_bound
 from nmopt.masks import check_mask
 from nmopt.patterns import parse_pattern
@@ -160,27 +160,35 @@ def _check_warm(warm, p, shape, transposable, saturate):
     return warm
 
 
-def _solve_in_place(src, p, grid, saturate, warm, engine, name, start, fallbacks):
+def _solve_in_place(src, p, grid, saturate, warm, engine, inst, start, fallbacks):
     """The whole call on the C kernels, reading the weights where they lie: solve, and
-    certify by a separate C routine (``nm_certify``) on each block of tiles right after it is
-    solved. None when a value is not finite (the general path then raises the error that
-    names it)."""
+    certify by a separate C routine (``nm_certify``), for the exact solvers on each block of
+    tiles right after it is solved. None when a value is not finite (the general path then
+    raises the error that names it)."""
     x, absolute, kind = src
+    name = inst.name
     warm_v = warm_mask = None
-    if warm is not None:
+    if warm is not None and name == "exact":
         warm_v = grid.cols_to_tile_prices(warm.v)
         warm_mask = as_bool_numpy(warm.mask, "warm_start.mask").reshape(tuple(x.shape))
     try:  # the certificate by groups of tiles: sums, and flags (1 broken, 2 a price not finite)
-        mask, u_rows, v_t, status, kept, group_bound, short, flags = engine.exact_matrix(
-            x, p.n, p.m, absolute=absolute, saturate=saturate, warm=warm_v, warm_mask=warm_mask,
-            certify="groups", rowwise=name == "rowwise", row_prices=True)
+        if name == "greedy":  # no status: nothing to verify but the certificate
+            mask, u_t, v_t = engine.greedy_matrix(x, p.n, p.m, absolute=absolute, sweeps=inst.sweeps)
+            kept, group_bound, short, bad = engine.certify_matrix(
+                x, p.n, p.m, absolute=absolute, saturate=False, mask=mask, u=u_t, v=v_t)
+            flags = bad.astype(np.int8) | (2 * (np.isfinite(kept) & ~np.isfinite(group_bound)))
+            u_rows, _ = grid.prices_to_matrices(u_t, v_t)
+        else:
+            mask, u_rows, v_t, status, kept, group_bound, short, flags = engine.exact_matrix(
+                x, p.n, p.m, absolute=absolute, saturate=saturate, warm=warm_v, warm_mask=warm_mask,
+                certify="groups", rowwise=name == "rowwise", row_prices=True)
+            warn_unverified(name, status)
     except BadScores:
         return None
-    warn_unverified(name, status)
     if (flags & 2).any():
         raise RuntimeError(f"solver {name!r} returned prices that are not finite")
     if (flags & 1).any():
-        size = engine.cert_group(p.m)
+        size = 1 if name == "greedy" else engine.cert_group(p.m)  # tiles per certificate entry
         first = int(np.flatnonzero(flags & 1)[0]) * size
         last = min(first + size, grid.num_tiles) - 1
         raise RuntimeError(f"solver {name!r} returned an invalid mask: one of tiles "
@@ -274,8 +282,8 @@ def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = F
         inst, engine, fallbacks = plan(solver, backend, p.n, p.m, transposable=bool(transposable),
                                        saturate=bool(saturate), num_tiles=grid.num_tiles,
                                        edge_tiles=edge_tiles, framework=framework)
-        if inst.name in ("exact", "rowwise") and engine.name == "cffi" and not edge_tiles:
-            res = _solve_in_place(src, p, grid, bool(saturate), warm, engine, inst.name, start,
+        if inst.name in ("exact", "rowwise", "greedy") and engine.name == "cffi" and not edge_tiles:
+            res = _solve_in_place(src, p, grid, bool(saturate), warm, engine, inst, start,
                                   fallbacks)
             if res is not None:
                 return res

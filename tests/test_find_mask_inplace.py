@@ -103,11 +103,38 @@ def test_scores_are_read_in_place_and_checked():
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
-def test_bad_weights_get_the_same_error_as_before(value):
+@pytest.mark.parametrize("solver", ["auto", "greedy"])
+def test_bad_weights_get_the_same_error_as_before(value, solver):
     w = np.ones((8, 8), dtype=np.float32)
     w[2, 5] = value
     with pytest.raises(ValueError, match=r"weights: holds NaN or inf \(first at index \(2, 5\)"):
-        nmopt.find_mask(w, "2:4")
+        nmopt.find_mask(w, "2:4", solver=solver)
+
+
+@pytest.mark.parametrize("pattern", ["1:1", "2:4", "3:8", "4:8", "5:13", "16:32"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_greedy_runs_in_place_as_on_tiles(pattern, dtype, monkeypatch):
+    """solver="greedy" reads the weights where they lie: the tiled path's mask, the C descent
+    prices of the same tiles bit for bit, and nm_certify's bound."""
+    from nmopt._tiles import TileGrid
+
+    n, m = (int(k) for k in pattern.split(":"))
+    rng = np.random.default_rng(m)
+    t = torch.from_numpy(rng.standard_normal((4 * m, 3 * m)).astype(np.float32)).to(getattr(torch, dtype)).T
+    with monkeypatch.context() as mp:  # no float64 copy: the tiled path's first step fails
+        mp.setattr(nmopt.api, "_prepare", lambda *a: pytest.fail("took the tiled path"))
+        res = nmopt.find_mask(t, pattern, solver="greedy")
+    assert res.backend == "cffi" and res.solver == "greedy" and isinstance(res.mask, torch.Tensor)
+    w64 = t.abs().double().numpy()
+    ref = nmopt.find_mask(w64, pattern, solver="greedy", backend="numpy")  # tiled, numpy prices
+    assert np.array_equal(res.mask.numpy(), ref.mask) and res.deficit == ref.deficit
+    assert res.objective == pytest.approx(ref.objective, rel=1e-12)
+    assert res.bound == pytest.approx(ref.bound, rel=1e-12)
+    grid = TileGrid(*w64.shape, m)
+    big_u, big_v = grid.prices_to_matrices(*BACKENDS.instance("cffi").descent_prices(grid.to_tiles(w64), n))
+    assert np.array_equal(res.u, big_u) and np.array_equal(res.v, big_v)
+    assert res.bound == pytest.approx(nmopt.dual_bound(w64, pattern, res.u, res.v), rel=1e-12)
+    assert res.bound >= nmopt.find_mask(w64, pattern).objective * (1 - 1e-12)
 
 
 def _with_flags(monkeypatch, flags):

@@ -114,6 +114,7 @@ for m in (1, 3, 4, 8, 13, 32, 64):
         for x in (w, w.astype(np.float32), w.astype(np.float16), w.T.copy().T, w[:, ::-1]):
             b.num_threads = int(rng.integers(1, 4))
             for sat in (False, True):
+                gm, gu, gv = b.greedy_matrix(x, n, m, absolute=True, sweeps=int(rng.integers(1, 4)))
                 mask, u, v, st = b.exact_matrix(x, n, m, absolute=True, saturate=sat)
                 kept, bound, short, bad = b.certify_matrix(x, n, m, absolute=True, saturate=sat,
                                                            mask=mask, u=u, v=v)

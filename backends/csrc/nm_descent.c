@@ -97,6 +97,18 @@ static inline __attribute__((always_inline)) int descent_tile(
     return NM_OK;
 }
 
+NM_SIMD_CLONES int nm_descent_tile(const double *tile, int m, int n, int sweeps,
+                                   const double *starts, int nstarts, double *u, double *v)
+{
+    switch (m) { /* m a constant at the common sizes: the loops unroll */
+    case 4: return descent_tile(tile, 4, n, sweeps, starts, nstarts, u, v);
+    case 8: return descent_tile(tile, 8, n, sweeps, starts, nstarts, u, v);
+    case 16: return descent_tile(tile, 16, n, sweeps, starts, nstarts, u, v);
+    case 32: return descent_tile(tile, 32, n, sweeps, starts, nstarts, u, v);
+    default: return descent_tile(tile, m, n, sweeps, starts, nstarts, u, v);
+    }
+}
+
 typedef struct {
     const double *tiles;
     int m, n, sweeps, nstarts;
@@ -109,36 +121,34 @@ NM_SIMD_CLONES static void descent_task(void *vctx, int64_t lo, int64_t hi)
 {
     descent_ctx *c = (descent_ctx *)vctx;
     const int m = c->m;
-#define NM_DESCENT(M)                                                                         \
-    for (int64_t k = lo; k < hi; k++)                                                         \
-        if (descent_tile(c->tiles + k * M * M, M, c->n, c->sweeps, c->starts, c->nstarts,     \
-                         c->u + k * M, c->v + k * M) != NM_OK) {                              \
-            nm_set_error(&c->err, NM_ERR_VALUE);                                              \
-            return;                                                                           \
+    for (int64_t k = lo; k < hi; k++)
+        if (nm_descent_tile(c->tiles + k * m * m, m, c->n, c->sweeps, c->starts, c->nstarts,
+                            c->u + k * m, c->v + k * m) != NM_OK) {
+            nm_set_error(&c->err, NM_ERR_VALUE);
+            return;
         }
-    switch (m) {
-    case 4: NM_DESCENT(4); break;
-    case 8: NM_DESCENT(8); break;
-    case 16: NM_DESCENT(16); break;
-    case 32: NM_DESCENT(32); break;
-    default: NM_DESCENT(m); break;
-    }
-#undef NM_DESCENT
+}
+
+int nm_descent_args_ok(int sweeps, const double *starts, int nstarts)
+{
+    if (sweeps < 1 || nstarts < 1 || nstarts > 64 || !starts)
+        return 0;
+    for (int b = 0; b < nstarts; b++)
+        if (!isfinite(starts[b]))
+            return 0;
+    return 1;
 }
 
 int nm_descent_prices(const double *tiles, int64_t t, int m, int n, int sweeps,
                       const double *starts, int nstarts, double *u, double *v, int nthreads)
 {
-    if (t < 0 || m < 1 || m > NM_MAX_M || n < 1 || n > m || nthreads < 1 || sweeps < 1 ||
-        nstarts < 1 || nstarts > 64 || !starts)
+    if (t < 0 || m < 1 || m > NM_MAX_M || n < 1 || n > m || nthreads < 1 ||
+        !nm_descent_args_ok(sweeps, starts, nstarts))
         return NM_ERR_ARG;
     if (t == 0)
         return NM_OK;
     if (!tiles || !u || !v)
         return NM_ERR_ARG;
-    for (int b = 0; b < nstarts; b++)
-        if (!isfinite(starts[b]))
-            return NM_ERR_ARG;
     descent_ctx c = {tiles, m, n, sweeps, nstarts, starts, u, v, 0};
     nm_parallel_for(nthreads, t, nm_grain(t, nthreads, 8, 1), descent_task, &c);
     return c.err;

@@ -235,6 +235,19 @@ typedef struct nm_slot nm_slot;
 int nm_warm_tile(nm_tile *t, const nm_exact_ctx *c, int64_t k, double *v, double *u);
 double nm_warm_probe(nm_slot *slots, const nm_exact_ctx *c, int64_t tiles, double *units);
 
+/* The transposable greedy on one tile (nm_select.c): finite scores s (m*m) -> keep (m*m, 0 or
+ * 1), with a workspace for m from nm_greedy_ws_alloc (NULL: out of memory). */
+typedef struct nm_greedy_ws nm_greedy_ws;
+nm_greedy_ws *nm_greedy_ws_alloc(int m);
+void nm_greedy_ws_free(nm_greedy_ws *ws);
+void nm_greedy_tile(nm_greedy_ws *ws, const double *s, int n, uint8_t *keep);
+
+/* Descent prices of one tile (nm_descent.c, see nm_descent_prices): u, v (m each); NM_OK, or
+ * NM_ERR_VALUE on a score that is not finite. nm_descent_args_ok: sweeps and starts valid. */
+int nm_descent_tile(const double *tile, int m, int n, int sweeps, const double *starts,
+                    int nstarts, double *u, double *v);
+int nm_descent_args_ok(int sweeps, const double *starts, int nstarts);
+
 /* A matrix read in place (nm_exact_matrix, nm_certify): see nmopt_kernels.h. */
 typedef struct {
     const void *data;

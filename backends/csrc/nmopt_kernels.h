@@ -65,6 +65,15 @@ int nm_rowwise(const double *tiles, int64_t t, int m, int n, uint8_t *mask, int 
 int nm_descent_prices(const double *tiles, int64_t t, int m, int n, int sweeps,
                       const double *starts, int nstarts, double *u, double *v, int nthreads);
 
+/* The transposable greedy with its descent prices (nm_greedy, nm_descent_prices) on a matrix
+ * read in place, as nm_exact_matrix reads it (scores |x| when absolute, else x, which must be
+ * finite and >= 0: NM_ERR_VALUE otherwise): mask (rows, cols) with row stride mask_rs; u, v
+ * (t, m) per tile in nm_exact's tile order. */
+int nm_greedy_matrix(const void *data, int dtype, int absolute, int64_t rows, int64_t cols,
+                     int64_t rs, int64_t cs, int m, int n, int sweeps, const double *starts,
+                     int nstarts, uint8_t *mask, int64_t mask_rs, double *u, double *v,
+                     int nthreads);
+
 /* Exact transposable masks: at most n per tile row and column (saturate = 0) or exactly n
  * (saturate = 1), maximising the kept score. Scores must be finite and >= 0. Writes the mask,
  * dual prices u (t, m) and v (t, m) with bound(u, v) == kept score, and a per-tile status. */
