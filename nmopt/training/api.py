@@ -12,6 +12,7 @@ from torch import nn
 
 from nmopt.training.config import SparsityConfig
 from nmopt.training.layers import SparseConv, SparseLinear, _SparseLayer
+from nmopt.training.modules import unfit_reason, unwrap, unwrap_path
 from nmopt.training.refresh import refresh_layers
 from nmopt.training.sharded import is_dtensor, is_fully_sharded, select
 
@@ -81,38 +82,11 @@ class SparseTraining:
                 f"refresh time total={self.total_refresh_seconds:.3f}s)")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel wrappers."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
-
-
 def _controller(model: nn.Module) -> SparseTraining:
-    ctrl = getattr(_unwrap(model), _ATTR, None)
+    ctrl = getattr(unwrap(model), _ATTR, None)
     if ctrl is None:
         raise ValueError("model: not sparsified; call nmopt.sparsify_(model, config) first")
     return ctrl
-
-
-def _unfit_reason(name: str, module: nn.Module, parent: nn.Module | None,
-                  config: SparsityConfig) -> str | None:
-    """Why a Linear/conv module cannot be sparsified with ``config`` (None if it can)."""
-    if isinstance(parent, nn.MultiheadAttention):
-        return ("inside nn.MultiheadAttention, which uses the weight directly "
-                "(F.multi_head_attention_forward), not through the Linear module")
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return "transposed convolutions are not supported (weight layout is (in, out, ...))"
-    w = module.weight
-    if w is None or w.dim() < 2:
-        return "no 2-D weight"
-    rows, cols = w.shape[0], w[0].numel()
-    m = config.m
-    if cols % m or (config.transposable and rows % m):
-        need = "in and out features" if config.transposable else "in features"
-        return (f"weight view ({rows}, {cols}) is not a multiple of M={m} along the {need}; "
-                f"left dense rather than masked across a partial group")
-    return None
 
 
 # The deprecated filter_fn(name, module) order is recognised by its parameters (see sparsify_).
@@ -202,12 +176,16 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
         warnings.warn("sparsify_: model is wrapped in (Distributed)DataParallel; sparsify the "
                       "inner module before wrapping so the wrapper sees the mask buffers",
                       RuntimeWarning, stacklevel=2)
-    root = _unwrap(model)
+    root = unwrap(model)
     if getattr(root, _ATTR, None) is not None:
         raise ValueError("model: already sparsified; call nmopt.densify_(model) first")
     if is_fully_sharded(root):
         raise ValueError("model: already wrapped by fully_shard (FSDP2); call "
                          "nmopt.sparsify_(model, config) first, then fully_shard")
+    if optimizer is not None and not callable(getattr(optimizer, "register_step_post_hook",
+                                                      None)):
+        raise TypeError(f"optimizer: expected a torch.optim.Optimizer (its step() counts the "
+                        f"refresh schedule), got {type(optimizer).__name__}")
     keep = _module_filter(filter_fn)
     ctrl = SparseTraining(config, process_group)
     parents = {name: mod for name, mod in root.named_modules()}
@@ -218,7 +196,7 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
         if keep is not None and not keep(module, name):
             continue
         parent = parents.get(name.rpartition(".")[0]) if name else None
-        why = _unfit_reason(name, module, parent, config)
+        why = unfit_reason(name, module, parent, config)
         if why is not None:
             ctrl.skipped[name] = why
             continue
@@ -283,7 +261,7 @@ def densify_(model: nn.Module, *, apply_mask: bool = False) -> nn.Module:
     values. The optimizer hook is removed. Refused under FSDP2's ``fully_shard`` (use
     :func:`export_pruned_state_dict`). Returns ``model``.
     """
-    root = _unwrap(model)
+    root = unwrap(model)
     ctrl = _controller(root)
     if is_fully_sharded(root):
         raise ValueError("model: wrapped by fully_shard (FSDP2), whose hooks hold the sparse "
@@ -310,15 +288,18 @@ def export_pruned_state_dict(model: nn.Module) -> dict:
 
     Keys are those of the original dense model (load it with ``strict=True``); the model is not
     changed. Under FSDP2 the weights are DTensors with the model's sharding. Wrappers' prefixes
-    (``module.``) are kept as ``model.state_dict()`` has them.
+    (``module.``, ``_orig_mod.``) are kept as ``model.state_dict()`` has them; a layer
+    registered under several names is pruned under each.
     """
     ctrl = _controller(model)
     sd = model.state_dict()
-    prefix = "module." if model is not _unwrap(model) else ""
-    for name, layer in ctrl.layers.items():
-        key = f"{prefix}{name}."
-        sd[key + "weight"] = select(layer.weight.detach(), layer.mask)
-        sd.pop(key + "mask", None)
+    root, prefix = unwrap_path(model)
+    layers = {id(layer) for layer in ctrl.layers.values()}
+    for name, module in root.named_modules(remove_duplicate=False):  # every alias of a layer
+        if id(module) in layers:
+            key = f"{prefix}{name}."
+            sd[key + "weight"] = select(module.weight.detach(), module.mask)
+            sd.pop(key + "mask", None)
     return sd
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from nmopt import solvers
 from nmopt.patterns import Pattern, parse_pattern
 
 UPDATES = ("ste", "sr-ste")
@@ -81,15 +84,20 @@ class SparsityConfig:
         if not (isinstance(self.solver, str) or callable(self.solver)):
             raise TypeError(f"solver: expected 'auto', a solver name or a callable, got "
                             f"{self.solver!r}")
-        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) \
-                or self.refresh_every < 0:
+        if isinstance(self.solver, str) and self.solver != "auto":
+            _check_solver(self.solver, self.transposable)
+        if isinstance(self.refresh_every, bool) \
+                or not isinstance(self.refresh_every, numbers.Integral) or self.refresh_every < 0:
             raise ValueError(f"refresh_every: expected an integer >= 0 (0 = never refresh), got "
                              f"{self.refresh_every!r}")
+        self.refresh_every = int(self.refresh_every)
         if self.update not in UPDATES:
             raise ValueError(f"update: expected one of {UPDATES}, got {self.update!r}")
-        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) \
-                or not self.decay >= 0:
-            raise ValueError(f"decay: expected a number >= 0 (SR-STE lambda_W), got {self.decay!r}")
+        if isinstance(self.decay, bool) or not isinstance(self.decay, numbers.Real) \
+                or not 0 <= self.decay < math.inf:
+            raise ValueError(f"decay: expected a finite number >= 0 (SR-STE lambda_W), got "
+                             f"{self.decay!r}")
+        self.decay = float(self.decay)
         for name, value, options in (("matmul", self.matmul, MATMULS), ("sync", self.sync, SYNCS)):
             if value not in options:
                 raise ValueError(f"{name}: expected one of {options}, got {value!r}")
@@ -126,6 +134,17 @@ class SparsityConfig:
         kind = "transposable" if self.transposable else "row-wise"
         upd = f"sr-ste(decay={self.decay:g})" if self.update == "sr-ste" else "ste"
         return f"{self.pattern_str} {kind}, update={upd}, refresh_every={self.refresh_every}"
+
+
+def _check_solver(name: str, transposable: bool) -> None:
+    """``ValueError`` naming ``solver`` when it is unknown or finds the other kind of mask."""
+    if name not in solvers.names():
+        raise ValueError(f"solver: unknown solver {name!r}; expected 'auto', a callable or one of "
+                         f"{sorted(solvers.names())} (see `nmopt solvers`)")
+    if solvers.get(name).transposable != transposable:
+        kind = "row-wise" if transposable else "transposable"
+        raise ValueError(f"solver: {name!r} finds {kind} masks but transposable={transposable}; "
+                         "use solver='auto' or a solver of the same kind")
 
 
 def _warn_kernel(stacklevel: int) -> None:

@@ -125,14 +125,17 @@ class CffiPlan:
         vals = torch.where(kept != 0, vals, vals.new_zeros(()))  # padding slots: 0, never NaN
         return PackedNM(vals.contiguous().numpy(), indices, self.n, self.m, shape)
 
+    @torch.compiler.disable  # numpy and cffi calls: run eagerly under torch.compile
     def pack(self, weight, mask):
         return {"w": self._values(weight, self.layout, False), "weight": weight.detach(),
                 "wt": None}
 
+    @torch.compiler.disable  # numpy and cffi calls: run eagerly under torch.compile
     def forward(self, x2, packs):
         x = np.ascontiguousarray(x2.detach().numpy(), dtype=np.float32)
         return torch.from_numpy(np.asarray(self.backend.sparse_matmul(x, packs["w"])))
 
+    @torch.compiler.disable  # numpy and cffi calls: run eagerly under torch.compile
     def backward_data(self, gy2, packs, weight, mask):
         if not self.transposable:
             return gy2.mm(masked(weight, mask))

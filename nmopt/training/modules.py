@@ -1,0 +1,98 @@
+"""Which modules :func:`nmopt.sparsify_` works on: the model inside its wrappers, and the
+Linear and convolution layers a sparse layer can replace without changing what they compute."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nmopt.training.config import SparsityConfig
+
+_WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+
+
+def unwrap_path(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module inside DistributedDataParallel / DataParallel wrappers and ``torch.compile``,
+    and the prefix its keys have in the outer module's ``state_dict`` ("module.", "_orig_mod.")."""
+    prefix = ""
+    while True:
+        if isinstance(model, _WRAPPERS):
+            model, prefix = model.module, prefix + "module."
+        elif _is_compiled(model):
+            model, prefix = model._orig_mod, prefix + "_orig_mod."
+        else:
+            return model, prefix
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """True for the wrapper ``torch.compile(module)`` returns (it holds ``_orig_mod``)."""
+    compiled = getattr(getattr(torch, "_dynamo", None), "eval_frame", None)
+    compiled = getattr(compiled, "OptimizedModule", None)
+    return compiled is not None and isinstance(model, compiled)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel and ``torch.compile`` wrappers."""
+    return unwrap_path(model)[0]
+
+
+def unfit_reason(name: str, module: nn.Module, parent: nn.Module | None,
+                 config: SparsityConfig) -> str | None:
+    """Why a Linear/conv module cannot be sparsified with ``config`` (None if it can)."""
+    if isinstance(parent, nn.MultiheadAttention):
+        return ("inside nn.MultiheadAttention, which uses the weight directly "
+                "(F.multi_head_attention_forward), not through the Linear module")
+    if isinstance(parent, nn.TransformerEncoderLayer):
+        return ("inside nn.TransformerEncoderLayer, whose inference fast path (eval, no grad) "
+                "reads the weight directly, not through the Linear module")
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "transposed convolutions are not supported (weight layout is (in, out, ...))"
+    w = module.weight
+    if isinstance(w, nn.parameter.UninitializedParameter):
+        return "uninitialized (lazy) weight; run one forward pass before sparsify_"
+    why = _replace_would_lose(module)
+    if why is not None:
+        return why
+    if w is None or w.dim() < 2:
+        return "no 2-D weight"
+    if w.numel() == 0:
+        return f"empty weight {tuple(w.shape)}"
+    rows, cols = w.shape[0], w[0].numel()
+    m = config.m
+    if cols % m or (config.transposable and rows % m):
+        need = "in and out features" if config.transposable else "in features"
+        return (f"weight view ({rows}, {cols}) is not a multiple of M={m} along the {need}; "
+                f"left dense rather than masked across a partial group")
+    return None
+
+
+_BASES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _replace_would_lose(module: nn.Module) -> str | None:
+    """What replacing ``module`` by a sparse layer (which keeps only ``weight`` and ``bias`` and
+    runs the base class's computation) would drop, or None: a subclass's own ``forward`` or
+    state, a parametrization, ``weight_norm``, hooks."""
+    base = next((b for b in _BASES if isinstance(module, b)), None)
+    cls = type(module)
+    if base is None:
+        return f"{cls.__name__} is not one of nn.Linear, nn.Conv1d/2d/3d or a plain subclass"
+    if nn.utils.parametrize.is_parametrized(module):
+        return ("its weight is parametrized (torch.nn.utils.parametrize); the sparse layer would "
+                "drop the parametrization")
+    extra = sorted({name for name, _ in module.named_parameters(recurse=False)}
+                   - {"weight", "bias"}
+                   | {name for name, _ in module.named_buffers(recurse=False)}
+                   | {name for name, _ in module.named_children()})
+    if extra:
+        return (f"{cls.__name__} holds more than weight and bias ({', '.join(extra)}, e.g. "
+                "weight_norm or an adapter); the sparse layer would drop it")
+    if cls is not base and cls.forward is not base.forward:
+        return (f"{cls.__name__} overrides forward; the sparse layer would run "
+                f"{base.__name__}'s instead")
+    hooks = [kind for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                               "_backward_pre_hooks") if getattr(module, kind, None)]
+    if hooks:
+        return (f"has {', '.join(h.strip('_').replace('_', ' ') for h in hooks)}, which the "
+                "sparse layer would not run; register them on the sparse layer after sparsify_")
+    return None

@@ -1,0 +1,214 @@
+"""Which modules ``sparsify_`` replaces, and models behind wrappers: a layer whose replacement
+would change what the model computes (a subclass's own forward or state, a parametrization,
+hooks, nn.TransformerEncoderLayer's fast path) is left dense and reported; ``torch.compile``
+and aliases; bad optimizers and solver settings refused before any change."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+import nmopt
+
+torch = pytest.importorskip("torch")
+from torch import nn
+from torch.nn.utils import parametrize
+
+from nmopt.training.layers import SparseLinear
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see tests/conftest.py
+
+CFG = nmopt.SparsityConfig(pattern="2:4")
+
+
+def sparsify(model, config=CFG, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return nmopt.sparsify_(model, config, **kw)
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, i, o):
+        super().__init__(i, o)
+        self.A = nn.Parameter(torch.randn(2, i))
+        self.B = nn.Parameter(torch.randn(o, 2))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.A.t() @ self.B.t()
+
+
+class OwnForward(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class PlainSubclass(nn.Linear):
+    pass
+
+
+class Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def _hooked():
+    lin = nn.Linear(8, 8)
+    lin.register_forward_hook(lambda *a: None)
+    return lin
+
+
+def _parametrized():
+    lin = nn.Linear(8, 8)
+    parametrize.register_parametrization(lin, "weight", Double())
+    return lin
+
+
+def _weight_norm():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated
+        return nn.utils.weight_norm(nn.Linear(8, 8))
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda: LoRALinear(8, 8), "holds more than weight and bias (A, B"),
+    (lambda: OwnForward(8, 8), "overrides forward"),
+    (_parametrized, "parametrized"),
+    (_weight_norm, "holds more than weight and bias"),
+    (_hooked, "forward hooks"),
+], ids=["extra-parameters", "own-forward", "parametrize", "weight-norm", "hook"])
+def test_layers_a_sparse_layer_would_change_stay_dense_and_are_reported(make, says):
+    torch.manual_seed(0)
+    model = nn.Sequential(make(), nn.ReLU(), nn.Linear(8, 8))
+    x = torch.randn(3, 8)
+    keys = set(model.state_dict())
+    first = model[0]
+    y = first(x)
+    ctrl = sparsify(model)
+    assert "0" in ctrl.skipped and says in ctrl.skipped["0"], ctrl.skipped
+    assert list(ctrl.layers) == ["2"]
+    assert model[0] is first and type(first) is not SparseLinear
+    assert set(model.state_dict()) == keys | {"2.mask"}
+    torch.testing.assert_close(model[0](x), y)
+
+
+def test_skipped_layer_outputs_and_parameters_are_unchanged():
+    torch.manual_seed(0)
+    model = nn.Sequential(LoRALinear(8, 8))
+    x = torch.randn(3, 8)
+    y = model(x)
+    params = sorted(n for n, _ in model.named_parameters())
+    wrapper = nn.Sequential(model)
+    ctrl = sparsify(wrapper)
+    assert not ctrl.layers and "0.0" in ctrl.skipped
+    assert sorted(n for n, _ in model.named_parameters()) == params
+    torch.testing.assert_close(model(x), y)
+
+
+def test_a_plain_subclass_is_still_sparsified():
+    model = nn.Sequential(PlainSubclass(8, 8))
+    ctrl = sparsify(model)
+    assert list(ctrl.layers) == ["0"] and not ctrl.skipped
+
+
+def test_transformer_encoder_layer_fast_path_does_not_bypass_masks():
+    """In eval under no_grad, nn.TransformerEncoderLayer reads linear1/linear2's weights
+    directly: masked linears there would be silently dense. They are left dense and reported,
+    and the layer gives the same output on its fast path and off it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+                          nn.Linear(16, 16))
+    ctrl = sparsify(model)
+    assert {"0.linear1", "0.linear2"} <= set(ctrl.skipped)
+    assert "fast path" in ctrl.skipped["0.linear1"]
+    assert list(ctrl.layers) == ["1"]
+    model.eval()
+    x = torch.randn(3, 5, 16)
+    y = model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y)
+
+
+def test_lazy_and_empty_layers_are_reported():
+    model = nn.Sequential(nn.LazyLinear(8), nn.Linear(8, 0))
+    ctrl = sparsify(model)
+    assert "lazy" in ctrl.skipped["0"] and "empty weight" in ctrl.skipped["1"]
+
+
+def test_a_layer_under_two_names_is_pruned_under_both_in_the_export():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    sparsify(model)
+    sd = nmopt.export_pruned_state_dict(model)
+    assert sorted(sd) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    keep = model[0].mask
+    for key in ("0.weight", "2.weight"):
+        assert (sd[key][~keep] == 0).all() and torch.equal(sd[key][keep], lin.weight[keep])
+    dense = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    dense.load_state_dict(sd, strict=True)
+
+
+def test_compiled_model_exports_and_densifies():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    ctrl = sparsify(model)
+    compiled = torch.compile(model, backend="eager")
+    sd = nmopt.export_pruned_state_dict(compiled)
+    assert sorted(sd) == sorted(f"_orig_mod.{k}" for k in ("0.bias", "0.weight", "2.bias",
+                                                           "2.weight"))
+    for name, layer in ctrl.layers.items():
+        w = sd[f"_orig_mod.{name}.weight"]
+        assert (w[~layer.mask] == 0).all() and torch.equal(w[layer.mask], layer.weight[layer.mask])
+    nmopt.densify_(compiled, apply_mask=True)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    sparsify(model)  # undone completely: sparsify_ works again
+
+
+def test_cffi_matmul_runs_under_torch_compile():
+    pytest.importorskip("cffi")
+    from nmopt.backends import get as get_backend
+    try:
+        get_backend("cffi")
+    except Exception as exc:  # the C kernels are optional
+        pytest.skip(f"no cffi backend: {exc}")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    sparsify(model, nmopt.SparsityConfig(pattern="2:4", matmul="cffi"))
+    x = torch.randn(4, 16, requires_grad=True)
+    model(x).sum().backward()
+    want = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+    model.zero_grad()
+    x.grad = None
+    torch.compile(model, backend="eager")(x).sum().backward()
+    for got, ref in zip([p.grad for p in model.parameters()] + [x.grad], want):
+        torch.testing.assert_close(got, ref)
+
+
+def test_a_bad_optimizer_is_refused_before_any_change():
+    model = nn.Sequential(nn.Linear(8, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    with pytest.raises(TypeError, match="optimizer: expected a torch.optim.Optimizer"):
+        sparsify(model, optimizer=sched)
+    assert type(model[0]) is nn.Linear
+    sparsify(model, optimizer=opt)  # a retry works
+
+
+@pytest.mark.parametrize("kw, says", [
+    (dict(solver="greedy", transposable=False), "finds transposable masks"),
+    (dict(solver="rowwise"), "finds row-wise masks"),
+    (dict(solver="no-such-solver"), "unknown solver"),
+    (dict(decay=float("inf")), "decay: expected a finite number"),
+    (dict(decay=float("nan")), "decay: expected a finite number"),
+])
+def test_config_refuses_bad_solver_and_decay(kw, says):
+    with pytest.raises(ValueError, match=says):
+        nmopt.SparsityConfig(**kw)
+
+
+def test_config_takes_numpy_integers():
+    np = pytest.importorskip("numpy")
+    cfg = nmopt.SparsityConfig(refresh_every=np.int64(5), decay=np.float32(0.5))
+    assert cfg.refresh_every == 5 and type(cfg.refresh_every) is int
+    assert cfg.decay == 0.5 and type(cfg.decay) is float
