@@ -81,6 +81,12 @@ def _input_clash(input_path: Path, path: Path) -> str | None:
     return None
 
 
+def _inside(path: Path, directory: Path) -> bool:
+    """True when ``path`` would lie inside ``directory`` (links resolved)."""
+    inner, outer = Path(os.path.realpath(path)), Path(os.path.realpath(directory))
+    return inner != outer and inner.is_relative_to(outer)
+
+
 def _replace_refusal(path: Path) -> str | None:
     """Why an existing output must not be replaced even with ``--force``: a non-empty
     directory that holds no model (``MODEL_FILES``), so that ``--force`` never deletes
@@ -113,6 +119,9 @@ def check_output_paths(input_path: str | os.PathLike, outputs: list[tuple[str, s
         for flag2, path2 in outs[i + 1:]:
             if _same_path(path, path2):
                 why = why or f"and {flag2} name the same path"
+            elif out_dir and flag == "--out" and _inside(path2, path):
+                why = why or (f"holds {flag2} {str(path2)!r}; the model directory is written as "
+                              f"a whole, so write {flag2} outside it")
         directory = out_dir and flag == "--out"
         if not why and path.is_dir() and not directory:
             why = "is a directory"

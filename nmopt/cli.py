@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=512, help="MODEL: tokens per window (default 512)")
     p.add_argument("--seed", type=int, default=0, help="MODEL: seed of the window starts (default 0)")
     p.add_argument("--device", default=None, help="MODEL: torch device (default cpu)")
+    p.add_argument("--blocks", default=None, metavar="NAME",
+                   help="MODEL: the block list to prune, e.g. decoder.block of an encoder-decoder "
+                        "(default: found automatically)")
     p.add_argument("--pattern", required=True, type=_pattern, metavar="N:M",
                    help="keep at most N of every M, e.g. 2:4 or 4:8")
     p.add_argument("--row-wise", action="store_true",

@@ -198,6 +198,8 @@ def load_pruned(path: str | os.PathLike) -> dict[str, Any]:
     arrays (then bfloat16 / float8 tensors are refused).
     """
     p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"input {str(p)!r}: no such file or directory")
     files = [p / s for s in model_shards(p)[0]] if p.is_dir() else [p]
     framework = "torch" if importlib.util.find_spec("torch") is not None else "numpy"
     out: dict[str, Any] = {}

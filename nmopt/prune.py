@@ -2,11 +2,9 @@
 
 Selection rules (:func:`select_layers`): a tensor is pruned when it is a floating-point 2-D
 weight ``(out, in)`` or 4-D conv weight ``(out, in, kh, kw)``, its name matches ``include``
-(when given) and not ``exclude``, and it is not an embedding (name containing ``embed``, or
-GPT-2's ``wte`` / ``wpe``) unless ``include`` names it explicitly. Everything else -- biases,
-norms, other 1-D / 3-D tensors and integer or boolean tensors such as BatchNorm's
-``num_batches_tracked`` -- is copied unchanged. Only floating-point tensors are pruned: an
-integer tensor is a count or an index, not a weight.
+(when given) and not ``exclude``, and it is not an embedding (:data:`EMBEDDING_RE`) unless
+``include`` names it explicitly. Everything else (biases, norms, other 1-D / 3-D tensors,
+integer or boolean tensors: counts and indices, not weights) is copied unchanged.
 """
 
 from __future__ import annotations
@@ -30,8 +28,10 @@ from nmopt.nm_format import load_pruned
 from nmopt.patterns import parse_pattern
 from nmopt.safetensors_stream import bf16_to_float32
 
-#: Names treated as embeddings (skipped unless ``include`` matches them).
-EMBEDDING_RE = re.compile(r"embed|(^|\.)(wte|wpe)(\.|$)", re.IGNORECASE)
+#: Embeddings (skipped unless ``include`` names them): ``embed``, GPT-2's ``wte``/``wpe``, T5's
+#: ``shared`` and ``relative_attention_bias``.
+EMBEDDING_RE = re.compile(r"embed|(^|\.)(wte|wpe|shared|relative_attention_bias)(\.|$)",
+                          re.IGNORECASE)
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -148,12 +148,14 @@ def block_rows(shape: tuple[int, ...], m: int, budget: int | None = None) -> int
 
 def prune_layer(name: str, shape: tuple[int, ...], dtype: str, read, emit, p, *,
                 transposable: bool = True, saturate: bool = False, solver="auto",
-                backend=None) -> LayerReport:
+                backend=None, in_out: bool = False) -> LayerReport:
     """Prune one weight block by block: the one routine behind every prune (dict, file, directory).
 
     ``read(r0, r1)`` returns rows r0:r1 of the weight (numpy or torch; bfloat16 may come as
     numpy uint16 bits), ``emit(r0, r1, mask, pruned)`` takes each block's mask and pruned rows.
     Blocks are whole M x M tile rows, so the masks equal those of one call on the whole weight.
+    ``in_out``: the weight is stored (in, out) (transformers' ``Conv1D``), so row-wise groups
+    run down its columns, along the reduction dimension.
     """
     shape = tuple(int(s) for s in shape)
     step, rows = block_rows(shape, p.m), shape[0]
@@ -163,12 +165,14 @@ def prune_layer(name: str, shape: tuple[int, ...], dtype: str, read, emit, p, *,
         r1 = min(rows, r0 + step)
         w = read(r0, r1)
         x = bf16_to_float32(w) if dtype == "bfloat16" and isinstance(w, np.ndarray) else w
+        flip = in_out and not transposable  # a transposable mask's transpose is one too
         try:
-            res = find_mask(x, p, transposable=transposable, saturate=saturate,
+            res = find_mask(x.T if flip else x, p, transposable=transposable, saturate=saturate,
                             solver=solver, backend=backend)
         except (ValueError, TypeError) as err:
             raise ValueError(f"layer {name!r} {shape}: {err}") from None
-        emit(r0, r1, res.mask, apply_mask(w, res.mask))
+        mask = res.mask.T if flip else res.mask
+        emit(r0, r1, mask, apply_mask(w, mask))
         for key, value in (("objective", res.objective), ("bound", res.bound), ("score", _abs_sum(x)),
                            ("kept", int(res.mask.sum())), ("deficit", res.deficit),
                            ("seconds", res.seconds)):
@@ -210,9 +214,8 @@ def prune_state_dict(tensors: dict[str, Any], pattern, *, transposable: bool = T
     pruned: dict[str, Any] = {}
     layers: list[LayerReport] = []
     total = sum(_numel(tensors[n]) for n in names)
-    bar = tqdm(total=total, unit="w", unit_scale=True, disable=(None if progress is None
-                                                               else not progress),
-               desc="pruning", leave=False)
+    bar = tqdm(total=total, unit="w", unit_scale=True, desc="pruning", leave=False,
+               disable=None if progress is None else not progress)
     try:
         for name in names:
             w = tensors[name]

@@ -35,8 +35,11 @@ from nmopt.safetensors_stream import HF_INDEX, Entry, SafetensorsWriter, model_s
 
 FORMATS = ("dense", "nm-packed")
 COPY_BYTES = 16 << 20
+#: transformers' model types whose ``Conv1D`` layers store weights (in, out), and those layers.
+CONV1D_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+CONV1D_RE = re.compile(r"(^|\.)(c_attn|c_proj|c_fc|q_attn)\.weight$")
 #: Weight files of other formats: not copied into a pruned directory (they would be unpruned).
-OTHER_WEIGHTS = re.compile(r"^(pytorch_model|tf_model|flax_model)\b.*|.*\.(safetensors|gguf|h5|msgpack|ckpt)$")
+OTHER_WEIGHTS = re.compile(r"^(pytorch_model|tf_model|flax_model)\b.*|.*\.(safetensors|gguf|h5|msgpack|ckpt|pth?)$")
 
 
 def prune_path(input_path, out_path, pattern, *, fmt: str = "dense", masks_path=None,
@@ -85,6 +88,13 @@ def prune_path(input_path, out_path, pattern, *, fmt: str = "dense", masks_path=
         if index is not None:
             _check_index(src, index["weight_map"], where)
         names, copied = select_layers(entries, include, exclude)
+        names = _untied(names, copied, entries, {n: r for r in readers for n in r.entries})
+        in_out = _conv1d(src, names)
+        if in_out and fmt == "nm-packed" and not transposable:
+            raise ValueError(f"--format nm-packed with --row-wise: {in_out[0]!r} is a Conv1D "
+                             "weight stored (in, out), whose row-wise groups run down its "
+                             "columns and do not pack; use --format dense or a transposable "
+                             "pattern")
         if not names:
             raise ValueError(f"nothing to prune in {str(src)!r}: no 2-D/4-D float weight was "
                              "selected (embeddings need --include; check --include/--exclude)")
@@ -113,7 +123,8 @@ def prune_path(input_path, out_path, pattern, *, fmt: str = "dense", masks_path=
                     for name, e in reader.entries.items():
                         bar.set_postfix_str(f"{len(layers)}/{len(names)} layers {name}", refresh=False)
                         if name in names:
-                            layers.append(_prune_one(reader, w, masks, e, layouts.get(name), p, solve))
+                            layers.append(_prune_one(reader, w, masks, e, layouts.get(name), p,
+                                                     dict(solve, in_out=name in in_out)))
                         else:
                             _copy(reader, w, e)
                         bar.update(e.nbytes)
@@ -163,6 +174,44 @@ def _copy(reader: TensorFile, out: SafetensorsWriter, e) -> None:
         out.write(e.name, reader.read(e.name, r0, min(e.rows, r0 + step)))
 
 
+def _conv1d(src: Path, names: list[str]) -> list[str]:
+    """The weights of ``names`` stored (in, out): Conv1D layers of a directory whose config names
+    a model type that has them (a lone file says nothing: its weights count as (out, in))."""
+    try:
+        cfg = json.loads((src / "config.json").read_text(encoding="utf-8")) if src.is_dir() else {}
+    except (OSError, ValueError):
+        cfg = {}
+    if not isinstance(cfg, dict) or cfg.get("model_type") not in CONV1D_TYPES:
+        return []
+    return [n for n in names if CONV1D_RE.search(n)]
+
+
+def _untied(names: list[str], copied: dict[str, str], entries: dict, readers: dict) -> list[str]:
+    """``names`` without the stored copies of a copied embedding (a tied output head saved
+    twice): pruning one copy alone would untie them. Those move to ``copied``."""
+    embeddings = [n for n, why in copied.items() if why.startswith("embedding")]
+    kept = []
+    for name in names:
+        e = entries[name]
+        twin = next((t for t in embeddings if (entries[t].code, entries[t].shape) == (e.code, e.shape)
+                     and _same_data(readers[name], name, readers[t], t, e)), None)
+        if twin is None:
+            kept.append(name)
+        else:
+            copied[name] = (f"embedding: a copy of {twin!r} (tied), kept dense with it; name "
+                            "both in --include to prune them")
+    return kept
+
+
+def _same_data(r1: TensorFile, n1: str, r2: TensorFile, n2: str, e) -> bool:
+    """True when tensors ``n1`` of ``r1`` and ``n2`` of ``r2`` (both like ``e``) hold the same
+    bytes, compared ``COPY_BYTES`` at a time."""
+    step = max(1, COPY_BYTES // max(1, e.nbytes // max(1, e.rows)))
+    return all(np.array_equal(r1.read(n1, r0, min(e.rows, r0 + step)),
+                              r2.read(n2, r0, min(e.rows, r0 + step)))
+               for r0 in range(0, e.rows, step))
+
+
 def _check_others(src: Path, shards: list[str]) -> None:
     """CheckpointError naming the first file of ``src`` that copying would fail on (a broken link)."""
     for item in sorted(src.rglob("*")):
@@ -196,13 +245,19 @@ def _copy_others(src: Path, root: Path, shards: list[str], index, weight_map, si
                    weight_map=weight_map)
         (root / HF_INDEX).write_text(json.dumps(new, indent=2) + "\n", encoding="utf-8")
     skipped = []
+
+    def weights(directory, names):  # in subdirectories too (e.g. Meta's original/)
+        out = [n for n in names if OTHER_WEIGHTS.match(n) and (Path(directory) / n).is_file()]
+        skipped.extend((Path(directory) / n).relative_to(src).as_posix() for n in out)
+        return out
+
     for item in sorted(src.iterdir()):
         if item.name in shards or item.name == HF_INDEX:
             continue
         if item.is_file() and OTHER_WEIGHTS.match(item.name):
             skipped.append(item.name)
         elif item.is_dir():
-            shutil.copytree(item, root / item.name)
+            shutil.copytree(item, root / item.name, ignore=weights)
         else:
             shutil.copy2(item, root / item.name)
     return skipped

@@ -204,7 +204,10 @@ def test_encoder_decoder_other_stack_warned_and_prunable():
     batches = [{"input_ids": ids, "decoder_input_ids": ids[:, :8]}]
     with pytest.warns(UserWarning, match=r"'encoder.block'; 'decoder.block' \(2 blocks\) .* stays dense"):
         first = nmopt.prune_model(model, batches, PruneConfig(method="wanda"), progress=False)
-    assert first.blocks.startswith("encoder.block") and len(first.layers) == 12 and not first.skipped
+    assert first.blocks.startswith("encoder.block") and len(first.layers) == 12
+    assert len(first.skipped) == 20  # the decoder's layers, reported with the way to prune them
+    assert all(s.name.startswith("decoder.block.") and "blocks='decoder.block'" in s.reason
+               for s in first.skipped)
     second = nmopt.prune_model(model, batches, PruneConfig(method="wanda"), blocks="decoder.block", progress=False)
     assert len(second.layers) == 20 and not second.skipped  # self- and cross-attention q, k, v, o; wi, wo
     assert_valid(model, "decoder.block")

@@ -194,8 +194,8 @@ def test_failure_leaves_no_partial_output(tiny, tmp_path, capsys, monkeypatch, w
 
     real_save = prune_cli.save_pretrained_dir
 
-    def save_then_fail(model, tokenizer, directory, dtype=None):
-        real_save(model, tokenizer, directory, dtype)
+    def save_then_fail(model, tokenizer, directory, dtype=None, dtypes=None):
+        real_save(model, tokenizer, directory, dtype, dtypes)
         assert any(Path(directory).iterdir())  # a partial directory exists at this point
         raise OSError("disk full (injected)")
 

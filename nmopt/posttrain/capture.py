@@ -104,6 +104,9 @@ def calibration_batches(calibration, model: nn.Module, device) -> list[tuple[tup
             _check_ids(ids, max_pos, vocab)
         per = max(1, _BATCH_TOKENS // max(1, math.prod(ids.shape[1:])))
         return [((chunk.to(device),), {}) for chunk in ids.split(per)]
+    if isinstance(calibration, Mapping):
+        raise TypeError("calibration: got one dict of model inputs; pass a list of such dicts (one "
+                        "per batch), e.g. [batch]")
     if isinstance(calibration, (str, bytes)) or not isinstance(calibration, Iterable):
         raise TypeError(f"calibration: expected a LongTensor of token ids (nsamples, seqlen) or an iterable of "
                         f"model-input dicts, got {type(calibration).__name__}")
@@ -131,6 +134,10 @@ def calibration_batches(calibration, model: nn.Module, device) -> list[tuple[tup
                             "inputs or a tensor")
     if not batches:
         raise ValueError("calibration: no batches (the iterable is empty); pass at least one sample")
+    masks = [b[1].get("attention_mask") for b in batches]
+    if all(torch.is_tensor(am) and am.dim() == 2 and not bool(am.any()) for am in masks):
+        raise ValueError("calibration: every token is padding (attention_mask is 0 everywhere); "
+                         "pass at least one real token")
     return batches
 
 

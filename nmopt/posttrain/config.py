@@ -120,6 +120,11 @@ class PruneConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+        if self.seed >= 2**63:
+            raise ValueError(f"seed: expected an integer below 2**63, got {self.seed!r}")
+        if self.damp > 1e3:
+            raise ValueError(f"damp: {self.damp!r} is too large; it is a fraction of the Hessian's "
+                             "mean diagonal (typically 0.01), at most 1000")
         self.include = _check_regexes("include", self.include)
         self.exclude = _check_regexes("exclude", self.exclude)
         if not (isinstance(self.solver, str) or callable(self.solver)):

@@ -15,11 +15,12 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nmopt.posttrain.hessian import weight_matrix
+from nmopt.checkpoint import CheckpointError
+from nmopt.safetensors_stream import model_shards, read_header
 
 HF_HINT = "pip install 'nmopt[hf]'"
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -42,6 +43,7 @@ class Pretrained:
     path: Path
     gguf: bool
     source_dtype: str = "float32"
+    source_dtypes: dict[str, str] = field(default_factory=dict)  # per tensor, from the files
 
 
 def is_model_path(path: str | os.PathLike) -> bool:
@@ -76,9 +78,13 @@ def load_pretrained(path: str | os.PathLike, device: str | None = None) -> Pretr
                 raise ImportError(f"loading GGUF files needs {dep}: {HF_HINT}") from None
         where, extra, cls = str(p.parent), {"gguf_file": p.name}, tf.AutoModelForCausalLM
     elif (p / "config.json").is_file():
-        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
-        archs = cfg.get("architectures") or []
-        source_dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+        try:
+            cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+            archs = cfg.get("architectures") or []
+        except (ValueError, AttributeError) as exc:
+            raise ValueError(f"MODEL {str(p)!r}: config.json is not a JSON object ({exc})") from None
+        stored = stored_dtypes(p)
+        source_dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or _most_common(stored))
         cls = getattr(tf, archs[0], None) if archs else None
         if cls is None:
             causal = any(a.endswith(_CAUSAL_SUFFIXES) for a in archs)
@@ -90,7 +96,9 @@ def load_pretrained(path: str | os.PathLike, device: str | None = None) -> Pretr
     with _quiet(tf):
         try:
             model = cls.from_pretrained(where, **extra, **kw)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a corrupt file fails anywhere (struct.error...)
+            if isinstance(exc, ImportError):
+                raise
             raise ValueError(f"MODEL {str(p)!r}: cannot load it ({_first_line(exc)})") from None
         try:
             tokenizer = tf.AutoTokenizer.from_pretrained(where, **extra)
@@ -99,7 +107,25 @@ def load_pretrained(path: str | os.PathLike, device: str | None = None) -> Pretr
     model.eval()
     if device is not None:
         model.to(device)
-    return Pretrained(model, tokenizer, p, p.suffix.lower() == ".gguf", source_dtype)
+    return Pretrained(model, tokenizer, p, p.suffix.lower() == ".gguf", source_dtype,
+                      {} if p.suffix.lower() == ".gguf" else stored)
+
+
+def stored_dtypes(directory: str | os.PathLike) -> dict[str, str]:
+    """The dtype (torch's name) each tensor of a model directory's safetensors weights is stored
+    in; {} when it has none (other formats: the config's dtype stands for every tensor)."""
+    try:
+        shards, _ = model_shards(directory)
+        return {name: e.dtype for shard in shards
+                for name, e in read_header(Path(directory) / shard)[0].items()}
+    except CheckpointError:
+        return {}
+
+
+def _most_common(dtypes: dict[str, str]) -> str:
+    """The floating dtype most tensors are stored in ("float32" when there is none)."""
+    floats = [d for d in dtypes.values() if d in ("float32", "float16", "bfloat16", "float64")]
+    return max(set(floats), key=floats.count) if floats else "float32"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -223,35 +249,55 @@ def _plain_float(model):
             cfg.quantization_config = qcfg
 
 
-def save_pretrained_dir(model, tokenizer, directory: str | os.PathLike, dtype: str | None = None) -> None:
+def save_pretrained_dir(model, tokenizer, directory: str | os.PathLike, dtype: str | None = None,
+                        dtypes: dict[str, str] | None = None) -> None:
     """Write ``model`` (safetensors) and ``tokenizer`` into an existing (staged) ``directory``.
 
-    A model loaded from GGUF is written as plain floats that reload without ``gguf``; ``dtype``
-    (e.g. the source's ``"bfloat16"``) casts the written weights, zeros stay zeros.
+    A model loaded from GGUF is written as plain floats that reload without ``gguf``. Floating
+    weights are cast to ``dtypes[name]`` (the dtype each was stored in, :func:`stored_dtypes`),
+    else to ``dtype`` (e.g. the source config's ``"bfloat16"``); zeros stay zeros, and tied
+    weights stay one tensor.
     """
-    import torch
-
-    state = None
-    if dtype not in (None, "float32", "auto"):
-        state = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v
-                 for k, v in model.state_dict().items()}
+    state = _cast_state(model, dtype, dtypes or {})
     with _plain_float(model), _quiet(_transformers()):
         model.save_pretrained(str(directory), safe_serialization=True, state_dict=state)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory))
-    if state is not None:
+    if state is not None and dtype not in (None, "float32", "auto"):
         path = Path(directory) / "config.json"
         cfg = json.loads(path.read_text(encoding="utf-8"))
         cfg["dtype" if "dtype" in cfg else "torch_dtype"] = dtype
         path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
+def _cast_state(model, dtype: str | None, dtypes: dict[str, str]):
+    """``model.state_dict()`` with floating tensors cast as :func:`save_pretrained_dir` says, or
+    None when nothing changes. A tensor under several names (tied) is cast once."""
+    import torch
+
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    state, cast, changed = {}, {}, False
+    for key, v in model.state_dict().items():
+        want = dtypes.get(key) or dtypes.get(key.removeprefix(prefix)) \
+            or dtypes.get(prefix + key) or dtype
+        to = getattr(torch, str(want), None) if want not in (None, "auto") else None
+        if not v.is_floating_point() or not isinstance(to, torch.dtype) \
+                or not to.is_floating_point or v.dtype == to:
+            state[key] = v
+            continue
+        same = (v.device, v.data_ptr(), tuple(v.shape), v.stride(), to)  # state_dict detaches
+        state[key] = cast[same] if same in cast else cast.setdefault(same, v.to(to))
+        changed = True
+    return state if changed else None
+
+
 def layer_masks(model, report) -> dict[str, Any]:
-    """Boolean ``(out, in)`` masks (``weight != 0``) of the layers ``report`` pruned, by weight name.
+    """Boolean masks (``weight != 0``) of the layers ``report`` pruned, by weight name, shaped as
+    the weight is stored (a ``Conv1D``'s is (in, out)), as the checkpoint path writes them.
 
     The nonzeros of a pruned weight are a subset of its mask, so they form a valid N:M mask too.
     """
 
     modules = dict(model.named_modules())
-    return {f"{row.name}.weight": weight_matrix(modules[row.name]).ne(0).cpu().contiguous()
+    return {f"{row.name}.weight": modules[row.name].weight.detach().ne(0).cpu().contiguous()
             for row in report.layers}

@@ -45,9 +45,26 @@ def check_outputs(model_path, out, masks=None, report=None, force: bool = False)
     check_output_paths(model_path, outs, force, out_dir=True)
 
 
+def check_device(device: str) -> None:
+    """ValueError naming ``--device`` unless torch can hold the model there."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device {device!r}: not a torch device ({exc}); use cpu or cuda") from None
+    if dev.type == "meta":
+        raise ValueError("--device meta holds no data; use cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: this PyTorch sees no CUDA device; use cpu (the "
+                         "default) or install a CUDA build")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+
+
 def prune_pretrained(model_path, out, config, calibration, *, nsamples: int = 32, seqlen: int = 512,
                      seed: int = 0, masks=None, report=None, force: bool = False, device=None,
-                     progress: bool = True, log=print):
+                     progress: bool = True, log=print, blocks: str | None = None):
     """Load MODEL, prune it with :func:`nmopt.prune_model` on text calibration, write OUT_DIR.
 
     Parameters
@@ -58,6 +75,7 @@ def prune_pretrained(model_path, out, config, calibration, *, nsamples: int = 32
     calibration : UTF-8 text file; ``nsamples`` random windows of ``seqlen`` tokens (``seed``)
     masks, report : optional ``.safetensors`` (bool masks) and ``.json`` (``PruneReport``) paths
     force, device, progress, log : overwrite outputs, torch device, per-block bar, note printer
+    blocks : the block list to prune (``prune_model``'s ``blocks``; default: found)
 
     Returns
     -------
@@ -72,13 +90,17 @@ def prune_pretrained(model_path, out, config, calibration, *, nsamples: int = 32
                                  max_positions(loaded.model.config))
     log(f"loaded {type(loaded.model).__name__} from {model_path}; calibration: {nsamples} x {seqlen} "
         f"tokens of {calibration} (seed {seed})")
-    result = prune_model(loaded.model, tokens, config, progress=progress)
+    calib = tokens
+    if getattr(loaded.model.config, "is_encoder_decoder", False):  # the decoder reads the text too
+        calib = [{"input_ids": row[None], "decoder_input_ids": row[None]} for row in tokens]
+    result = prune_model(loaded.model, calib, config, progress=progress, blocks=blocks)
     # the directory commits first: if that fails, AtomicFiles removes the staged files too
     with AtomicFiles(force=force) as files:
         staged = files.add_dir(out)
         try:
             save_pretrained_dir(loaded.model, loaded.tokenizer, staged,
-                                None if loaded.gguf else loaded.source_dtype)
+                                None if loaded.gguf else loaded.source_dtype,
+                                loaded.source_dtypes)
         except Exception as exc:  # noqa: BLE001 - disk full, quota, I/O error: one line naming --out
             raise error_writing(out, exc) from None
         if masks:
@@ -112,12 +134,15 @@ def run_prune_command(args, log=print) -> int:
         config = PruneConfig(pattern=args.pattern, transposable=not args.row_wise, method=args.method or "admm",
                              include=args.include, exclude=args.exclude, solver=args.solver, seed=args.seed)
         check_outputs(args.input, args.out, args.masks, args.report, args.force)
+        if args.device is not None:
+            check_device(args.device)
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
     result = prune_pretrained(args.input, args.out, config, args.calibration, nsamples=args.nsamples,
                               seqlen=args.seqlen, seed=args.seed, masks=args.masks, report=args.report,
                               force=args.force, device=args.device,
-                              progress=not args.no_progress and sys.stderr.isatty(), log=log)
+                              progress=not args.no_progress and sys.stderr.isatty(), log=log,
+                              blocks=args.blocks)
     log(result.table())
     for path, what in ((args.out, "pruned model"), (args.masks, "masks"), (args.report, "report")):
         if path:
