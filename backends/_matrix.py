@@ -21,7 +21,7 @@ def matrix_arg(x):
     """``(pointer, dtype code, row stride, col stride, owner)`` of a 2-D numpy float array or
     CPU tensor, read in place (strides in elements), or None when the C kernels cannot read it."""
     if isinstance(x, np.ndarray):
-        code = _DTYPE_CODES.get(x.dtype.name)
+        code = _DTYPE_CODES.get(x.dtype.name) if x.dtype.isnative else None  # C reads native order
         if code is None or x.ndim != 2 or not x.flags.aligned \
                 or any(st % x.itemsize for st in x.strides):
             return None

@@ -70,7 +70,10 @@ def to_float64(x: Any, name: str) -> tuple[np.ndarray, ArrayKind]:
 def as_bool_numpy(x: Any, name: str) -> np.ndarray:
     """Convert a mask (numpy or torch, bool or 0/1) to a numpy bool array."""
     if is_torch_tensor(x):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if x.dtype.is_floating_point:
+            x = x.double()  # bfloat16 and float8 have no numpy dtype; 0/1 are exact in float64
+        x = x.numpy()
     arr = np.asarray(x)
     if arr.dtype != bool:
         if arr.dtype.kind not in _NUMERIC_KINDS:

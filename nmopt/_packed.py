@@ -34,8 +34,10 @@ class PackedNM:
 
     def __post_init__(self) -> None:
         p = Pattern(self.n, self.m)
-        if len(self.shape) != 2 or any(int(s) < 0 for s in self.shape):
-            raise ValueError(f"shape: expected (rows, cols), got {self.shape!r}")
+        if len(self.shape) != 2 or any(isinstance(s, (bool, np.bool_))
+                                       or not isinstance(s, (int, np.integer)) or s < 0
+                                       for s in self.shape):
+            raise ValueError(f"shape: expected (rows, cols) as integers >= 0, got {self.shape!r}")
         rows, cols = (int(s) for s in self.shape)
         if cols % p.m:
             raise ValueError(f"shape: {cols} columns is not a multiple of M={p.m}")
@@ -55,6 +57,7 @@ class PackedNM:
         if self.indices.size and int(self.indices.max()) >= p.m:
             raise ValueError(f"indices: positions must be < M={p.m}, found "
                              f"{int(self.indices.max())}")
+
         object.__setattr__(self, "shape", (rows, cols))
 
     @property
@@ -73,6 +76,20 @@ class PackedNM:
     def __repr__(self) -> str:
         return (f"PackedNM({self.n}:{self.m}, shape={self.shape}, dtype={self.dtype}, "
                 f"nbytes={self.nbytes})")
+
+
+def check_distinct(packed: PackedNM) -> None:
+    """ValueError unless the N positions of every group are distinct (as :func:`pack` makes
+    them): a position named twice would hold two values for one weight. A pass over the
+    indices, run by the public functions rather than on every PackedNM built."""
+    n = packed.n
+    if packed.indices.size and n > 1:
+        groups = np.sort(packed.indices.reshape(packed.shape[0], -1, n), axis=2)
+        dup = np.argwhere((groups[:, :, 1:] == groups[:, :, :-1]).any(axis=2))
+        if dup.size:
+            r, g = (int(i) for i in dup[0])
+            raise ValueError(f"packed.indices: row {r}, group {g} names a position twice; the N "
+                             "positions of a group must be distinct (pack makes them so)")
 
 
 def check_pack_args(weights, mask, n: int, m: int) -> tuple[np.ndarray, np.ndarray, Pattern]:

@@ -43,6 +43,8 @@ def _checked_output(name, grid, tiles, mask_t, u_t, v_t, p, transposable, satura
         raise RuntimeError(f"solver {name!r} returned a mask of shape {mask_t.shape}, "
                            f"expected {tiles.shape}")
     mask_t = mask_t.astype(bool)
+    if grid.padded_shape != (grid.rows, grid.cols):  # kept padding is cropped: not counted
+        mask_t &= grid.to_tiles(np.ones((grid.rows, grid.cols), dtype=bool), fill=False)
     rows, cols = tile_counts(mask_t)
     if (rows > p.n).any() or (transposable and (cols > p.n).any()):
         try:  # over N somewhere in the padded tiles: does it survive cropping the padding?
@@ -89,10 +91,10 @@ def _fill_free_slots(grid, tiles, mask_t, n, counts):
 
     This changes neither the objective nor the certificate (a short row or column has price 0
     in an optimal certificate), and after an exact solve only zero scores can sit in such
-    slots; the mask becomes maximal, so the deficit no longer depends on which optimal mask a
-    solver happened to return (with N = M and zero weights the mask is dense). Entries are
-    filled in row-major order; positive scores and padding are never added. Returns the mask
-    and its tile counts.
+    slots; the mask becomes maximal (with N = M and zero weights it is dense), edge tiles
+    included. A maximal mask can still keep fewer than a maximum one, so on ties of zeros the
+    deficit may depend on the optimal mask a solver returned. Entries are filled in row-major
+    order; positive scores and padding are never added. Returns the mask and its tile counts.
     """
     rows, cols = counts
     # only a tile with a short row and a short column can have a free slot
@@ -157,6 +159,12 @@ def _check_warm(warm, p, shape, transposable, saturate):
                          f"{warm.transposable}, saturate={warm.saturate}; pass the same")
     if warm.v is None or saturate or not transposable:
         return None  # row-wise and exactly-N problems start cold
+    cols = int(np.prod(shape[1:], dtype=np.int64))  # a 4-D conv weight as (out, in*kh*kw)
+    want = (-(-int(shape[0]) // p.m), cols)  # MaskResult.v: (tile rows, cols)
+    if not hasattr(warm.v, "shape") or tuple(warm.v.shape) != want:
+        raise ValueError(f"warm_start: its column prices v must be an array of shape {want}, got "
+                         f"{tuple(getattr(warm.v, 'shape', ())) or type(warm.v).__name__}; pass "
+                         "the MaskResult find_mask returned, unchanged")
     return warm
 
 
@@ -297,6 +305,9 @@ def find_mask(weights, pattern, *, transposable: bool = True, saturate: bool = F
                                        edge_tiles=edge_tiles, framework=kind.framework)
 
     tiles = grid.to_tiles(s)
+    with np.errstate(over="ignore"):
+        if not np.isfinite(tiles.sum(axis=(1, 2))).all():  # a tile's scores overflow float64
+            _checked_bound(inst.name, np.inf, 0.0, "weights" if scores is None else "scores")
     mask_t, u_t, v_t = _solve(inst, grid, tiles, p.n, bool(saturate), engine)
     mask_t, u_t, v_t, counts = _checked_output(inst.name, grid, tiles, mask_t, u_t, v_t, p,
                                                transposable, saturate)

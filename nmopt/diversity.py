@@ -13,6 +13,9 @@ from nmopt.patterns import parse_pattern
 
 #: Largest number of DP states (column-sum profiles) counted before refusing.
 MAX_STATES = 300_000
+#: Largest number of DP transitions (state x row allocation, about 2 us each) before refusing:
+#: the states alone do not bound the work (5:16 "at most" has few states but hours of steps).
+MAX_STEPS = 8_000_000
 
 
 def _allocations(counts: tuple[int, ...], k: int, start: int = 0):
@@ -40,8 +43,14 @@ def count_tile_masks(rows: int, cols: int, n: int, at_most: bool) -> int:
     start = (cols,) + (0,) * n
     states = {start: 1}
     row_sums = range(n + 1) if at_most else (n,)
+    per_state = sum(comb(k + n - 1, n - 1) for k in row_sums)  # allocations, at most
+    steps = 0
     for _ in range(rows):
         nxt: dict[tuple[int, ...], int] = defaultdict(int)
+        steps += len(states) * per_state
+        if steps > MAX_STEPS:
+            raise ValueError(f"mask_diversity: {n}:{cols}{' at most' if at_most else ''} is too "
+                             f"large to count exactly here (over {MAX_STEPS} counting steps)")
         for state, ways in states.items():
             open_classes = state[:n]
             for k in row_sums:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nmopt._packed import PACK_DTYPES, PackedNM
+from nmopt._packed import PACK_DTYPES, PackedNM, check_distinct
 from nmopt.backends import select
 from nmopt.patterns import parse_pattern
 
@@ -50,9 +50,22 @@ def pack(weights: np.ndarray, mask: np.ndarray, pattern, *, backend=None) -> Pac
 
 def unpack(packed: PackedNM, *, backend=None) -> np.ndarray:
     """The dense (R, C) matrix ``weights * mask`` back from its packed form."""
+    _check(packed)
     return _engine(backend).unpack(packed)
 
 
 def sparse_matmul(x: np.ndarray, packed: PackedNM, *, backend=None) -> np.ndarray:
-    """``x @ W.T`` for ``W`` given packed: x float32 (B, C) -> float32 (B, R), any batch B."""
+    """``x @ W.T`` for ``W`` given packed: x float32 (B, C) -> float32 (B, R), any batch B.
+
+    With NaN or inf in ``x`` at positions the weight prunes, backends differ: the numpy
+    reference computes ``x @ unpack(packed).T`` (0 * NaN = NaN), the C kernel reads only the
+    stored slots (a group keeping fewer than N also stores a zero padding slot). Keep ``x``
+    finite, or mask it first, for identical results."""
+    _check(packed)
     return _engine(backend).sparse_matmul(x, packed)
+
+
+def _check(packed) -> None:
+    if not isinstance(packed, PackedNM):
+        raise TypeError(f"packed: expected a PackedNM (from pack), got {type(packed).__name__}")
+    check_distinct(packed)

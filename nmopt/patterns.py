@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 MAX_M = 64
 
 
@@ -23,8 +25,9 @@ class Pattern:
 
     def __post_init__(self) -> None:
         for name, value in (("n", self.n), ("m", self.m)):
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
                 raise TypeError(f"pattern: {name} must be an integer, got {value!r}")
+            object.__setattr__(self, name, int(value))  # numpy integers as plain ints
         if self.m < 1 or self.m > MAX_M:
             raise ValueError(f"pattern: M must be in 1..{MAX_M}, got M={self.m}")
         if self.n < 1:

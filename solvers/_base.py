@@ -76,7 +76,7 @@ class CallableSolver(Solver):
         self.name = getattr(fn, "__name__", "callable")
 
     def solve(self, tiles, n, *, saturate, backend):
-        mask = np.asarray(self.fn(tiles, n, saturate), dtype=bool)
+        mask = np.asarray(self.fn(tiles.copy(), n, saturate), dtype=bool)  # its own copy to change
         if mask.shape != tiles.shape:
             raise ValueError(f"solver callable returned shape {mask.shape}, expected {tiles.shape}")
         u1, v1 = prices_from_mask(tiles, mask, n, saturate)

@@ -312,8 +312,10 @@ def main(args: argparse.Namespace) -> int:
 
     if args.repeat < 1:
         raise UsageError("--repeat: expected K >= 1")
-    if args.time_limit < 0:
+    if not 0 <= args.time_limit < float("inf"):  # NaN fails too
         raise UsageError("--time-limit: expected S >= 0 (0 = no limit)")
+    if args.seed < 0:
+        raise UsageError(f"--seed: expected an integer >= 0, got {args.seed}")
     names = _flat(args.solvers)
     valid = contender_names()
     bad = [n for n in names or () if n not in valid]

@@ -1,0 +1,133 @@
+"""Hostile inputs to the solver API: byte order, a callable that changes its input, kept
+padding, tampered warm starts, odd mask and price types, malformed packed weights, counts too
+large to finish, overflowing scores on every backend."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+
+import nmopt
+from nmopt.cli import main
+from nmopt.packed import PackedNM, pack, sparse_matmul, unpack
+
+RNG = np.random.default_rng(0)
+W = RNG.standard_normal((8, 12))
+
+
+@pytest.mark.parametrize("dtype", [">f8", ">f4"])
+@pytest.mark.parametrize("kw", [{}, {"solver": "greedy"}, {"transposable": False}],
+                         ids=["exact", "greedy", "rowwise"])
+def test_big_endian_weights_give_the_native_result(dtype, kw):
+    """The C kernels read native byte order: a big-endian array once gave a wrong mask with
+    an objective near 1e303 and optimal=True."""
+    native = nmopt.find_mask(W.astype(dtype[1:]), "2:4", **kw)
+    got = nmopt.find_mask(W.astype(dtype), "2:4", **kw)
+    assert np.array_equal(got.mask, native.mask)
+    assert got.objective == pytest.approx(native.objective, rel=1e-12)
+    assert got.bound == pytest.approx(native.bound, rel=1e-12)
+
+
+def test_a_callable_solver_that_changes_its_tiles_cannot_corrupt_the_certificate():
+    def vandal(tiles, n, saturate):
+        tiles[...] = 0
+        return np.zeros(tiles.shape, dtype=bool)
+
+    res = nmopt.find_mask(W, "2:4", solver=vandal)
+    assert res.objective == 0.0 and not res.optimal
+    assert res.bound >= nmopt.find_mask(W, "2:4").objective  # a bound on the real scores
+    assert res.bound == pytest.approx(nmopt.dual_bound(np.abs(W), "2:4", res.u, res.v))
+
+
+@pytest.mark.parametrize("solver", ["exact", "enumerate", "networkx"])
+def test_edge_tiles_are_filled_to_a_maximal_mask(solver):
+    """Kept padding used to count as a row's or column's, leaving real free slots unset."""
+    res = nmopt.find_mask(np.zeros((5, 7)), "2:4", solver=solver)
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[:5, :7] = res.mask
+    real = np.zeros((8, 8), dtype=bool)
+    real[:5, :7] = True
+    for r in range(0, 8, 4):
+        for c in range(0, 8, 4):
+            t, ok = mask[r:r + 4, c:c + 4], real[r:r + 4, c:c + 4]
+            free = ok & ~t & (t.sum(axis=1) < 2)[:, None] & (t.sum(axis=0) < 2)[None, :]
+            assert not free.any(), (r, c)
+    nmopt.check_mask(res.mask, "2:4")
+
+
+@pytest.mark.parametrize("bad", [lambda v: v.tolist(), lambda v: v[:, :-1], lambda v: None],
+                         ids=["list", "shape", "none"])
+def test_a_tampered_warm_start_is_refused_by_name(bad):
+    prev = nmopt.find_mask(W, "2:4")
+    tampered = dataclasses.replace(prev, v=bad(prev.v))
+    if tampered.v is None:  # a result without prices starts cold, as documented
+        assert nmopt.find_mask(W, "2:4", warm_start=tampered).objective == prev.objective
+        return
+    with pytest.raises(ValueError, match=r"warm_start: its column prices v"):
+        nmopt.find_mask(W, "2:4", warm_start=tampered)
+
+
+def test_warm_start_of_a_conv_weight():
+    w = RNG.standard_normal((8, 4, 2, 2))
+    prev = nmopt.find_mask(w, "2:4")
+    again = nmopt.find_mask(w * 1.001, "2:4", warm_start=prev)
+    assert again.optimal and np.array_equal(again.mask, prev.mask)
+
+
+def test_check_mask_takes_a_bfloat16_tensor():
+    torch = pytest.importorskip("torch")
+    block = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]])
+    nmopt.check_mask(block.to(torch.bfloat16), "2:4")
+    with pytest.raises(ValueError):
+        nmopt.check_mask(torch.ones(4, 4, dtype=torch.bfloat16), "2:4")
+
+
+def test_dual_bound_names_bad_prices():
+    with pytest.raises(TypeError, match="u: expected an array of prices"):
+        nmopt.dual_bound(np.abs(W), "2:4", "abc")
+
+
+def test_pattern_takes_numpy_integers():
+    p = nmopt.Pattern(np.int64(2), np.int32(4))
+    assert p == nmopt.Pattern(2, 4) and type(p.n) is int and str(p) == "2:4"
+
+
+def test_packed_positions_must_be_distinct_and_the_shape_integral():
+    values = np.array([[1.0, 2.0]], np.float32)
+    dup = PackedNM(values, np.array([[0, 0]], np.uint8), 2, 4, (1, 4))
+    for call in (lambda: unpack(dup), lambda: sparse_matmul(np.ones((1, 4), np.float32), dup)):
+        with pytest.raises(ValueError, match="names a position twice"):
+            call()
+    with pytest.raises(ValueError, match="shape"):
+        PackedNM(values, np.array([[0, 1]], np.uint8), 2, 4, (1.0, 4.9))
+    w = RNG.standard_normal((4, 8)).astype(np.float32)
+    mask = nmopt.find_mask(w, "2:4", transposable=False).mask
+    packed = pack(w, mask, "2:4")
+    assert np.array_equal(unpack(packed), np.where(mask, w, 0))
+
+
+def test_counting_that_would_take_hours_is_refused():
+    with pytest.raises(ValueError, match="too large to count exactly"):
+        nmopt.mask_diversity("6:12", at_most=True)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cffi", "torch"])
+def test_overflowing_scores_name_the_weights_on_every_backend(backend):
+    try:
+        nmopt.backends.get(backend)
+    except Exception as exc:  # an optional backend not built or installed here
+        pytest.skip(str(exc))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(ValueError, match="weights: the kept score or its bound overflows"):
+            nmopt.find_mask(np.full((4, 4), 1e308), "2:4", backend=backend)
+
+
+@pytest.mark.parametrize("argv, says", [(["--seed", "-1"], "--seed"),
+                                        (["--time-limit", "nan"], "--time-limit")])
+def test_bench_gap_usage_errors(capsys, argv, says):
+    assert main(["bench", "gap", "--sizes", "8", "--no-progress", *argv]) == 2
+    assert says in capsys.readouterr().err
