@@ -212,3 +212,24 @@ def test_config_takes_numpy_integers():
     cfg = nmopt.SparsityConfig(refresh_every=np.int64(5), decay=np.float32(0.5))
     assert cfg.refresh_every == 5 and type(cfg.refresh_every) is int
     assert cfg.decay == 0.5 and type(cfg.decay) is float
+
+
+def test_sparse_conv_reads_through_the_conv_hyper_parameters():
+    conv = nn.Conv2d(8, 8, 3, stride=2, padding=1, dilation=1, groups=2)
+    model = nn.Sequential(conv)
+    sparsify(model)
+    layer = model[0]
+    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                 "groups", "padding_mode"):
+        assert getattr(layer, name) == getattr(conv, name), name
+
+
+def test_module_type_keeps_the_mask_boolean():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    sparsify(model)
+    keep = model[0].mask.clone()
+    model.type(torch.DoubleTensor)
+    assert model[0].mask.dtype == torch.bool and torch.equal(model[0].mask, keep)
+    x = torch.randn(2, 8, dtype=torch.float64)
+    torch.testing.assert_close(model(x), x @ (model[0].weight * keep).T + model[0].bias)

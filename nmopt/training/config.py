@@ -48,7 +48,9 @@ class SparsityConfig:
         paper's, tuned for SGD. It is added to the gradient, so Adam-type optimizers normalise
         it away at that size: with AdamW, 0.02 to 0.3 worked best in ``nmopt bench train``
         (4:8 validation loss +5.4% from dense against +8.2% with 2e-4, d=128, 600 steps; see
-        ``benchmarks/README.md``).
+        ``benchmarks/README.md``). Like the SR-STE reference code it is added on every backward
+        pass: K accumulated micro-batches apply it K times, and under a ``GradScaler`` it is
+        divided by the loss scale (scale ``decay`` to match).
     matmul : "auto", "masked", "cffi" or "semi-structured"
         Which GEMM implementation the sparse layers use. "auto": semi-structured sparse tensors on CUDA for transposable
         2:4 in float16/bfloat16, masked dense GEMMs otherwise (each layer's ``repr`` says which

@@ -72,6 +72,12 @@ class _SparseLayer(nn.Module):
         state.pop(WARM_START, None)
         return state
 
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if self.mask.dtype != torch.bool:  # Module.type() converts every buffer, bool ones too
+            self.mask = self.mask.ne(0)
+        return out
+
     def weight_2d(self):
         """The (out, in*k...) view of the weight the mask is defined on."""
         return self.weight.reshape(self.weight.shape[0], -1)
@@ -169,9 +175,15 @@ class SparseConv(_SparseLayer):
 
     _is_conv = True
 
+    #: The convolution's hyper-parameters, read through (``layer.in_channels`` as on the conv).
+    CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                  "groups", "padding_mode", "transposed", "output_padding")
+
     def __init__(self, conv: nn.modules.conv._ConvNd, config: SparsityConfig, mask):
         super().__init__()
         self._setup(conv, config, mask)
+        for name in self.CONV_ATTRS:
+            setattr(self, name, getattr(conv, name))
 
     def forward(self, x):
         self._get_plan()
