@@ -80,16 +80,26 @@ class PackedNM:
 
 def check_distinct(packed: PackedNM) -> None:
     """ValueError unless the N positions of every group are distinct (as :func:`pack` makes
-    them): a position named twice would hold two values for one weight. A pass over the
-    indices, run by the public functions rather than on every PackedNM built."""
+    them): a position named twice would hold two values for one weight. Run by the public
+    functions, once per PackedNM (not on every one built, e.g. each training step's)."""
     n = packed.n
-    if packed.indices.size and n > 1:
-        groups = np.sort(packed.indices.reshape(packed.shape[0], -1, n), axis=2)
-        dup = np.argwhere((groups[:, :, 1:] == groups[:, :, :-1]).any(axis=2))
-        if dup.size:
-            r, g = (int(i) for i in dup[0])
-            raise ValueError(f"packed.indices: row {r}, group {g} names a position twice; the N "
-                             "positions of a group must be distinct (pack makes them so)")
+    if getattr(packed, "_distinct", False) or not packed.indices.size or n == 1:
+        return
+    groups = packed.indices.reshape(packed.shape[0], -1, n)
+    if n <= 8:  # pairwise: n(n-1)/2 strided comparisons, no sort
+        dup = np.zeros(groups.shape[:2], dtype=bool)
+        for a in range(n):
+            for b in range(a + 1, n):
+                dup |= groups[:, :, a] == groups[:, :, b]
+    else:
+        s = np.sort(groups, axis=2)
+        dup = (s[:, :, 1:] == s[:, :, :-1]).any(axis=2)
+    where = np.argwhere(dup)
+    if where.size:
+        r, g = (int(i) for i in where[0])
+        raise ValueError(f"packed.indices: row {r}, group {g} names a position twice; the N "
+                         "positions of a group must be distinct (pack makes them so)")
+    object.__setattr__(packed, "_distinct", True)  # once per PackedNM
 
 
 def check_pack_args(weights, mask, n: int, m: int) -> tuple[np.ndarray, np.ndarray, Pattern]:

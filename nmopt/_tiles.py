@@ -39,7 +39,7 @@ def check_scores(scores: np.ndarray, name: str = "scores") -> None:
     if not np.isfinite(scores).all():
         bad = np.argwhere(~np.isfinite(scores))[0]
         raise ValueError(f"{name}: holds NaN or inf (first at index {tuple(int(i) for i in bad)}); "
-                         "scores must be finite: clean the weights (find_mask: or pass finite scores=)")
+                         "scores must be finite: clean the weights (or, in find_mask, pass finite scores=)")
     if (scores < 0).any():
         bad = np.argwhere(scores < 0)[0]
         raise ValueError(f"{name}: holds negative values (first at index "

@@ -13,9 +13,9 @@ from nmopt.patterns import parse_pattern
 
 #: Largest number of DP states (column-sum profiles) counted before refusing.
 MAX_STATES = 300_000
-#: Largest number of DP transitions (state x row allocation, about 2 us each) before refusing:
+#: Most DP transitions (state x row allocation, 5-10 us each with big integers) before refusing:
 #: the states alone do not bound the work (5:16 "at most" has few states but hours of steps).
-MAX_STEPS = 8_000_000
+MAX_STEPS = 1_600_000
 
 
 def _allocations(counts: tuple[int, ...], k: int, start: int = 0):
@@ -36,6 +36,8 @@ def count_tile_masks(rows: int, cols: int, n: int, at_most: bool) -> int:
     Dynamic programming over rows; the state is how many columns currently hold 0, 1, .., n
     ones (columns are interchangeable), so the count is exact in Python integers.
     """
+    if not at_most and rows == cols and 2 * n > cols:  # complements: sums n <-> cols - n
+        return count_tile_masks(rows, cols, cols - n, False)
     states_bound = comb(cols + n, n)
     if states_bound > MAX_STATES:
         raise ValueError(f"mask_diversity: {n}:{cols} is too large to count exactly here "
@@ -43,18 +45,18 @@ def count_tile_masks(rows: int, cols: int, n: int, at_most: bool) -> int:
     start = (cols,) + (0,) * n
     states = {start: 1}
     row_sums = range(n + 1) if at_most else (n,)
-    per_state = sum(comb(k + n - 1, n - 1) for k in row_sums)  # allocations, at most
     steps = 0
     for _ in range(rows):
         nxt: dict[tuple[int, ...], int] = defaultdict(int)
-        steps += len(states) * per_state
-        if steps > MAX_STEPS:
-            raise ValueError(f"mask_diversity: {n}:{cols}{' at most' if at_most else ''} is too "
-                             f"large to count exactly here (over {MAX_STEPS} counting steps)")
         for state, ways in states.items():
             open_classes = state[:n]
             for k in row_sums:
                 for alloc in _allocations(open_classes, k):
+                    steps += 1
+                    if steps > MAX_STEPS:
+                        raise ValueError(f"mask_diversity: {n}:{cols}"
+                                         f"{' at most' if at_most else ''} is too large to count "
+                                         f"exactly here (over {MAX_STEPS} counting steps)")
                     w = prod(comb(c, a) for c, a in zip(open_classes, alloc))
                     new = list(state)
                     for c, a in enumerate(alloc):

@@ -39,7 +39,10 @@ COPY_BYTES = 16 << 20
 CONV1D_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
 CONV1D_RE = re.compile(r"(^|\.)(c_attn|c_proj|c_fc|q_attn)\.weight$")
 #: Weight files of other formats: not copied into a pruned directory (they would be unpruned).
-OTHER_WEIGHTS = re.compile(r"^(pytorch_model|tf_model|flax_model)\b.*|.*\.(safetensors|gguf|h5|msgpack|ckpt|pth?)$")
+OTHER_WEIGHTS = re.compile(r"^(pytorch_model|tf_model|flax_model)\b.*|.*\.(safetensors|gguf|h5|msgpack|ckpt)$")
+#: In subfolders, only copies of the model itself are left out (Meta's ``original/consolidated*``);
+#: other weights there (a sentence-transformers ``2_Dense/model.safetensors``) are copied.
+SUBFOLDER_COPIES = re.compile(r"^consolidated\b.*\.(pth?|safetensors|bin)$")
 
 
 def prune_path(input_path, out_path, pattern, *, fmt: str = "dense", masks_path=None,
@@ -187,29 +190,31 @@ def _conv1d(src: Path, names: list[str]) -> list[str]:
 
 
 def _untied(names: list[str], copied: dict[str, str], entries: dict, readers: dict) -> list[str]:
-    """``names`` without the stored copies of a copied embedding (a tied output head saved
-    twice): pruning one copy alone would untie them. Those move to ``copied``."""
-    embeddings = [n for n, why in copied.items() if why.startswith("embedding")]
+    """``names`` without the byte-equal copies of a tensor that stays dense (a tied output head
+    saved next to its embedding): pruning one copy alone would untie them. Those move to
+    ``copied``; the first block of two different tensors already differs, so checking is cheap."""
+    dense = [n for n in copied if len(entries[n].shape) in (2, 4)]
     kept = []
     for name in names:
         e = entries[name]
-        twin = next((t for t in embeddings if (entries[t].code, entries[t].shape) == (e.code, e.shape)
+        twin = next((t for t in dense if (entries[t].code, entries[t].shape) == (e.code, e.shape)
                      and _same_data(readers[name], name, readers[t], t, e)), None)
         if twin is None:
             kept.append(name)
         else:
-            copied[name] = (f"embedding: a copy of {twin!r} (tied), kept dense with it; name "
-                            "both in --include to prune them")
+            copied[name] = (f"a copy of {twin!r} (tied), which stays dense ({copied[twin]}); "
+                            "prune both or neither (--include both)")
     return kept
 
 
 def _same_data(r1: TensorFile, n1: str, r2: TensorFile, n2: str, e) -> bool:
     """True when tensors ``n1`` of ``r1`` and ``n2`` of ``r2`` (both like ``e``) hold the same
-    bytes, compared ``COPY_BYTES`` at a time."""
+    bytes: the first row, then ``COPY_BYTES`` at a time (different tensors differ at once)."""
     step = max(1, COPY_BYTES // max(1, e.nbytes // max(1, e.rows)))
-    return all(np.array_equal(r1.read(n1, r0, min(e.rows, r0 + step)),
-                              r2.read(n2, r0, min(e.rows, r0 + step)))
-               for r0 in range(0, e.rows, step))
+    starts = [0, *range(1, e.rows, step)]
+    return all(np.array_equal(r1.read(n1, r0, min(e.rows, r0 + (step if r0 else 1))),
+                              r2.read(n2, r0, min(e.rows, r0 + (step if r0 else 1))))
+               for r0 in starts)
 
 
 def _check_others(src: Path, shards: list[str]) -> None:
@@ -246,8 +251,8 @@ def _copy_others(src: Path, root: Path, shards: list[str], index, weight_map, si
         (root / HF_INDEX).write_text(json.dumps(new, indent=2) + "\n", encoding="utf-8")
     skipped = []
 
-    def weights(directory, names):  # in subdirectories too (e.g. Meta's original/)
-        out = [n for n in names if OTHER_WEIGHTS.match(n) and (Path(directory) / n).is_file()]
+    def weights(directory, names):  # copies of the model in subfolders (Meta's original/)
+        out = [n for n in names if SUBFOLDER_COPIES.match(n) and (Path(directory) / n).is_file()]
         skipped.extend((Path(directory) / n).relative_to(src).as_posix() for n in out)
         return out
 

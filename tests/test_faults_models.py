@@ -166,6 +166,10 @@ def test_a_tied_head_stored_twice_stays_dense_with_its_embedding(tmp_path):
     got = _tensors(both)
     assert torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
     assert bool((got["lm_head.weight"] == 0).any())
+    head = tmp_path / "head"  # the head alone named: still kept dense with its twin
+    assert main(["prune", str(src), "--pattern", "4:8", "--out", str(head), "--include",
+                 "lm_head|layers", "--no-progress"]) == 0
+    assert torch.equal(_tensors(head)["lm_head.weight"], state["lm_head.weight"])
 
 
 def test_t5_embeddings_stay_dense_and_the_decoder_is_reported(tmp_path):
@@ -195,12 +199,16 @@ def test_weights_in_subfolders_are_left_out_and_listed(tmp_path):
     save_file({"w": torch.ones(8, 8)}, src / "original" / "consolidated.safetensors")
     torch.save({"w": torch.ones(2)}, src / "original" / "consolidated.00.pth")
     (src / "original" / "params.json").write_text("{}")
+    (src / "2_Dense").mkdir()  # a sentence-transformers head: its only copy, kept
+    save_file({"linear.weight": torch.ones(4, 4)}, src / "2_Dense" / "model.safetensors")
     out, report = tmp_path / "o", tmp_path / "r.json"
     assert main(["prune", str(src), "--pattern", "4:8", "--out", str(out), "--report", str(report),
                  "--no-progress"]) == 0
     assert sorted(p.name for p in (out / "original").iterdir()) == ["params.json"]
     assert set(json.loads(report.read_text())["not_copied"]) == {
         "original/consolidated.safetensors", "original/consolidated.00.pth"}
+    assert (out / "2_Dense" / "model.safetensors").read_bytes() == \
+        (src / "2_Dense" / "model.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("device, says", [("bogus", "not a torch device"), ("meta", "no data"),

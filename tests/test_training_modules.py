@@ -111,22 +111,40 @@ def test_a_plain_subclass_is_still_sparsified():
     assert list(ctrl.layers) == ["0"] and not ctrl.skipped
 
 
-def test_transformer_encoder_layer_fast_path_does_not_bypass_masks():
-    """In eval under no_grad, nn.TransformerEncoderLayer reads linear1/linear2's weights
-    directly: masked linears there would be silently dense. They are left dense and reported,
-    and the layer gives the same output on its fast path and off it."""
+@pytest.mark.parametrize("stack", [False, True])
+def test_transformer_encoder_layer_fast_path_does_not_bypass_masks(stack):
+    """In eval under no_grad, nn.TransformerEncoderLayer (and nn.TransformerEncoder) read
+    linear1/linear2's weights directly: sparse linears there were silently dense. Their fast
+    path is turned off, so the output is the sparse one either way; densify_ turns it back on."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
-                          nn.Linear(16, 16))
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False) if stack
+                          else layer, nn.Linear(16, 16))
     ctrl = sparsify(model)
-    assert {"0.linear1", "0.linear2"} <= set(ctrl.skipped)
-    assert "fast path" in ctrl.skipped["0.linear1"]
-    assert list(ctrl.layers) == ["1"]
+    names = ["0.layers.0.linear1", "0.layers.1.linear2"] if stack else ["0.linear1", "0.linear2"]
+    assert set(names) <= set(ctrl.layers)
     model.eval()
     x = torch.randn(3, 5, 16)
     y = model(x)
     with torch.no_grad():
         torch.testing.assert_close(model(x), y)
+    dense = {k: v for k, v in nmopt.export_pruned_state_dict(model).items()}
+    nmopt.densify_(model, apply_mask=True)
+    assert all(m.activation_relu_or_gelu == 1 for m in model.modules()
+               if isinstance(m, nn.TransformerEncoderLayer))
+    model.load_state_dict(dense)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-5)  # the fast path again
+
+
+def test_an_instance_forward_override_is_not_dropped():
+    """accelerate's device_map/offload hooks replace forward on the instance."""
+    lin = nn.Linear(8, 8)
+    plain = lin.forward
+    lin.forward = lambda x: 2 * plain(x)
+    model = nn.Sequential(lin)
+    ctrl = sparsify(model)
+    assert "replaced on the instance" in ctrl.skipped["0"] and model[0] is lin
 
 
 def test_lazy_and_empty_layers_are_reported():
@@ -222,6 +240,8 @@ def test_sparse_conv_reads_through_the_conv_hyper_parameters():
     for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
                  "groups", "padding_mode"):
         assert getattr(layer, name) == getattr(conv, name), name
+    layer.stride = (1, 1)  # set through: the convolution's forward uses it
+    assert layer(torch.randn(1, 8, 6, 6)).shape == (1, 8, 6, 6)
 
 
 def test_module_type_keeps_the_mask_boolean():

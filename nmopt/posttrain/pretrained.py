@@ -125,7 +125,7 @@ def stored_dtypes(directory: str | os.PathLike) -> dict[str, str]:
 def _most_common(dtypes: dict[str, str]) -> str:
     """The floating dtype most tensors are stored in ("float32" when there is none)."""
     floats = [d for d in dtypes.values() if d in ("float32", "float16", "bfloat16", "float64")]
-    return max(set(floats), key=floats.count) if floats else "float32"
+    return max(sorted(set(floats)), key=floats.count) if floats else "float32"  # ties: by name
 
 
 def _first_line(exc: BaseException) -> str:

@@ -12,7 +12,13 @@ from torch import nn
 
 from nmopt.training.config import SparsityConfig
 from nmopt.training.layers import SparseConv, SparseLinear, _SparseLayer
-from nmopt.training.modules import unfit_reason, unwrap, unwrap_path
+from nmopt.training.modules import (
+    disable_fast_paths,
+    restore_fast_paths,
+    unfit_reason,
+    unwrap,
+    unwrap_path,
+)
 from nmopt.training.refresh import refresh_layers
 from nmopt.training.sharded import is_dtensor, is_fully_sharded, select
 
@@ -41,6 +47,7 @@ class SparseTraining:
         self.last_refresh_seconds = 0.0
         self.total_refresh_seconds = 0.0
         self.process_group = process_group
+        self.fast_paths: dict[str, int] = {}  # TransformerEncoderLayer flags turned off
         self._hook = None
 
     def refresh(self) -> float:
@@ -222,6 +229,7 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
     for name, module in todo:
         for alias in aliases[id(module)]:
             _set_submodule(root, alias, ctrl.layers[name])
+    ctrl.fast_paths = disable_fast_paths(root, (_SparseLayer,))
     if ctrl.skipped:
         lines = "; ".join(f"{k or '<root>'}: {v}" for k, v in ctrl.skipped.items())
         warnings.warn(f"sparsify_: {len(ctrl.skipped)} layer(s) left dense: {lines}",
@@ -278,6 +286,7 @@ def densify_(model: nn.Module, *, apply_mask: bool = False) -> nn.Module:
         for alias, module in list(root.named_modules(remove_duplicate=False)):
             if module is layer:
                 _set_submodule(root, alias, original)
+    restore_fast_paths(root, ctrl.fast_paths)
     del root.__dict__[_ATTR]
     return model
 

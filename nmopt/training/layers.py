@@ -175,15 +175,9 @@ class SparseConv(_SparseLayer):
 
     _is_conv = True
 
-    #: The convolution's hyper-parameters, read through (``layer.in_channels`` as on the conv).
-    CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-                  "groups", "padding_mode", "transposed", "output_padding")
-
     def __init__(self, conv: nn.modules.conv._ConvNd, config: SparsityConfig, mask):
         super().__init__()
         self._setup(conv, config, mask)
-        for name in self.CONV_ATTRS:
-            setattr(self, name, getattr(conv, name))
 
     def forward(self, x):
         self._get_plan()
@@ -193,3 +187,16 @@ class SparseConv(_SparseLayer):
         o = self._original
         return (f"{type(o).__name__}({o.in_channels}, {o.out_channels}, "
                 f"kernel_size={o.kernel_size}, stride={o.stride})")
+
+
+def _read_through(name: str) -> property:
+    """``layer.<name>`` is the replaced convolution's (read and set: its forward uses it)."""
+    return property(lambda self: getattr(self._original, name),
+                    lambda self, value: setattr(self._original, name, value))
+
+
+#: The convolution's hyper-parameters, as on the conv (``layer.in_channels``, ``layer.stride``).
+CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+              "groups", "padding_mode", "transposed", "output_padding")
+for _name in CONV_ATTRS:
+    setattr(SparseConv, _name, _read_through(_name))

@@ -42,9 +42,6 @@ def unfit_reason(name: str, module: nn.Module, parent: nn.Module | None,
     if isinstance(parent, nn.MultiheadAttention):
         return ("inside nn.MultiheadAttention, which uses the weight directly "
                 "(F.multi_head_attention_forward), not through the Linear module")
-    if isinstance(parent, nn.TransformerEncoderLayer):
-        return ("inside nn.TransformerEncoderLayer, whose inference fast path (eval, no grad) "
-                "reads the weight directly, not through the Linear module")
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return "transposed convolutions are not supported (weight layout is (in, out, ...))"
     w = module.weight
@@ -87,6 +84,9 @@ def _replace_would_lose(module: nn.Module) -> str | None:
     if extra:
         return (f"{cls.__name__} holds more than weight and bias ({', '.join(extra)}, e.g. "
                 "weight_norm or an adapter); the sparse layer would drop it")
+    if "forward" in vars(module) or hasattr(module, "_hf_hook"):
+        return ("its forward is replaced on the instance (e.g. an accelerate hook for device_map "
+                "or offload); the sparse layer would drop it")
     if cls is not base and cls.forward is not base.forward:
         return (f"{cls.__name__} overrides forward; the sparse layer would run "
                 f"{base.__name__}'s instead")
@@ -96,3 +96,25 @@ def _replace_would_lose(module: nn.Module) -> str | None:
         return (f"has {', '.join(h.strip('_').replace('_', ' ') for h in hooks)}, which the "
                 "sparse layer would not run; register them on the sparse layer after sparsify_")
     return None
+
+
+def disable_fast_paths(root: nn.Module, sparse: tuple[type, ...]) -> dict[str, int]:
+    """Turn off the inference fast path (eval, no grad) of every ``nn.TransformerEncoderLayer``
+    whose ``linear1``/``linear2`` is now a sparse layer (of a type in ``sparse``): that path
+    reads their weights directly, dense. Torch takes it only while ``activation_relu_or_gelu``
+    is set (also for a whole ``nn.TransformerEncoder``, which asks its first layer); that flag
+    is not used otherwise. Returns the flags changed, by layer name, for :func:`restore_fast_paths`."""
+    saved = {}
+    for name, mod in root.named_modules():
+        if not isinstance(mod, nn.TransformerEncoderLayer) or not mod.activation_relu_or_gelu:
+            continue
+        if any(isinstance(getattr(mod, lin, None), sparse) for lin in ("linear1", "linear2")):
+            saved[name] = mod.activation_relu_or_gelu
+            mod.activation_relu_or_gelu = 0
+    return saved
+
+
+def restore_fast_paths(root: nn.Module, saved: dict[str, int]) -> None:
+    """Undo :func:`disable_fast_paths`."""
+    for name, flag in saved.items():
+        root.get_submodule(name).activation_relu_or_gelu = flag
