@@ -70,6 +70,11 @@ def _score_matrix(weight, scores, index: int):
     if weight.dim() not in (2, 4) or weight.numel() == 0:
         raise ValueError(f"weight{where}: expected a non-empty 2-D (out, in) or 4-D conv "
                          f"weight, got shape {tuple(weight.shape)}")
+    if scores is None and (weight.is_complex() or weight.dtype == torch.bool):
+        raise TypeError(f"weight{where}: dtype {weight.dtype} is not a real number type")
+    if scores is not None and not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores{where}: expected a torch.Tensor like the weight, got "
+                        f"{type(scores).__name__}")
     s = weight.detach().abs() if scores is None else scores.detach()
     if s.shape != weight.shape:
         raise ValueError(f"scores{where}: shape {tuple(s.shape)} does not match weight "
@@ -111,8 +116,14 @@ def mask_tensors(weights, pattern, *, transposable: bool = True, method: str = "
             mask_t = k.rowwise_tiles(tiles, p.n)
         elif method == "greedy":
             mask_t = k.greedy_tiles(tiles, p.n)
+        elif saturate:  # exactly N in full tiles; edge tiles (cut by the border) at most N
+            full = torch.from_numpy(np.concatenate([grids[i].full_tiles() for i in idx])).to(dev)
+            mask_t = torch.zeros(tiles.shape, dtype=torch.bool, device=dev)
+            for part, exactly in ((full, True), (~full, False)):
+                if bool(part.any()):
+                    mask_t[part] = k.exact_tiles(tiles[part].contiguous(), p.n, exactly)[0]
         else:
-            mask_t = k.exact_tiles(tiles, p.n, saturate)[0]
+            mask_t = k.exact_tiles(tiles, p.n, False)[0]
         parts = mask_t.split([grids[i].num_tiles for i in idx])
         for i, part in zip(idx, parts):
             out[i] = grids[i].from_tiles(part).reshape(weights[i].shape)

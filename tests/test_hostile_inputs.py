@@ -131,3 +131,18 @@ def test_overflowing_scores_name_the_weights_on_every_backend(backend):
 def test_bench_gap_usage_errors(capsys, argv, says):
     assert main(["bench", "gap", "--sizes", "8", "--no-progress", *argv]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_mask_tensor_saturate_keeps_edge_tiles_at_most_n_as_find_mask():
+    torch = pytest.importorskip("torch")
+    from nmopt.backends.torch_backend import mask_tensor
+
+    w = torch.from_numpy(RNG.standard_normal((7, 9)))
+    got = mask_tensor(w, "2:4", saturate=True)
+    want = nmopt.find_mask(w.numpy(), "2:4", saturate=True)
+    assert float(w.abs()[got].sum()) == pytest.approx(want.objective, rel=1e-12)
+    nmopt.check_mask(got.numpy(), "2:4")
+    with pytest.raises(TypeError, match="weight: dtype torch.bool"):
+        mask_tensor(torch.ones(4, 4, dtype=torch.bool), "2:4")
+    with pytest.raises(TypeError, match="scores: expected a torch.Tensor"):
+        mask_tensor(w, "2:4", scores=np.abs(w.numpy()))
