@@ -17,6 +17,7 @@ from nmopt.posttrain.capture import (
     calibration_batches,
     capture,
     find_blocks,
+    input_embeddings,
     other_block_lists,
     token_mask,
 )
@@ -147,12 +148,7 @@ def _run_blocks(block_list, names, plan, hidden, calls, masks, config, method, r
 
 def _input_device(model):
     """Where the calibration inputs go: the input embedding's device, else the first parameter's."""
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        emb = get() if callable(get) else None
-    except NotImplementedError:
-        emb = None
-    weight = getattr(emb, "weight", None)
+    weight = getattr(input_embeddings(model), "weight", None)
     if torch.is_tensor(weight):
         return weight.device
     return next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -102,6 +102,9 @@ def calibration_batches(calibration, model: nn.Module, device) -> list[tuple[tup
                              "pass token ids of shape (nsamples, seqlen) with nsamples, seqlen >= 1")
         if not ids.is_floating_point():
             _check_ids(ids, max_pos, vocab)
+        elif ids.dim() == 2 and isinstance(input_embeddings(model), nn.Embedding):
+            raise TypeError(f"calibration: token ids must be integers, got {ids.dtype}; pass "
+                            "ids.long() (or a list of input dicts, e.g. with inputs_embeds)")
         per = max(1, _BATCH_TOKENS // max(1, math.prod(ids.shape[1:])))
         return [((chunk.to(device),), {}) for chunk in ids.split(per)]
     if isinstance(calibration, Mapping):
@@ -139,6 +142,15 @@ def calibration_batches(calibration, model: nn.Module, device) -> list[tuple[tup
         raise ValueError("calibration: every token is padding (attention_mask is 0 everywhere); "
                          "pass at least one real token")
     return batches
+
+
+def input_embeddings(model: nn.Module):
+    """The model's input embedding module (transformers' ``get_input_embeddings``), or None."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except NotImplementedError:
+        return None
 
 
 def token_mask(batch: tuple[tuple, dict], hidden: torch.Tensor) -> torch.Tensor | None:
