@@ -76,6 +76,21 @@ def auto(n: int, m: int, *, transposable: bool, saturate: bool, num_tiles: int,
                        + "; ".join(reasons))
 
 
+def check_kind(solver, transposable: bool, what: str = "solver") -> None:
+    """``ValueError`` naming ``what`` when ``solver`` is an unknown name or a solver of the other
+    kind of mask than ``transposable`` asks for; "auto", instances and callables pass. Checks
+    the name only (no import), so configurations can check it when they are built."""
+    if not isinstance(solver, str) or solver == "auto":
+        return
+    cls = SOLVERS.classes.get(solver)
+    if cls is None:
+        raise ValueError(f"{what}: unknown solver {solver!r}; choose 'auto' or one of {names()}")
+    if cls.transposable != transposable:
+        kind = "transposable" if cls.transposable else "row-wise"
+        raise ValueError(f"{what}: {solver!r} finds {kind} masks but transposable={transposable}; "
+                         "use 'auto' or a solver of the same kind")
+
+
 def plan(solver, backend, n: int, m: int, *, transposable: bool, saturate: bool, num_tiles: int,
          edge_tiles: bool = False, framework: str = "numpy"):
     """The solver and backend of one call, chosen together: ``(Solver, Backend, fallbacks)``.
@@ -106,4 +121,4 @@ def plan(solver, backend, n: int, m: int, *, transposable: bool, saturate: bool,
 
 
 __all__ = ["Solver", "CallableSolver", "SOLVERS", "PREFERENCE", "register", "names", "status", "available",
-           "get", "auto", "refusal", "plan"]
+           "get", "auto", "refusal", "check_kind", "plan"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 
@@ -252,8 +253,8 @@ def test_plain_sequential_with_blocks_given():
     x = torch.randn(6, 10, 8)
     rep = nmopt.prune_model(model, x, PruneConfig(method="admm"), blocks="1", progress=False)
     assert rep.layers_pruned == 6 and rep.layers_skipped == 6
-    assert {s.reason for s in rep.skipped} == {"shape 12x16 is not a multiple of M=8",
-                                              "shape 16x12 is not a multiple of M=8"}
+    assert {s.reason for s in rep.skipped} == {"shape 12x16: both sides not a multiple of M=8",
+                                              "shape 16x12: both sides not a multiple of M=8"}
     assert_valid(model, "1", skip={s.name for s in rep.skipped})
     assert torch.equal(model[0].weight, first)
     assert all(torch.count_nonzero(model.get_submodule(s.name).weight) == 12 * 16 for s in rep.skipped)
@@ -401,3 +402,123 @@ def test_config_defaults_and_lazy_names():
     assert json.dumps(cfg.to_dict())
     with pytest.raises(TypeError, match="config: expected an nmopt.PruneConfig"):
         nmopt.prune_model(tiny_llama(), calib(), {"method": "admm"}, progress=False)
+
+
+@pytest.mark.parametrize("dec_len", [16, 12])
+def test_decoder_stack_pads_by_decoder_mask_and_cross_attention_by_encoder_mask(dec_len):
+    """The decoder of an encoder-decoder: its tokens follow decoder_attention_mask (the
+    encoder's attention_mask used to be applied to them when the lengths matched), and its
+    cross-attention k, v read the encoder output, whose padding is left out. A padded batch
+    prunes as the sequences alone do."""
+    def t5():
+        torch.manual_seed(0)
+        return transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+            num_heads=4, decoder_start_token_id=0)).eval()
+
+    ids, dec = calib(n=2, seqlen=16), calib(n=2, seqlen=dec_len, seed=2)
+    am = torch.ones(2, 16, dtype=torch.long)
+    am[1, 10:] = 0
+    dam = torch.ones(2, dec_len, dtype=torch.long)
+    dam[0, dec_len - 3:] = 0
+    padded = [{"input_ids": ids, "attention_mask": am, "decoder_input_ids": dec,
+               "decoder_attention_mask": dam}]
+    alone = [{"input_ids": ids[i:i + 1, :n], "decoder_input_ids": dec[i:i + 1, :d]}
+             for i, (n, d) in enumerate(((16, dec_len - 3), (10, dec_len)))]
+    config = PruneConfig(method="wanda")
+    a, b = t5(), t5()
+    ra = nmopt.prune_model(a, padded, config, blocks="decoder.block", progress=False)
+    rb = nmopt.prune_model(b, alone, config, blocks="decoder.block", progress=False)
+    assert ra.tokens == rb.tokens == 2 * dec_len - 3
+    for (name, wa), wb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(wa != 0, wb != 0), name
+        torch.testing.assert_close(wa, wb, rtol=0, atol=0)
+
+
+def test_row_wise_prunes_layers_whose_outputs_are_not_a_multiple_of_m():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Sequential(Block(), Block(), Block()), nn.Linear(16, 4))
+    rep = nmopt.prune_model(model, torch.randn(6, 10, 8), PruneConfig(method="wanda", transposable=False),
+                            blocks="1", progress=False)
+    assert {s.reason for s in rep.skipped} == {"shape 16x12: its inputs not a multiple of M=8"}
+    assert "1.0.side" in {r.name for r in rep.layers}  # 12x16: 12 outputs, 16 inputs
+    assert_valid(model, "1", skip={s.name for s in rep.skipped}, transposable=False)
+
+
+def test_a_sequential_of_linears_names_its_layers_as_modules():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    rep = nmopt.prune_model(model, torch.randn(4, 16), PruneConfig(pattern="2:4"), progress=False)
+    assert [r.name for r in rep.layers] == ["0", "1"]
+    model.get_submodule(rep.layers[0].name)
+
+
+def test_float64_weights_kept_exactly_by_methods_without_update():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)).double()
+    before = [m.weight.detach().clone() for m in model]
+    nmopt.prune_model(model, torch.randn(4, 16, dtype=torch.float64), PruneConfig(pattern="2:4", method="wanda"),
+                      progress=False)
+    for m, w in zip(model, before):
+        kept = m.weight != 0
+        assert torch.equal(m.weight[kept], w[kept])
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        x += self.lin(x)  # changes its input
+        return x
+
+
+def test_blocks_that_change_their_input_or_have_pre_hooks_see_it_once():
+    """The recorded inputs are copies, taken before the blocks' own pre-hooks (which run when a
+    block is replayed): each layer is pruned on the inputs of a plain forward (block 0's
+    pre-hook once, block 1 fed by the pruned block 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(InPlace(), InPlace())
+    model[0].register_forward_pre_hook(lambda m, a: (a[0] + 3.0,))
+    x = torch.randn(4, 6, 16)
+    weights = [blk.lin.weight.detach().clone() for blk in model]
+    nmopt.prune_model(model, x, PruneConfig(pattern="2:4", method="wanda"), progress=False)
+    seen = []
+    hooks = [blk.lin.register_forward_hook(lambda m, a, o: seen.append(a[0].detach().clone())) for blk in model]
+    with torch.no_grad():
+        model(x.clone())  # block 0 is pruned already; block 1's input is what it was pruned on
+    for h in hooks:
+        h.remove()
+    for blk, w, inp in zip(model, weights, seen):
+        norms = inp.reshape(-1, 16).double().norm(dim=0)
+        want = nmopt.find_mask((w.abs().double() * norms).numpy(), "2:4").mask
+        assert torch.equal(blk.lin.weight != 0, torch.as_tensor(want))
+
+
+def test_adaprune_in_inference_mode_is_refused_before_any_change():
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        nmopt.prune_model(model, calib(n=2), PruneConfig(method="adaprune"), progress=False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_report_json_round_trip_with_non_finite_fields():
+    from nmopt.posttrain import PruneReport
+
+    model = tiny_llama()
+    rep = nmopt.prune_model(model, calib(n=2), PruneConfig(method="wanda"), progress=False)
+    rep.layers[0].gaps = [float("nan")]
+    rep.layers[0].seconds = float("inf")
+    back = PruneReport.from_json(rep.to_json())
+    assert math.isnan(back.layers[0].gaps[0]) and math.isnan(back.layers[0].seconds)
+    back.table()  # renders
+
+
+def test_prune_config_checks_the_solver_when_built():
+    with pytest.raises(ValueError, match="unknown solver"):
+        PruneConfig(solver="no-such-solver")
+    with pytest.raises(ValueError, match="finds transposable masks"):
+        PruneConfig(solver="exact", transposable=False)

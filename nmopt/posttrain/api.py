@@ -16,6 +16,7 @@ from nmopt.posttrain.capture import (
     block_linears,
     calibration_batches,
     capture,
+    encoder_states,
     find_blocks,
     input_embeddings,
     other_block_lists,
@@ -77,6 +78,10 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, PruneConfig):
         raise TypeError(f"config: expected an nmopt.PruneConfig, got {type(config).__name__}")
+    if config.method == "adaprune" and torch.is_inference_mode_enabled():
+        raise RuntimeError("method='adaprune' trains the kept weights with autograd, which "
+                           "torch.inference_mode() forbids; call prune_model outside it (torch.no_grad "
+                           "is fine)")
     block_name, block_list = find_blocks(model, blocks)
     names = [f"{block_name}.{i}" if block_name else str(i) for i in range(len(block_list))]
     plan, skipped = _plan(block_list, names, config)
@@ -98,15 +103,20 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     backup = _Backup()
     with _inference_state(model):
         hidden, calls = capture(model, block_list, names, batches)
-        masks = [token_mask(batch, h) for batch, h in zip(batches, hidden)]  # padding left out
+        decoder = any(encoder_states(block_list[0], c) is not None for c in calls[0])
+        masks = [token_mask(batch, h, decoder) for batch, h in zip(batches, hidden)]  # padding out
+        cross = [token_mask(batch, None) for batch in batches]  # the encoder's, for cross-attention
         report.samples = int(sum(h.shape[0] for h in hidden))
         report.tokens = int(sum(h.numel() // h.shape[-1] if k is None else k.sum()
                                 for h, k in zip(hidden, masks)))
         bar = _progress(len(block_list), progress)
         try:
-            _run_blocks(block_list, names, plan, hidden, calls, masks, config, method, report, backup, bar)
+            _run_blocks(block_list, names, plan, hidden, calls, (masks, cross), config, method, report,
+                        backup, bar)
             if head is not None:
-                _prune_head(model, batches, masks, head, config, method, report, backup)
+                encdec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+                head_masks = [token_mask(batch, None, encdec) for batch in batches]  # the decoder's
+                _prune_head(model, batches, head_masks, head, config, method, report, backup)
         except BaseException:
             backup.restore()  # an error (or Ctrl-C) half-way leaves the model as it was
             raise
@@ -119,8 +129,9 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
 
 def _run_blocks(block_list, names, plan, hidden, calls, masks, config, method, report, backup, bar) -> None:
     """The sequential pass: statistics of block b on the outputs of the pruned blocks < b (real
-    tokens only, ``masks``), prune b's layers, then run the pruned block b to make the inputs of
-    block b + 1."""
+    tokens only: ``masks`` = (hidden states', encoder output's) per batch), prune b's layers,
+    then run the pruned block b to make the inputs of block b + 1."""
+    masks, cross = masks
     fraction = _row_fraction(config, report.tokens)
     for b, block in enumerate(block_list):
         if plan[b]:
@@ -128,6 +139,8 @@ def _run_blocks(block_list, names, plan, hidden, calls, masks, config, method, r
             try:
                 for i, h in enumerate(hidden):
                     collector.token_mask = masks[i]
+                    enc = encoder_states(block, calls[b][i])
+                    collector.input_masks = [] if enc is None else [(enc, cross[i])]
                     calls[b][i].run(block, h)
             finally:
                 stats = collector.finish()
@@ -194,8 +207,14 @@ def _plan(block_list, names, config) -> tuple[list, list]:
             selected += 1
             if not bool(torch.isfinite(mod.weight).all()):
                 raise ValueError(f"model: the weights of {lname} hold nan or inf; nothing was pruned")
-            if shape[0] % p.m or shape[1] % p.m:
-                skipped.append(SkippedLayer(lname, shape, f"shape {shape[0]}x{shape[1]} is not a multiple of M={p.m}"))
+            if shape[1] % p.m or (config.transposable and shape[0] % p.m):
+                need = "both sides" if config.transposable else "its inputs"
+                skipped.append(SkippedLayer(lname, shape, f"shape {shape[0]}x{shape[1]}: {need} not a "
+                                            f"multiple of M={p.m}"))
+                continue
+            if nn.utils.parametrize.is_parametrized(mod) or not isinstance(mod.weight, nn.Parameter):
+                skipped.append(SkippedLayer(lname, shape, "its weight is computed (parametrize, weight_norm); "
+                                            "prune the underlying parameters instead"))
                 continue
             layers.append((lname, mod))
         plan.append(layers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 from collections.abc import Iterable, Mapping
@@ -79,7 +80,7 @@ def block_linears(block: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
     out = []
     for name, mod in block.named_modules():
         if isinstance(mod, nn.Linear) or is_conv1d(mod):
-            out.append((f"{prefix}.{name}" if prefix else name, mod))
+            out.append((".".join(p for p in (prefix, name) if p), mod))  # a block may be a Linear
     return out
 
 
@@ -153,15 +154,29 @@ def input_embeddings(model: nn.Module):
         return None
 
 
-def token_mask(batch: tuple[tuple, dict], hidden: torch.Tensor) -> torch.Tensor | None:
+def token_mask(batch: tuple[tuple, dict], hidden: torch.Tensor | None,
+               decoder: bool = False) -> torch.Tensor | None:
     """The real tokens of a calibration batch, one flag per row of ``hidden`` (B, T, d)
-    flattened, from a dict batch's 2-D ``attention_mask`` (0: padding); None when every token
+    flattened (None: any shape), from a dict batch's 2-D ``attention_mask`` (0: padding), or
+    ``decoder_attention_mask`` for the ``decoder`` of an encoder-decoder; None when every token
     is real or the batch has no such mask."""
-    am = batch[1].get("attention_mask")
-    if not torch.is_tensor(am) or am.dim() != 2 or tuple(am.shape) != tuple(hidden.shape[:-1]):
+    am = batch[1].get("decoder_attention_mask" if decoder else "attention_mask")
+    if not torch.is_tensor(am) or am.dim() != 2 \
+            or (hidden is not None and tuple(am.shape) != tuple(hidden.shape[:-1])):
         return None
     keep = am.reshape(-1) != 0
-    return None if bool(keep.all()) else keep.to(hidden.device)
+    return None if bool(keep.all()) else keep.to(am.device if hidden is None else hidden.device)
+
+
+def encoder_states(block: nn.Module, call) -> torch.Tensor | None:
+    """The encoder output a decoder block of an encoder-decoder receives in ``call`` (its
+    ``encoder_hidden_states`` argument, often passed by position), or None."""
+    try:
+        bound = inspect.signature(block.forward).bind_partial(*call.args, **call.kwargs)
+    except (TypeError, ValueError):
+        return None
+    enc = bound.arguments.get("encoder_hidden_states")
+    return enc if torch.is_tensor(enc) else None
 
 
 def _check_ids(ids: torch.Tensor, max_pos, vocab) -> None:
@@ -184,11 +199,12 @@ class BlockCall:
         self.args, self.kwargs, self.slot = args, kwargs, slot
 
     def run(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The block on ``hidden`` (a copy: a block may change its input in place)."""
         args, kwargs = list(self.args), dict(self.kwargs)
         if isinstance(self.slot, int):
-            args[self.slot] = hidden
+            args[self.slot] = hidden.clone()
         else:
-            kwargs[self.slot] = hidden
+            kwargs[self.slot] = hidden.clone()
         return first_output(block(*args, **kwargs))
 
 
@@ -217,13 +233,16 @@ def capture(model: nn.Module, blocks: list, names: list[str], batches) -> tuple[
     :class:`BlockCall` of block ``b`` on batch ``i`` (its hidden state removed: it is recomputed
     from the pruned blocks). Recording every block, not only block 0, keeps per-layer arguments
     right (sliding-window and global layers get different attention masks). To make that cheap,
-    the blocks are stand-ins during the pass: block 0 runs once, on the first batch, to learn the
-    structure of a block's output; after that every block returns its input in that structure.
-    The forward stops at the last block. Raises ``ValueError`` if block 0's input is not finite.
+    the blocks are stand-ins during the pass: block 0 runs for real on each batch, and every
+    later block returns its input with the rest of block 0's output on that batch (T5 passes its
+    position bias, which holds the batch's attention mask, from block to block that way). The
+    forward stops at the last block. The inputs are recorded before the blocks' own forward
+    pre-hooks run (they run again when a block is replayed). Raises ``ValueError`` if block 0's
+    input is not finite.
     """
     calls: list[list] = [[] for _ in blocks]
     hidden: list = []
-    template: list = []  # the real output of block 0 on the first batch
+    template: list = []  # the real output of block 0 on the current batch
 
     def pre_hook(b):
         def hook(module, args, kwargs):
@@ -238,7 +257,7 @@ def capture(model: nn.Module, blocks: list, names: list[str], batches) -> tuple[
                 if h.is_floating_point() and not bool(torch.isfinite(h).all()):
                     raise ValueError(f"calibration: non-finite activations (nan/inf) enter the first block "
                                      f"{names[0]} on batch {len(hidden)}; nothing was pruned")
-                hidden.append(h.detach())
+                hidden.append(h.detach().clone())  # a block may change its input in place
             # the hidden state is recomputed from the pruned blocks; a KV cache would replay
             # what the dense forward stored (cross-attention keys, say), so both are dropped
             args = tuple(None if (isinstance(slot, int) and j == slot) or _is_kv_cache(a) else a
@@ -253,9 +272,9 @@ def capture(model: nn.Module, blocks: list, names: list[str], batches) -> tuple[
         real = block.forward
 
         def forward(*args, **kwargs):
-            if not template:  # block 0, first batch: the real thing, to learn the output structure
+            if b == 0:  # the real thing: the rest of its output is what later blocks receive
                 out = real(*args, **kwargs)
-                template.append(out)
+                template[:] = [out]
                 return out
             h = args[0] if args and torch.is_tensor(args[0]) else kwargs["hidden_states"]
             out = template[0]
@@ -267,7 +286,8 @@ def capture(model: nn.Module, blocks: list, names: list[str], batches) -> tuple[
                             "whose first element is the hidden state")
         return forward
 
-    handles = [blk.register_forward_pre_hook(pre_hook(b), with_kwargs=True) for b, blk in enumerate(blocks)]
+    handles = [blk.register_forward_pre_hook(pre_hook(b), with_kwargs=True, prepend=True)
+               for b, blk in enumerate(blocks)]
     own = [("forward" in vars(blk), vars(blk).get("forward")) for blk in blocks]
     for b, blk in enumerate(blocks):
         object.__setattr__(blk, "forward", stand_in(blk, b))

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from nmopt import solvers
 from nmopt.patterns import Pattern, parse_pattern
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm", "adaprune")
@@ -129,6 +130,7 @@ class PruneConfig:
         self.exclude = _check_regexes("exclude", self.exclude)
         if not (isinstance(self.solver, str) or callable(self.solver)):
             raise TypeError(f"solver: expected a solver name such as 'auto', got {self.solver!r}")
+        solvers.check_kind(self.solver, self.transposable)
 
     @property
     def parsed_pattern(self) -> Pattern:

@@ -38,6 +38,8 @@ class StatsCollector:
     sharing one ``H`` object (see :meth:`finish`) so factorisations are computed once. Set
     ``token_mask`` (bool, one flag per token of the call, see ``capture.token_mask``) before a
     call to leave padding out: a layer whose input has one row per token keeps the flagged rows.
+    ``input_masks`` ``[(tensor, mask)]`` overrides it for layers fed that very tensor (the
+    encoder output a decoder's cross-attention reads; mask None: every row is real).
     """
 
     def __init__(self, layers: dict, *, keep_rows_per_token: float = 0.0, seed: int = 0):
@@ -48,6 +50,7 @@ class StatsCollector:
         self._gen = torch.Generator(device="cpu").manual_seed(seed)
         self._last = None  # (input tensor, serial, xtx, xsum, rows used, sampled rows) of the latest call
         self.token_mask: torch.Tensor | None = None
+        self.input_masks: list = []
         self._serial = 0
         self._handles = [mod.register_forward_hook(self._hook(name)) for name, mod in layers.items()]
 
@@ -58,7 +61,7 @@ class StatsCollector:
                 return
             if self._last is None or self._last[0] is not x:
                 x2 = x.detach().reshape(-1, x.shape[-1]).float()
-                keep = self.token_mask
+                keep = next((mk for t, mk in self.input_masks if t is x), self.token_mask)
                 if keep is not None and keep.numel() == x2.shape[0]:
                     x2 = x2[keep.to(x2.device)]
                 xtx = (x2.T @ x2).double()
@@ -113,10 +116,14 @@ def weight_matrix(module) -> torch.Tensor:
 
 
 def write_weight(module, w: torch.Tensor) -> None:
-    """Write an (out, in) matrix back into the module, in its own layout and dtype."""
+    """Write an (out, in) matrix back into the module, in its own layout and dtype. Entries the
+    method left as :func:`weight_matrix` read them keep their exact original value (a float64
+    weight is not rounded through float32)."""
     target = module.weight
+    w = w.t() if is_conv1d(module) else w
     with torch.no_grad():
-        target.copy_((w.t() if is_conv1d(module) else w).to(target.dtype))
+        old = target.detach()
+        target.copy_(torch.where(w == old.to(w.dtype), old, w.to(target.dtype)))
 
 
 def damped(H: torch.Tensor, damp: float) -> torch.Tensor:

@@ -171,8 +171,9 @@ class PruneReport:
         for row in data.get("layers", []):
             row = {k: v for k, v in row.items() if k in lay}
             row["shape"] = tuple(row["shape"])
-            for key in ("error_before", "error_after"):
+            for key in ("error_before", "error_after", "kept", "seconds"):  # to_json: non-finite as null
                 row[key] = math.nan if row.get(key) is None else row[key]
+            row["gaps"] = [math.nan if g is None else g for g in row.get("gaps", [])]
             rep.layers.append(LayerReport(**row))
         for row in data.get("skipped", []):
             rep.skipped.append(SkippedLayer(name=row["name"], shape=tuple(row["shape"]), reason=row["reason"]))

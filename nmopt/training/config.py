@@ -86,8 +86,7 @@ class SparsityConfig:
         if not (isinstance(self.solver, str) or callable(self.solver)):
             raise TypeError(f"solver: expected 'auto', a solver name or a callable, got "
                             f"{self.solver!r}")
-        if isinstance(self.solver, str) and self.solver != "auto":
-            _check_solver(self.solver, self.transposable)
+        solvers.check_kind(self.solver, self.transposable)
         if isinstance(self.refresh_every, bool) \
                 or not isinstance(self.refresh_every, numbers.Integral) or self.refresh_every < 0:
             raise ValueError(f"refresh_every: expected an integer >= 0 (0 = never refresh), got "
@@ -136,17 +135,6 @@ class SparsityConfig:
         kind = "transposable" if self.transposable else "row-wise"
         upd = f"sr-ste(decay={self.decay:g})" if self.update == "sr-ste" else "ste"
         return f"{self.pattern_str} {kind}, update={upd}, refresh_every={self.refresh_every}"
-
-
-def _check_solver(name: str, transposable: bool) -> None:
-    """``ValueError`` naming ``solver`` when it is unknown or finds the other kind of mask."""
-    if name not in solvers.names():
-        raise ValueError(f"solver: unknown solver {name!r}; expected 'auto', a callable or one of "
-                         f"{sorted(solvers.names())} (see `nmopt solvers`)")
-    if solvers.get(name).transposable != transposable:
-        kind = "row-wise" if transposable else "transposable"
-        raise ValueError(f"solver: {name!r} finds {kind} masks but transposable={transposable}; "
-                         "use solver='auto' or a solver of the same kind")
 
 
 def _warn_kernel(stacklevel: int) -> None:
