@@ -157,6 +157,37 @@ def add_output_arguments(parser) -> None:
     parser.add_argument("--plot", metavar="OUT.png", help="write a plot (matplotlib)")
 
 
+#: Figure formats ``--plot`` writes (matplotlib's, by extension).
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff",
+                ".webp", ".pgf")
+
+
+def check_output_arguments(args) -> None:
+    """:class:`~nmopt.errors.UsageError` naming ``--json``, ``--markdown`` or ``--plot`` when it
+    cannot be written (wrong extension, a directory, no parent directory, matplotlib missing),
+    checked before a benchmark runs rather than after."""
+    from nmopt.errors import UsageError
+
+    for flag, exts in (("--json", (".json",)), ("--markdown", (".md",)), ("--plot", PLOT_FORMATS)):
+        path = getattr(args, flag[2:], None)
+        if not path:
+            continue
+        p = Path(path)
+        if p.suffix.lower() not in exts:
+            raise UsageError(f"{flag} {path!r}: expected a file ending in {' or '.join(exts[:4])}"
+                             f"{' ...' if len(exts) > 4 else ''}")
+        if p.is_dir():
+            raise UsageError(f"{flag} {path!r} is a directory")
+        parent = p.parent if str(p.parent) else Path(".")
+        if not parent.is_dir() and getattr(args, "out", None) is None:
+            raise UsageError(f"{flag} {path!r}: directory {str(parent)!r} does not exist")
+    if getattr(args, "plot", None):
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("--plot needs matplotlib: pip install matplotlib (or 'nmopt[plot]')")
+
+
 def write_outputs(args, data: Any, markdown: str | Callable[[str | None], str] | None = None,
                   draw: Callable[[Any], None] | None = None, figsize: tuple[float, float] = (8.0, 5.0)) -> list[str]:
     """Write what the :func:`add_output_arguments` options ask for; return the paths written.

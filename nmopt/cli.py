@@ -15,7 +15,8 @@ from pathlib import Path
 
 import nmopt
 from nmopt import backends, bench, solvers
-from nmopt._report import Column, format_table
+from nmopt._report import Column, check_output_arguments, format_table
+from nmopt.bench._args import integer, number
 from nmopt.checkpoint import (
     CheckpointError,
     OutputExistsError,
@@ -222,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt", "admm", "adaprune"),
                    help="MODEL only (checkpoints: magnitude): calibration-aware method (default admm)")
     p.add_argument("--calibration", metavar="TEXT_FILE", help="MODEL: UTF-8 calibration text")
-    p.add_argument("--nsamples", type=int, default=32, help="MODEL: calibration windows (default 32)")
-    p.add_argument("--seqlen", type=int, default=512, help="MODEL: tokens per window (default 512)")
+    p.add_argument("--nsamples", type=integer(1), default=32, help="MODEL: calibration windows (default 32)")
+    p.add_argument("--seqlen", type=integer(1), default=512, help="MODEL: tokens per window (default 512)")
     p.add_argument("--seed", type=int, default=0, help="MODEL: seed of the window starts (default 0)")
     p.add_argument("--device", default=None, help="MODEL: torch device (default cpu)")
     p.add_argument("--blocks", default=None, metavar="NAME",
@@ -287,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "its own files in --out.")
     m.add_argument("--out", default="nmopt-demo", metavar="DIR",
                    help="output directory (default: nmopt-demo)")
-    m.add_argument("--time-limit", type=float, default=DEMO_TIME_LIMIT, metavar="S",
+    m.add_argument("--time-limit", type=number(0), default=DEMO_TIME_LIMIT, metavar="S",
                    help=f"per-run time limit of the benchmark (default {DEMO_TIME_LIMIT:g}, "
                    "0: none)")
     m.set_defaults(func=cmd_demo)
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("NMOPT_DEBUG", "") not in ("", "0")
     previous = _on_sigterm_interrupt()
     try:
+        check_output_arguments(args)  # --json/--markdown/--plot, before any work
         return int(args.func(args))
     except UsageError as exc:
         if debug:
@@ -347,8 +349,17 @@ def _on_sigterm_interrupt():
         return False
 
 
+#: The extra that installs an optional dependency, for a missing module's error line.
+_EXTRAS = {"torch": "torch", "ortools": "ortools", "networkx": "networkx", "safetensors": "io",
+           "matplotlib": "plot", "transformers": "hf", "accelerate": "hf", "gguf": "hf"}
+
+
 def _line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    missing = (getattr(exc, "name", None) or "").partition(".")[0]
+    if isinstance(exc, ModuleNotFoundError) and missing in _EXTRAS and "pip install" not in text:
+        text += f"; pip install 'nmopt[{_EXTRAS[missing]}]'"
+    return text
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -146,3 +146,45 @@ def test_mask_tensor_saturate_keeps_edge_tiles_at_most_n_as_find_mask():
         mask_tensor(torch.ones(4, 4, dtype=torch.bool), "2:4")
     with pytest.raises(TypeError, match="scores: expected a torch.Tensor"):
         mask_tensor(w, "2:4", scores=np.abs(w.numpy()))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["bench", "speed", "--threads", "100000"], "--threads"),  # torch segfaulted on it
+    (["bench", "kernels", "--threads", "100000"], "--threads"),
+    (["bench", "speed", "--repeats", "0"], "--repeats"),
+    (["bench", "speed", "--min-time", "nan"], "--min-time"),
+    (["bench", "train", "--steps", "0"], "--steps"),
+    (["bench", "train", "--eval-every", "0"], "--eval-every"),
+    (["bench", "train", "--dense-fraction", "2"], "--dense-fraction"),
+    (["bench", "prune-memory", "--shards", "0"], "--shards"),
+    (["demo", "--time-limit", "-1"], "--time-limit"),
+    (["prune", "x", "--pattern", "2:4", "--out", "y", "--nsamples", "0"], "--nsamples"),
+])
+def test_bad_numbers_are_usage_errors_naming_the_flag(capsys, argv, flag):
+    assert main(argv) == 2
+    assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--plot", "x.txt"], "--plot"), (["--json", "no-such-dir/x.json"], "does not exist"),
+    (["--markdown", "x.json"], "--markdown"),
+])
+def test_bench_outputs_are_checked_before_the_run(tmp_path, capsys, monkeypatch, extra, says):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "gap", "--sizes", "8", "--no-progress", *extra]) == 2
+    assert says in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_a_missing_optional_module_names_its_extra():
+    from nmopt.cli import _line
+
+    exc = ModuleNotFoundError("No module named 'torch'", name="torch")
+    assert "pip install 'nmopt[torch]'" in _line(exc)
+
+
+def test_python_dash_m_nmopt_runs_the_cli():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "nmopt", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("nmopt ")

@@ -27,7 +27,7 @@ LAYERS = [
     ("prune/posttrain/training", ("nmopt.prune", "nmopt.prune_stream", "nmopt.nm_format", "nmopt.posttrain",
                                   "nmopt.training")),
     ("bench", ("nmopt.bench",)),
-    ("cli", ("nmopt.demo", "nmopt.cli")),
+    ("cli", ("nmopt.demo", "nmopt.cli", "nmopt.__main__")),
 ]
 
 

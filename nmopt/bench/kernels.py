@@ -35,6 +35,7 @@ import numpy as np
 from nmopt import backends
 from nmopt._report import Column, environment, format_table, markdown_table, write_json, write_text
 from nmopt.api import find_mask
+from nmopt.bench._args import MAX_THREADS, integer
 from nmopt.bench._kernel_cases import MEMORY, measure, peak_memory, ratio_rows, run_sanitizers
 from nmopt.bench._timing import interleaved
 from nmopt.packed import pack, sparse_matmul
@@ -67,15 +68,6 @@ def _ints(low: int):
         if any(v < low for v in values):
             raise argparse.ArgumentTypeError(f"{text!r}: expected integers >= {low}")
         return values
-    return parse
-
-
-def _int(low: int):
-    def parse(text: str) -> int:
-        values = _ints(low)(text)
-        if len(values) != 1:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected one integer >= {low}")
-        return values[0]
     return parse
 
 
@@ -338,16 +330,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="patterns of the ratios and every table (default 2:4,4:8,8:16,16:32)")
     p.add_argument("--extra-patterns", type=_patterns(), default=["32:64"], metavar="N:M,...",
                    help="patterns for the kernel columns of the mask table only (default 32:64; '' none)")
-    p.add_argument("--size", type=_int(1), default=4096, metavar="N",
+    p.add_argument("--size", type=integer(1), default=4096, metavar="N",
                    help="N x N matrix of the masks, ratios and matmul (default 4096)")
-    p.add_argument("--mcf-size", type=_int(1), default=2048, metavar="N",
+    p.add_argument("--mcf-size", type=integer(1), default=2048, metavar="N",
                    help="N x N matrix of the OR-Tools comparison (default 2048)")
-    p.add_argument("--memory-size", type=_int(0), default=8192, metavar="N",
+    p.add_argument("--memory-size", type=integer(0), default=8192, metavar="N",
                    help="N x N matrix of the peak-memory probe (default 8192: about 2.5 GB; 0 skips)")
     p.add_argument("--memory-pattern", type=lambda t: _patterns(1, 1)(t)[0], default="4:8", metavar="N:M",
                    help="pattern of the peak-memory probe (default 4:8)")
-    p.add_argument("--repeat", type=_int(1), default=3, metavar="K", help="runs per timing (default 3)")
-    p.add_argument("--threads", type=_int(1), default=os.cpu_count() or 1,
+    p.add_argument("--repeat", type=integer(1), default=3, metavar="K", help="runs per timing (default 3)")
+    p.add_argument("--threads", type=integer(1, MAX_THREADS), default=os.cpu_count() or 1,
                    help="threads of the C kernels and torch (default: all CPUs)")
     p.add_argument("--matmul-patterns", type=_patterns(), default=["2:4", "4:8"], metavar="N:M,...",
                    help="patterns of the sparse-matmul table (default 2:4,4:8; '' skips it)")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import nmopt
 from nmopt._report import Column, add_output_arguments, environment, format_table, markdown_table, write_outputs
+from nmopt.bench._args import THREADS, integer
 from nmopt.patterns import parse_pattern
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -321,14 +322,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--adaprune", type=_csv, default=list(ADAPRUNE), metavar="N:M,...",
                    help=f"transposable patterns pruned with adaprune (default {','.join(ADAPRUNE)}; '' for none)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense reference run")
-    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--seqlen", type=int, default=512, help="calibration window length (default 512)")
-    p.add_argument("--eval-tokens", type=int, default=16384, metavar="T",
+    p.add_argument("--nsamples", type=integer(1), default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=integer(1), default=512, help="calibration window length (default 512)")
+    p.add_argument("--eval-tokens", type=integer(1), default=16384, metavar="T",
                    help="held-apart tokens for perplexity (default 16384)")
     p.add_argument("--eval-seqlen", type=int, default=0, metavar="L",
                    help="perplexity window length (default: --seqlen)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=THREADS, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--progress", action="store_true", help="per-block progress bars")
     p.add_argument("--quick", action="store_true", help="a tiny configuration (tests, smoke)")
     p.add_argument("--quiet", action="store_true")

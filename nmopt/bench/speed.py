@@ -39,6 +39,7 @@ from nmopt._report import (
     write_outputs,
 )
 from nmopt.backends.torch_backend import mask_tensor
+from nmopt.bench._args import THREADS, integer, number
 
 CPU_SHAPES = ((1, 1024, 4096), (16, 1024, 4096), (256, 1024, 4096), (2048, 1024, 4096),
               (256, 4096, 1024), (2048, 4096, 1024))
@@ -298,10 +299,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="CUDA shapes (default: ViT-L MLP, 13008x1024x4096 and 13008x4096x1024)")
     p.add_argument("--patterns", type=lambda t: t.split(","), default=["2:4", "4:8"],
                    metavar="N:M,...", help="CPU patterns (CUDA always runs 2:4)")
-    p.add_argument("--min-time", type=float, default=1.0, metavar="S",
+    p.add_argument("--min-time", type=number(0), default=1.0, metavar="S",
                    help="seconds per measurement, split over the repeats")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--repeats", type=integer(1), default=5)
+    p.add_argument("--threads", type=THREADS, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--cpu-only", action="store_true")
     p.add_argument("--quick", action="store_true", help="one tiny shape (tests, smoke)")
     p.add_argument("--quiet", action="store_true")

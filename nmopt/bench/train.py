@@ -32,6 +32,7 @@ from nmopt._report import (
     markdown_table,
     write_outputs,
 )
+from nmopt.bench._args import THREADS, integer, number
 
 VARIANTS = ("dense", "dense-half", "rowwise-2:4", "transposable-2:4", "transposable-4:8",
             "transposable-8:16")
@@ -322,26 +323,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", type=lambda t: t.split(","), default=list(VARIANTS),
                    metavar="V,...", help=f"from {', '.join(VARIANTS)} (default: all)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--context", type=int, default=64)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--steps", type=integer(1), default=2000)
+    p.add_argument("--batch-size", type=integer(1), default=32)
+    p.add_argument("--context", type=integer(1), default=64)
+    p.add_argument("--d-model", type=integer(1), default=256)
+    p.add_argument("--layers", type=integer(1), default=2)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.0, metavar="WD",
                    help="AdamW weight decay of every variant (default 0)")
     p.add_argument("--decay", type=float, default=0.1,
                    help="SR-STE decay (default 0.1: with AdamW, 2e-4 was too weak, see the docs)")
-    p.add_argument("--dense-fraction", type=float, default=0.0, metavar="F",
+    p.add_argument("--dense-fraction", type=number(0, 1), default=0.0, metavar="F",
                    help="sparse variants train dense for this fraction of the steps first")
     p.add_argument("--refresh-every", type=int, default=20, metavar="K")
     p.add_argument("--corpus-bytes", type=int, default=2_000_000)
     p.add_argument("--eval-batches", type=int, default=40)
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-every", type=integer(1), default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=THREADS, default=0,
                    help="torch threads per variant (0: torch's default)")
-    p.add_argument("--jobs", type=int, default=1, metavar="J",
+    p.add_argument("--jobs", type=integer(1), default=1, metavar="J",
                    help="train J variants at once in worker processes (e.g. --jobs 2 "
                    "--threads 1 on 2 cores); step times are then per process")
     p.add_argument("--quick", action="store_true", help="a tiny configuration (tests, smoke)")
