@@ -24,6 +24,7 @@ from nmopt.checkpoint import (
     checkpoint_format,
 )
 from nmopt.demo import DEMO_TIME_LIMIT, run_demo
+from nmopt.diversity import matrix_tiles
 from nmopt.errors import UsageError
 from nmopt.patterns import parse_pattern
 from nmopt.prune import print_report
@@ -137,19 +138,20 @@ def cmd_diversity(args) -> int:
 
     p = parse_pattern(args.pattern)
     shape = tuple(args.shape) if args.shape else None
-    count = nmopt.mask_diversity(p, transposable=not args.row_wise, at_most=args.at_most,
-                                 shape=shape)
+    kw = dict(transposable=not args.row_wise, at_most=args.at_most)
+    per_tile = nmopt.mask_diversity(p, **kw)
+    tiles = matrix_tiles(shape, p.m) if shape else 1
     kind = "row-wise" if args.row_wise else "transposable"
     rule = "at most" if args.at_most else "exactly"
     where = f"a {shape[0]}x{shape[1]} matrix" if shape else f"one {p.m}x{p.m} tile"
     what = "per row" if args.row_wise else "per row and column"
-    if count == 0:
+    if per_tile == 0:
         text = "0"
-    else:
-        exp = math.log10(count)
-        approx = f"10^{exp:.2f}, {math.log2(count):.1f} bits"
+    else:  # the magnitude from the per-tile count: the whole count can have billions of digits
+        exp, bits = tiles * math.log10(per_tile), tiles * math.log2(per_tile)
+        approx = f"10^{exp:.2f}, {bits:.1f} bits"
         # Python refuses str() of ints beyond 4300 digits; past ~60 digits show the magnitude
-        text = f"{count} ({approx})" if exp < 60 else f"~{approx}"
+        text = f"{per_tile ** tiles} ({approx})" if exp < 60 else f"~{approx}"
     print(f"{kind} {p} masks of {where} ({rule} {p.n} kept {what}): {text}")
     return 0
 

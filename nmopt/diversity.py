@@ -13,6 +13,8 @@ from nmopt.patterns import parse_pattern
 
 #: Largest number of DP states (column-sum profiles) counted before refusing.
 MAX_STATES = 300_000
+#: Largest whole-matrix count returned, in bits (a 768 x 3072 4:8 matrix needs 1.3 M).
+MAX_BITS = 1 << 27
 #: Most DP transitions (state x row allocation, 5-10 us each with big integers) before refusing:
 #: the states alone do not bound the work (5:16 "at most" has few states but hours of steps).
 MAX_STEPS = 1_600_000
@@ -97,12 +99,23 @@ def mask_diversity(pattern, transposable: bool = True, at_most: bool = False,
         per_tile = per_row ** p.m
     if shape is None:
         return per_tile
+    tiles = matrix_tiles(shape, p.m)
+    bits = tiles * max(1, per_tile.bit_length())
+    if bits > MAX_BITS:
+        raise ValueError(f"mask_diversity: the count for shape {tuple(shape)} has about {bits} bits "
+                         f"(over {MAX_BITS}); its logarithm is tiles * log(per-tile count) = "
+                         f"{tiles} * log({per_tile})")
+    return per_tile ** tiles
+
+
+def matrix_tiles(shape, m: int) -> int:
+    """The M x M tiles of a (rows, cols) matrix; ValueError unless both are positive multiples
+    of M."""
     if (not isinstance(shape, (tuple, list)) or len(shape) != 2
             or not all(hasattr(s, "__index__") for s in shape)
-            or any(int(s) < 1 or int(s) % p.m for s in shape)):
-        raise ValueError(f"shape: expected (rows, cols), positive multiples of M={p.m}, got {shape}")
-    tiles = (int(shape[0]) // p.m) * (int(shape[1]) // p.m)
-    return per_tile ** tiles
+            or any(int(s) < 1 or int(s) % m for s in shape)):
+        raise ValueError(f"shape: expected (rows, cols), positive multiples of M={m}, got {shape}")
+    return (int(shape[0]) // m) * (int(shape[1]) // m)
 
 
 @lru_cache(maxsize=32)

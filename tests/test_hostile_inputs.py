@@ -188,3 +188,10 @@ def test_python_dash_m_nmopt_runs_the_cli():
 
     out = subprocess.run([sys.executable, "-m", "nmopt", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("nmopt ")
+
+
+def test_diversity_of_a_huge_matrix_is_its_magnitude(capsys):
+    assert main(["diversity", "2:4", "--shape", "400000", "400000"]) == 0  # was minutes, GBs
+    assert "~10^19542425094.39" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="bits"):
+        nmopt.mask_diversity("2:4", shape=(400000, 400000))
