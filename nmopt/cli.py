@@ -84,6 +84,10 @@ def _check_outputs(args) -> None:
         why = inst.refuses(p.n, p.m, args.saturate, 1)
         if why:
             raise UsageError(f"--solver {args.solver}: {why}")
+        if args.backend is not None and inst.backends is not None \
+                and args.backend not in inst.backends:
+            raise UsageError(f"--solver {args.solver} runs on the {', '.join(inst.backends)} "
+                             f"backend, not --backend {args.backend}; drop one of them")
     if args.backend is not None and args.backend not in backends.names():
         raise UsageError(f"--backend: unknown backend {args.backend!r}; choose one of "
                          f"{', '.join(backends.names())}")

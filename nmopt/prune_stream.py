@@ -36,7 +36,7 @@ from nmopt.safetensors_stream import HF_INDEX, Entry, SafetensorsWriter, model_s
 FORMATS = ("dense", "nm-packed")
 COPY_BYTES = 16 << 20
 #: transformers' model types whose ``Conv1D`` layers store weights (in, out), and those layers.
-CONV1D_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+CONV1D_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp")
 CONV1D_RE = re.compile(r"(^|\.)(c_attn|c_proj|c_fc|q_attn)\.weight$")
 #: Weight files of other formats: not copied into a pruned directory (they would be unpruned).
 OTHER_WEIGHTS = re.compile(r"^(pytorch_model|tf_model|flax_model)\b.*|.*\.(safetensors|gguf|h5|msgpack|ckpt)$")

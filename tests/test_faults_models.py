@@ -267,3 +267,10 @@ def test_calibration_forms_with_clear_errors():
 def test_load_pruned_names_a_missing_path(tmp_path):
     with pytest.raises(CheckpointError, match="no such file or directory"):
         nmopt.load_pruned(tmp_path / "missing")
+
+
+def test_a_model_out_with_a_file_extension_is_refused(tmp_path, capsys):
+    src = _save(_llama(), tmp_path / "m")
+    capsys.readouterr()
+    assert main(_calibrated(src, tmp_path / "o.safetensors")) == 2
+    assert "model directory" in _one_error_line(capsys) and not (tmp_path / "o.safetensors").exists()

@@ -195,3 +195,26 @@ def test_diversity_of_a_huge_matrix_is_its_magnitude(capsys):
     assert "~10^19542425094.39" in capsys.readouterr().out
     with pytest.raises(ValueError, match="bits"):
         nmopt.mask_diversity("2:4", shape=(400000, 400000))
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["bench", "speed", "--patterns", "foo"], "--patterns"),
+    (["bench", "kernels", "--out", "{file}", "--size", "64"], "is a file"),
+])
+def test_more_bench_usage_errors_before_the_run(tmp_path, capsys, argv, says):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main([a.replace("{file}", str(afile)) for a in argv]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_a_solver_and_a_backend_it_does_not_run_on_are_refused_up_front(tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    from nmopt.checkpoint import save
+
+    src = tmp_path / "w.safetensors"
+    save({"w": RNG.standard_normal((8, 8)).astype(np.float32)}, src)
+    assert main(["prune", str(src), "--pattern", "2:4", "--solver", "exact", "--backend", "numpy",
+                 "--out", str(tmp_path / "o.safetensors"), "--no-progress"]) == 2
+    assert "--solver exact runs on" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()

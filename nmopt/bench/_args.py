@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
+
+from nmopt.errors import UsageError
+from nmopt.patterns import parse_pattern
 
 #: Most threads a benchmark asks torch or the C kernels for (the C kernels' own limit).
 MAX_THREADS = 4096
@@ -40,3 +44,21 @@ def number(low: float, high: float | None = None):
 
 #: ``--threads`` of the torch benchmarks: 0 keeps torch's default.
 THREADS = integer(0, MAX_THREADS)
+
+
+def patterns(text: str) -> list[str]:
+    """An argparse type: comma-separated N:M patterns (at least one)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected N:M patterns, e.g. 2:4,4:8")
+    try:
+        return [str(parse_pattern(t)) for t in items]
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def check_out_dir(path) -> None:
+    """:class:`UsageError` naming ``--out`` when it exists and is not a directory (checked
+    before the run, not when its results are written)."""
+    if path and Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f"--out {str(path)!r} is a file; give a directory for the results")

@@ -35,7 +35,7 @@ import numpy as np
 from nmopt import backends
 from nmopt._report import Column, environment, format_table, markdown_table, write_json, write_text
 from nmopt.api import find_mask
-from nmopt.bench._args import MAX_THREADS, integer
+from nmopt.bench._args import MAX_THREADS, check_out_dir, integer
 from nmopt.bench._kernel_cases import MEMORY, measure, peak_memory, ratio_rows, run_sanitizers
 from nmopt.bench._timing import interleaved
 from nmopt.packed import pack, sparse_matmul
@@ -312,6 +312,7 @@ def _ms(t: dict) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Handler of ``nmopt bench kernels``."""
+    check_out_dir(args.out)
     result = run(args)
     rows, cols = ratio_table(result, markdown=False)
     print(format_table(rows, cols))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import nmopt
 from nmopt._report import Column, add_output_arguments, environment, format_table, markdown_table, write_outputs
-from nmopt.bench._args import THREADS, integer
+from nmopt.bench._args import THREADS, check_out_dir, integer
 from nmopt.patterns import parse_pattern
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -293,6 +293,7 @@ def main(args) -> int:
     if why:
         print(f"nmopt bench posttrain: error: {why}", file=sys.stderr)
         return 2
+    check_out_dir(args.out)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         for flag, ext in (("json", "json"), ("markdown", "md"), ("plot", "png")):

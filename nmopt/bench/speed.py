@@ -39,7 +39,7 @@ from nmopt._report import (
     write_outputs,
 )
 from nmopt.backends.torch_backend import mask_tensor
-from nmopt.bench._args import THREADS, integer, number
+from nmopt.bench._args import THREADS, integer, number, patterns
 
 CPU_SHAPES = ((1, 1024, 4096), (16, 1024, 4096), (256, 1024, 4096), (2048, 1024, 4096),
               (256, 4096, 1024), (2048, 4096, 1024))
@@ -297,7 +297,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="CPU shapes (default: batch 1..2048, 1024<->4096)")
     p.add_argument("--cuda-shapes", type=_shape, nargs="+", metavar="TxINxOUT",
                    help="CUDA shapes (default: ViT-L MLP, 13008x1024x4096 and 13008x4096x1024)")
-    p.add_argument("--patterns", type=lambda t: t.split(","), default=["2:4", "4:8"],
+    p.add_argument("--patterns", type=patterns, default=["2:4", "4:8"],
                    metavar="N:M,...", help="CPU patterns (CUDA always runs 2:4)")
     p.add_argument("--min-time", type=number(0), default=1.0, metavar="S",
                    help="seconds per measurement, split over the repeats")

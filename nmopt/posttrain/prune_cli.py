@@ -37,6 +37,9 @@ def check_outputs(model_path, out, masks=None, report=None, force: bool = False)
     model_path, out = Path(model_path), Path(out)
     if not model_path.exists():
         raise ValueError(f"MODEL {str(model_path)!r}: no such file or directory")
+    if out.suffix.lower() in (".safetensors", ".pt", ".bin", ".pth", ".gguf"):
+        raise ValueError(f"--out {str(out)!r}: a MODEL is written as a model directory; give a "
+                         "directory path (no file extension)")
     if masks and Path(masks).suffix.lower() != ".safetensors":
         raise ValueError(f"--masks {masks!r}: masks are written as .safetensors")
     if report and Path(report).suffix.lower() != ".json":
