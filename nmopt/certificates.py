@@ -77,8 +77,8 @@ def dual_bound(scores, pattern, u, v=None, *, saturate: bool = False) -> float:
     s = as_matrix(s, "scores")
     check_scores(s)
     grid = TileGrid(s.shape[0], s.shape[1], p.m)
-    big_u = _prices(u, "u")
-    big_v = np.zeros((grid.tile_rows, grid.cols)) if v is None else _prices(v, "v")
+    big_u = to_float64(u, "u")[0]
+    big_v = np.zeros((grid.tile_rows, grid.cols)) if v is None else to_float64(v, "v")[0]
     for name, arr, shape in (("u", big_u, (grid.rows, grid.tile_cols)),
                              ("v", big_v, (grid.tile_rows, grid.cols))):
         if arr.shape != shape:
@@ -95,15 +95,6 @@ def dual_bound(scores, pattern, u, v=None, *, saturate: bool = False) -> float:
         raise ValueError("u, v: prices of edge tiles (cut by the matrix border) must be >= 0: "
                          "exactly N applies to full tiles only, edge tiles keep at most N")
     return total_bound(grid.to_tiles(s), p.n, tu, tv)
-
-
-def _prices(x, name: str) -> np.ndarray:
-    """Prices as a float64 array (numpy or torch in); TypeError naming ``name`` otherwise."""
-    try:
-        return np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name}: expected an array of prices (e.g. MaskResult.{name}), got "
-                        f"{type(x).__name__} ({exc})") from None
 
 
 def prices_from_mask(tiles: np.ndarray, mask: np.ndarray, n: int,

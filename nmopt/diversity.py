@@ -15,7 +15,8 @@ from nmopt.patterns import parse_pattern
 MAX_STATES = 300_000
 #: Largest whole-matrix count returned, in bits (a 768 x 3072 4:8 matrix needs 1.3 M).
 MAX_BITS = 1 << 27
-#: Most DP transitions (state x row allocation, 5-10 us each with big integers) before refusing:
+#: Most DP transitions (state x row allocation, 5-10 us each with big integers) before refusing
+#: (after 9-16 s on 2 shared cores):
 #: the states alone do not bound the work (5:16 "at most" has few states but hours of steps).
 MAX_STEPS = 1_600_000
 

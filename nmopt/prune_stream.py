@@ -170,9 +170,14 @@ def _prune_one(reader: TensorFile, out: SafetensorsWriter, masks, e, lay, p, sol
                        **solve)
 
 
+def _rows_per_copy(e) -> int:
+    """Rows of tensor ``e`` in ``COPY_BYTES`` (at least one)."""
+    return max(1, COPY_BYTES // max(1, e.nbytes // max(1, e.rows)))
+
+
 def _copy(reader: TensorFile, out: SafetensorsWriter, e) -> None:
     """Copy tensor ``e`` unchanged, ``COPY_BYTES`` at a time."""
-    step = max(1, COPY_BYTES // max(1, e.nbytes // max(1, e.rows)))
+    step = _rows_per_copy(e)
     for r0 in range(0, e.rows, step):
         out.write(e.name, reader.read(e.name, r0, min(e.rows, r0 + step)))
 
@@ -210,7 +215,7 @@ def _untied(names: list[str], copied: dict[str, str], entries: dict, readers: di
 def _same_data(r1: TensorFile, n1: str, r2: TensorFile, n2: str, e) -> bool:
     """True when tensors ``n1`` of ``r1`` and ``n2`` of ``r2`` (both like ``e``) hold the same
     bytes: the first row, then ``COPY_BYTES`` at a time (different tensors differ at once)."""
-    step = max(1, COPY_BYTES // max(1, e.nbytes // max(1, e.rows)))
+    step = _rows_per_copy(e)
     starts = [0, *range(1, e.rows, step)]
     return all(np.array_equal(r1.read(n1, r0, min(e.rows, r0 + (step if r0 else 1))),
                               r2.read(n2, r0, min(e.rows, r0 + (step if r0 else 1))))

@@ -86,7 +86,7 @@ def test_check_mask_takes_a_bfloat16_tensor():
 
 
 def test_dual_bound_names_bad_prices():
-    with pytest.raises(TypeError, match="u: expected an array of prices"):
+    with pytest.raises(TypeError, match="u: expected a numpy array or torch tensor"):
         nmopt.dual_bound(np.abs(W), "2:4", "abc")
 
 

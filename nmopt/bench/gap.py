@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from nmopt._report import add_output_arguments, check_output_arguments, environment
+from nmopt._report import add_output_arguments, environment
 from nmopt._tiles import TileGrid
 from nmopt.api import find_mask
 from nmopt.bench._contenders import BASELINES, Contender, contender_names, contenders, num_tiles
@@ -321,7 +321,6 @@ def main(args: argparse.Namespace) -> int:
     bad = [n for n in names or () if n not in valid]
     if bad:
         raise UsageError(f"--solvers: unknown {', '.join(bad)}; choose from {', '.join(valid)}")
-    check_output_arguments(args)  # also done by nmopt.cli.main; here for direct callers
     synth = args.sizes is not None or args.dists is not None or not args.weights
     sizes = _flat(args.sizes) or list(DEFAULT_SIZES)
     dists = _flat(args.dists) or list(DISTS)
