@@ -127,7 +127,7 @@ def check_output_paths(input_path: str | os.PathLike, outputs: list[tuple[str, s
             why = "is a directory"
         if not why and directory and path.exists() and not path.is_dir():
             why = "is a file; OUT_DIR must be a directory (the output of a model directory)"
-        if not why and path.exists() and not force:
+        if not why and os.path.lexists(path) and not force:  # a dangling link too
             why = "exists; pass --force to overwrite it"
         why = why or _replace_refusal(path)
         if why:

@@ -47,6 +47,9 @@ def _pattern(text: str) -> str:
 
 # -- prune -----------------------------------------------------------------------------------
 
+# Calibration flags of a MODEL; None on the parser, so that a checkpoint can refuse them.
+MODEL_DEFAULTS = {"nsamples": 32, "seqlen": 512, "seed": 0}
+
 def _check_outputs(args) -> None:
     """Every usage check of ``nmopt prune`` that can fail before any work is done."""
     import re
@@ -114,7 +117,17 @@ def cmd_prune(args) -> int:
                              "pruned by magnitude (no --method/--calibration)")
         from nmopt.posttrain.prune_cli import run_prune_command  # imports torch
 
+        for flag, default in MODEL_DEFAULTS.items():
+            if getattr(args, flag) is None:
+                setattr(args, flag, default)
         return run_prune_command(args)
+    given = [f"--{flag}" for flag in (*MODEL_DEFAULTS, "device", "blocks")
+             if getattr(args, flag) is not None]
+    if given:
+        one = len(given) == 1
+        raise UsageError(f"{', '.join(given)} appl{'ies' if one else 'y'} to a MODEL pruned on "
+                         f"--calibration text; {args.input!r} without --calibration is pruned by "
+                         f"magnitude: drop {'it' if one else 'them'} or add --calibration TEXT_FILE")
     _check_outputs(args)
     try:
         report = prune_path(
@@ -229,9 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt", "admm", "adaprune"),
                    help="MODEL only (checkpoints: magnitude): calibration-aware method (default admm)")
     p.add_argument("--calibration", metavar="TEXT_FILE", help="MODEL: UTF-8 calibration text")
-    p.add_argument("--nsamples", type=integer(1), default=32, help="MODEL: calibration windows (default 32)")
-    p.add_argument("--seqlen", type=integer(1), default=512, help="MODEL: tokens per window (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="MODEL: seed of the window starts (default 0)")
+    p.add_argument("--nsamples", type=integer(1),
+                   help=f"MODEL: calibration windows (default {MODEL_DEFAULTS['nsamples']})")
+    p.add_argument("--seqlen", type=integer(1),
+                   help=f"MODEL: tokens per window (default {MODEL_DEFAULTS['seqlen']})")
+    p.add_argument("--seed", type=int,
+                   help=f"MODEL: seed of the window starts (default {MODEL_DEFAULTS['seed']})")
     p.add_argument("--device", default=None, help="MODEL: torch device (default cpu)")
     p.add_argument("--blocks", default=None, metavar="NAME",
                    help="MODEL: the block list to prune, e.g. decoder.block of an encoder-decoder "

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import nmopt
+from nmopt import cli
 from nmopt.cli import main
 from nmopt.packed import PackedNM, pack, sparse_matmul, unpack
 
@@ -218,3 +219,51 @@ def test_a_solver_and_a_backend_it_does_not_run_on_are_refused_up_front(tmp_path
                  "--out", str(tmp_path / "o.safetensors"), "--no-progress"]) == 2
     assert "--solver exact runs on" in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("flags", [["--nsamples", "4"], ["--seed", "3", "--device", "cpu"],
+                                   ["--blocks", "layers"], ["--seqlen", "32"]])
+def test_model_only_flags_are_refused_on_a_checkpoint(tmp_path, capsys, flags):
+    pytest.importorskip("safetensors")
+    from nmopt.checkpoint import save
+
+    src = tmp_path / "w.safetensors"
+    save({"w": RNG.standard_normal((8, 8)).astype(np.float32)}, src)
+    out = tmp_path / "o.safetensors"
+    assert main(["prune", str(src), "--pattern", "2:4", *flags, "--out", str(out),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert all(f in err for f in flags if f.startswith("--")) and "--calibration" in err
+    assert not out.exists()
+
+
+def test_a_dangling_link_as_out_is_refused_before_the_work_and_replaced_with_force(
+        tmp_path, capsys, monkeypatch):
+    pytest.importorskip("safetensors")
+    from nmopt.checkpoint import save
+
+    src = tmp_path / "w.safetensors"
+    save({"w": RNG.standard_normal((8, 8)).astype(np.float32)}, src)
+    link = tmp_path / "o.safetensors"
+    link.symlink_to(tmp_path / "missing" / "x.safetensors")
+    argv = ["prune", str(src), "--pattern", "2:4", "--out", str(link), "--no-progress"]
+    with monkeypatch.context() as m:  # refused before any pruning
+        m.setattr(cli, "prune_path", lambda *a, **k: pytest.fail("pruned before refusing"))
+        assert main(argv) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main(argv + ["--force"]) == 0
+    assert not link.is_symlink() and link.stat().st_size > 0
+
+
+def test_bench_posttrain_makes_its_out_directory_only_after_the_run(tmp_path, monkeypatch, capsys):
+    from nmopt.bench import posttrain
+
+    def failing(args):
+        raise RuntimeError("the run failed")
+
+    monkeypatch.setattr(posttrain, "run", failing)
+    monkeypatch.setattr(posttrain, "_validate", lambda args: None)  # no model needed
+    out = tmp_path / "new" / "results"
+    assert main(["bench", "posttrain", "--quick", "--out", str(out)]) == 1
+    assert "the run failed" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

@@ -19,13 +19,22 @@ admm at transposable 4:8 <= 1/4 of wanda's perplexity; best transposable 16:32 <
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 
 import nmopt
-from nmopt._report import Column, add_output_arguments, environment, format_table, markdown_table, write_outputs
+from nmopt._report import (
+    Column,
+    add_output_arguments,
+    check_output_arguments,
+    environment,
+    format_table,
+    markdown_table,
+    write_outputs,
+)
 from nmopt.bench._args import THREADS, check_out_dir, integer
 from nmopt.patterns import parse_pattern
 
@@ -294,13 +303,18 @@ def main(args) -> int:
         print(f"nmopt bench posttrain: error: {why}", file=sys.stderr)
         return 2
     check_out_dir(args.out)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        for flag, ext in (("json", "json"), ("markdown", "md"), ("plot", "png")):
+    if args.out:  # the plot only where matplotlib is installed
+        outputs = [("json", "json"), ("markdown", "md")]
+        if importlib.util.find_spec("matplotlib") is not None:
+            outputs.append(("plot", "png"))
+        for flag, ext in outputs:
             setattr(args, flag, getattr(args, flag) or str(Path(args.out) / f"posttrain.{ext}"))
+        check_output_arguments(args)
     result = run(args)
     print(format_table(result["rows"], COLUMNS))
     print(format_table(result["targets"], TARGET_COLUMNS))
+    if args.out:  # made only now: a failed run leaves no empty directory
+        Path(args.out).mkdir(parents=True, exist_ok=True)
     write_outputs(args, result, format_markdown(result), draw_plot(result), figsize=(9.0, 5.5))
     return 0
 
