@@ -5,8 +5,8 @@ environment variable, then the input's array type (torch tensors prefer a backen
 ``"torch"`` in ``frameworks``; numpy arrays prefer the compiled ``cffi`` backend over the
 ``numpy`` reference), then any backend the solver can use. A requested backend that cannot
 serve falls back with a warning that says from what and why; an explicit argument that cannot
-serve is an error. When the C extension is missing, numpy inputs are served by ``numpy`` with
-a warning that says why.
+serve, and an unknown name in the variable, are errors. When the C extension is missing, numpy
+inputs are served by ``numpy`` with a warning that says why.
 """
 
 from __future__ import annotations
@@ -34,6 +34,16 @@ def get(backend: str | Backend) -> Backend:
     return BACKENDS.get(backend)
 
 
+def environment_backend() -> str:
+    """The backend named by ``NMOPT_BACKEND`` ('' when unset); ``ValueError`` for an unknown
+    name (a typo is an error, not a silent default)."""
+    wanted = os.environ.get(ENV_VAR, "").strip()
+    if wanted and wanted not in BACKENDS.classes:
+        raise ValueError(f"{ENV_VAR}={wanted!r} is not a backend; set it to one of {names()} "
+                         "or unset it")
+    return wanted
+
+
 def select(explicit: str | Backend | None, framework: str = "numpy",
            supported: tuple[str, ...] | None = None) -> tuple[Backend, list[str]]:
     """Choose the backend for a call; return it and the fallbacks taken (already warned).
@@ -59,7 +69,7 @@ def select(explicit: str | Backend | None, framework: str = "numpy",
             raise ValueError(f"backend={explicit!r} cannot serve this call: {reason}")
         return BACKENDS.instance(explicit), fallbacks
 
-    wanted = os.environ.get(ENV_VAR, "").strip()
+    wanted = environment_backend()
     if wanted:
         reason = usable(wanted)
         if reason is None:
@@ -96,4 +106,4 @@ def _preferred(framework: str, usable) -> Backend:
 
 
 __all__ = ["Backend", "BACKENDS", "PREFERENCE", "ENV_VAR", "register", "names", "status", "available",
-           "get", "select"]
+           "get", "select", "environment_backend"]

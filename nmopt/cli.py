@@ -334,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     previous = _on_sigterm_interrupt()
     try:
         check_output_arguments(args)  # --json/--markdown/--plot, before any work
+        if args.command in ("prune", "bench", "demo"):
+            try:
+                backends.environment_backend()
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         return int(args.func(args))
     except UsageError as exc:
         if debug:

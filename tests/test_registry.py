@@ -167,18 +167,30 @@ def test_dummy_backend_by_environment(clean_registries, monkeypatch):
     assert res.backend == "dummy" and calls and res.fallbacks == []
 
 
-@pytest.mark.parametrize("value", ["no-such-backend", "dummy-missing"])
-def test_environment_fallback_warns_and_is_recorded(clean_registries, monkeypatch, value):
-    register_dummy_backend(name="dummy-missing", requires=("no_such_module",))
+def test_environment_fallback_warns_and_is_recorded(clean_registries, monkeypatch):
+    value = "dummy-missing"
+    register_dummy_backend(name=value, requires=("no_such_module",))
     monkeypatch.setenv("NMOPT_BACKEND", value)
     with pytest.warns(RuntimeWarning, match="NMOPT_BACKEND") as record:
         res = nmopt.find_mask(W, "2:4", solver="greedy")
     assert res.backend == "numpy"
     assert len(res.fallbacks) == 1 and value in res.fallbacks[0]
     assert "numpy" in res.fallbacks[0] and str(record[0].message) == res.fallbacks[0]
-    if value == "dummy-missing":
-        assert "no_such_module" in res.fallbacks[0]
+    assert "no_such_module" in res.fallbacks[0]
     oracles.check_result(res, np.abs(W), 2, 4)
+
+
+def test_an_unknown_environment_backend_is_an_error(monkeypatch, capsys):
+    monkeypatch.setenv("NMOPT_BACKEND", "no-such-backend")
+    with pytest.raises(ValueError, match="NMOPT_BACKEND='no-such-backend' is not a backend"):
+        nmopt.find_mask(W, "2:4")
+    from nmopt.cli import main
+
+    assert main(["diversity", "2:4"]) == 0  # commands without a backend still run
+    capsys.readouterr()
+    assert main(["demo"]) == 2  # commands that solve refuse it before any work
+    err = capsys.readouterr()
+    assert "NMOPT_BACKEND='no-such-backend'" in err.err and err.out == ""
 
 
 def test_environment_backend_the_solver_cannot_use_falls_back(clean_registries, monkeypatch):
