@@ -48,7 +48,7 @@ def select(explicit: str | Backend | None, framework: str = "numpy",
            supported: tuple[str, ...] | None = None) -> tuple[Backend, list[str]]:
     """Choose the backend for a call; return it and the fallbacks taken (already warned).
 
-    ``supported`` restricts the choice to backends the solver can use (None: any).
+    ``supported`` restricts the choice to backends the call can use (None: any).
     """
     fallbacks: list[str] = []
 
@@ -56,7 +56,7 @@ def select(explicit: str | Backend | None, framework: str = "numpy",
         if name not in BACKENDS.classes:
             return f"unknown backend (valid: {names()})"
         if supported is not None and name not in supported:
-            return f"the solver runs only on {list(supported)}"
+            return f"this call runs only on {list(supported)}"
         return BACKENDS.instance(name).unavailable_reason()
 
     if explicit is not None:

@@ -21,7 +21,7 @@ class PackedNM:
     Attributes
     ----------
     values : ndarray (R, C // m * n), float16/float32/float64
-    indices : ndarray (R, C // m * n), uint8, each < m
+    indices : ndarray (R, C // m * n), uint8, each < m; a read-only view (checked once)
     n, m : int
     shape : (R, C), the dense shape
     """
@@ -59,6 +59,10 @@ class PackedNM:
                              f"{int(self.indices.max())}")
 
         object.__setattr__(self, "shape", (rows, cols))
+        # checked once, here and by check_distinct: a read-only view, so they stay as checked
+        indices = self.indices.view()
+        indices.flags.writeable = False
+        object.__setattr__(self, "indices", indices)
 
     @property
     def pattern(self) -> Pattern:

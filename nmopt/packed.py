@@ -23,14 +23,19 @@ from __future__ import annotations
 import numpy as np
 
 from nmopt._packed import PACK_DTYPES, PackedNM, check_distinct
-from nmopt.backends import select
+from nmopt.backends import BACKENDS, Backend, select
 from nmopt.patterns import parse_pattern
 
 __all__ = ["PackedNM", "PACK_DTYPES", "pack", "unpack", "sparse_matmul"]
 
 
 def _engine(backend):
-    engine, _ = select(backend, "numpy")
+    """The backend for a packed call: one with packed N:M kernels (the torch backend has none)."""
+    supported = tuple(name for name, cls in BACKENDS.classes.items() if cls.pack is not Backend.pack)
+    if isinstance(backend, str) and backend in BACKENDS.classes and backend not in supported:
+        raise ValueError(f"backend: {backend!r} has no packed N:M kernels; choose one of "
+                         f"{list(supported)}")
+    engine, _ = select(backend, "numpy", supported)
     return engine
 
 

@@ -267,3 +267,15 @@ def test_bench_posttrain_makes_its_out_directory_only_after_the_run(tmp_path, mo
     assert main(["bench", "posttrain", "--quick", "--out", str(out)]) == 1
     assert "the run failed" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_packed_calls_avoid_a_backend_without_packed_kernels(monkeypatch):
+    w = RNG.standard_normal((8, 16)).astype(np.float32)
+    mask = nmopt.find_mask(w, "2:4").mask
+    with pytest.raises(ValueError, match="'torch' has no packed N:M kernels"):
+        pack(w, mask, "2:4", backend="torch")
+    monkeypatch.setenv("NMOPT_BACKEND", "torch")
+    with pytest.warns(RuntimeWarning, match="NMOPT_BACKEND='torch' cannot serve"):
+        p = pack(w, mask, "2:4")
+    with pytest.warns(RuntimeWarning, match="NMOPT_BACKEND='torch' cannot serve"):
+        assert np.array_equal(unpack(p), w * mask)

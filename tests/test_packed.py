@@ -198,6 +198,9 @@ def test_corrupted_indices_never_read_out_of_bounds(cffi):
     rng = np.random.default_rng(4)
     w = rng.standard_normal((8, 32)).astype(np.float32)
     packed = cffi.pack(w, random_mask(rng, 8, 32, 2, 4), 2, 4)
+    with pytest.raises(ValueError, match="read-only"):  # the checked positions stay as checked
+        packed.indices[0, 0] = 3
+    packed.indices.flags.writeable = True  # deliberately around it
     packed.indices[:] = 255
     for batch in (1, 5):
         y = cffi.sparse_matmul(np.ones((batch, 32), np.float32), packed)

@@ -90,6 +90,7 @@ for it in range(300):
         y = b.sparse_matmul(x, p)
         assert y.shape == (batch, rows)
     if p.indices.size:
+        p.indices.flags.writeable = True  # around the read-only view, to corrupt them
         p.indices[:] = rng.integers(0, 256, p.indices.shape).astype(np.uint8)
         b.sparse_matmul(np.ones((2, cols), np.float32), p)
         b.sparse_matmul(np.ones((7, cols), np.float32), p)

@@ -253,3 +253,76 @@ def test_module_type_keeps_the_mask_boolean():
     assert model[0].mask.dtype == torch.bool and torch.equal(model[0].mask, keep)
     x = torch.randn(2, 8, dtype=torch.float64)
     torch.testing.assert_close(model(x), x @ (model[0].weight * keep).T + model[0].bias)
+
+
+# -- the C matmul plan (matmul="cffi") against masked dense -------------------------------------
+
+CFFI_REASON = nmopt.backends.status().get("cffi", "not registered")
+needs_cffi = pytest.mark.skipif(CFFI_REASON is not None, reason=f"cffi unavailable: {CFFI_REASON}")
+
+
+def _pair(seed=0, size=32):
+    """Two copies of one sparse layer: masked dense and the C matmul."""
+    layers = []
+    for mm in ("masked", "cffi"):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(size, size))
+        sparsify(model, nmopt.SparsityConfig(pattern="2:4", matmul=mm))
+        layers.append(model[0])
+    assert layers[1].matmul.startswith("cffi")
+    return layers
+
+
+@needs_cffi
+def test_a_gradient_penalty_through_the_c_matmul_matches_masked_dense():
+    grads = []
+    for layer in _pair():
+        torch.manual_seed(1)
+        x = torch.randn(4, 32, requires_grad=True)
+        y = x + layer(x)  # a residual path: the missing term would go unnoticed
+        g, = torch.autograd.grad(torch.tanh(y).sum(), x, create_graph=True)
+        gw, = torch.autograd.grad((g ** 2).sum(), layer.weight)
+        grads.append(gw)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+
+
+@needs_cffi
+def test_a_mask_written_around_its_version_counter_is_seen_by_the_c_matmul():
+    masked_layer, layer = _pair()
+    x = torch.randn(5, 32)
+    layer(x)
+    # another valid transposable 2:4 mask: the columns of every tile rotated
+    new = masked_layer.mask.reshape(32, 8, 4).roll(1, dims=2).reshape(32, 32)
+    assert not torch.equal(new, layer.mask)
+    layer.mask.data.copy_(new)  # does not bump mask._version
+    want = x @ torch.where(new, layer.weight, 0.0).t() + layer.bias
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_cffi
+def test_the_c_matmul_under_autocast_runs_masked_in_bfloat16_and_keeps_its_plan():
+    _, layer = _pair()
+    layer._plan_key = None  # the next plan is built inside autocast
+    x = torch.randn(5, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "disagrees with masked dense" from the probe
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert layer.matmul.startswith("cffi")
+    assert layer(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad, err", [
+    (lambda m: m.numpy(), "got ndarray"),
+    (lambda m: m.float() * 0.3, "float32 with other values"),
+    (lambda m: torch.where(m, torch.nan, 0.0), "float32 with other values"),
+])
+def test_set_mask_takes_bool_tensors_or_0_and_1(bad, err):
+    model = nn.Sequential(nn.Linear(16, 16))
+    sparsify(model)
+    layer, mask = model[0], model[0].mask.clone()
+    with pytest.raises(TypeError, match=err):
+        layer.set_mask(bad(mask))
+    layer.set_mask(mask.to(torch.int64))  # 0s and 1s
+    assert layer.mask.dtype == torch.bool and torch.equal(layer.mask, mask)

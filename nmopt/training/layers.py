@@ -63,6 +63,7 @@ class _SparseLayer(nn.Module):
         self.gap = None
         self._plan_key = None
         self._plan = None
+        self._plan_mask = None  # the mask the plan was built for (CPU: compared each forward)
         self._plan_note = ""
 
     def __getstate__(self):
@@ -84,8 +85,16 @@ class _SparseLayer(nn.Module):
 
     def check_new_mask(self, mask, name: str = ""):
         """``mask`` as this layer's bool mask (its shape and device); ``RuntimeError`` naming the
-        layer unless it is a valid mask of the configured pattern."""
-        mask = mask.to(device=self.mask.device, dtype=torch.bool).reshape(self.mask.shape)
+        layer unless it is a valid mask of the configured pattern; ``TypeError`` unless it is a
+        tensor of bools (or of 0s and 1s)."""
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask: expected a torch bool tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+                raise TypeError(f"mask: expected a bool tensor (or 0s and 1s), got {mask.dtype} "
+                                "with other values")
+            mask = mask != 0
+        mask = mask.to(device=self.mask.device).reshape(self.mask.shape)
         cfg = self.config
         label = f"sparse layer {name!r}: new mask" if name else \
             f"mask of {type(self).__name__}{tuple(self.weight.shape)}"
@@ -113,13 +122,17 @@ class _SparseLayer(nn.Module):
     def _get_plan(self):
         w = self.weight_2d()
         key = (w.device, w.dtype, self.mask._version, id(self.mask))
-        if key != self._plan_key:
+        # a mask written around its version counter (.data, numpy) needs a new plan too
+        stale = key == self._plan_key and self._plan is not None \
+            and self.mask.device.type == "cpu" and not torch.equal(self._plan_mask, self.mask)
+        if key != self._plan_key or stale:
             mask2d = self.mask.reshape(w.shape)
             cfg = self.config
             check_tile_mask(mask2d, cfg.n, cfg.m, cfg.transposable,
                             name=f"mask of {type(self).__name__}{tuple(self.weight.shape)}")
             self._plan, self._plan_note = build_plan(cfg, w.detach(), mask2d, self._is_conv)
             self._plan_key = key
+            self._plan_mask = self.mask.clone() if self._plan is not None else None
         return self._plan
 
     @property
@@ -159,8 +172,9 @@ class SparseLinear(_SparseLayer):
 
     def forward(self, x):
         plan = self._get_plan()
-        # A sparse plan is built for the weight's dtype; other inputs (autocast) run masked.
-        if plan is None or x.dtype != self.weight.dtype:
+        # A sparse plan is built for the weight's dtype; other inputs and autocast run masked
+        # (F.linear casts as autocast says).
+        if plan is None or x.dtype != self.weight.dtype or torch.is_autocast_enabled(x.device.type):
             return nn.functional.linear(x, self._masked_weight(), self.bias)
         return SparseLinearFn.apply(x, self.weight, self.bias, self.mask,
                                     self.config.sr_decay, plan)

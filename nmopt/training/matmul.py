@@ -55,7 +55,9 @@ class MaskedWeight(torch.autograd.Function):
 
 
 class SparseLinearFn(torch.autograd.Function):
-    """Linear layer whose forward and backward-data GEMMs run on a sparse plan."""
+    """Linear layer whose forward and backward-data GEMMs run on a sparse plan. A backward that
+    builds a graph (``create_graph=True``: gradient penalties, double backward) computes its
+    backward-data GEMM masked dense instead, so that it can be differentiated again."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mask, decay, plan):
@@ -76,7 +78,11 @@ class SparseLinearFn(torch.autograd.Function):
         gy2 = gy.reshape(-1, gy.shape[-1])
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = ctx.plan.backward_data(gy2, ctx.packs, weight, mask).reshape(ctx.x_shape)
+            if torch.is_grad_enabled():  # create_graph: differentiable, straight-through in W
+                gx = gy2.mm(MaskedWeight.apply(weight, mask, 0.0).to(gy2.dtype))
+            else:
+                gx = ctx.plan.backward_data(gy2, ctx.packs, weight, mask)
+            gx = gx.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             gw = gy2.t().mm(x2.to(gy2.dtype))
             if ctx.decay:
@@ -277,7 +283,13 @@ def cffi_unsupported(config: SparsityConfig, weight) -> str | None:
 
 
 def _probe(plan, weight, mask) -> str | None:
-    """Compare the plan's forward and backward-data with masked dense on a small input."""
+    """Compare the plan's forward and backward-data with masked dense on a small input (in the
+    weight's dtype, outside any autocast region the plan happens to be built in)."""
+    with torch.autocast(weight.device.type, enabled=False):
+        return _probe_once(plan, weight, mask)
+
+
+def _probe_once(plan, weight, mask) -> str | None:
     gen = torch.Generator(device=weight.device).manual_seed(0)
     out_f, in_f = weight.shape
     x = torch.randn(_PROBE_ROWS, in_f, generator=gen, device=weight.device).to(weight.dtype)
