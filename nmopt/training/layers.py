@@ -172,9 +172,11 @@ class SparseLinear(_SparseLayer):
 
     def forward(self, x):
         plan = self._get_plan()
-        # A sparse plan is built for the weight's dtype; other inputs and autocast run masked
-        # (F.linear casts as autocast says).
-        if plan is None or x.dtype != self.weight.dtype or torch.is_autocast_enabled(x.device.type):
+        # A sparse plan is built for the weight's dtype; other inputs and autocast to another
+        # dtype run masked (F.linear casts as autocast says).
+        dev = x.device.type
+        if plan is None or x.dtype != self.weight.dtype or (
+                torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != x.dtype):
             return nn.functional.linear(x, self._masked_weight(), self.bias)
         return SparseLinearFn.apply(x, self.weight, self.bias, self.mask,
                                     self.config.sr_decay, plan)
