@@ -20,6 +20,7 @@ Every other tensor is stored unchanged under its own name. Values and positions 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -34,10 +35,11 @@ from nmopt._packed import PackedNM
 from nmopt.checkpoint import CheckpointError, checkpoint_format, load
 from nmopt.packed import pack, unpack
 from nmopt.patterns import Pattern, parse_pattern
-from nmopt.safetensors_stream import Entry, SafetensorsReader, from_storage, model_shards
+from nmopt.safetensors_stream import HF_INDEX, Entry, SafetensorsReader, from_storage, model_shards
 
 KEY, VALUES, INDEX, VERSION = "nm_packed", ".nm_values", ".nm_index", 1
 _PACKABLE = {2: np.float16, 4: np.float32, 8: np.float64}  # pack copies values bit for bit
+FLOAT_CODES = ("F16", "BF16", "F32", "F64")  # the dtypes a packed tensor may have
 
 
 def index_bits(m: int) -> int:
@@ -96,8 +98,8 @@ def layout(entry: Entry, pattern) -> PackedLayout:
     """The packed layout of ``entry``; ValueError naming it when it cannot be N:M along its rows."""
     p = parse_pattern(pattern)
     lay = PackedLayout(entry, p)
-    if len(entry.shape) < 2 or lay.cols % p.m or entry.code not in ("F16", "BF16", "F32", "F64"):
-        why = (f"dtype {entry.dtype} is not a float" if entry.code not in ("F16", "BF16", "F32", "F64")
+    if len(entry.shape) < 2 or lay.cols % p.m or entry.code not in FLOAT_CODES:
+        why = (f"dtype {entry.dtype} is not a float" if entry.code not in FLOAT_CODES
                else f"{lay.cols} columns is not a multiple of M={p.m}" if len(entry.shape) >= 2
                else "it is not a matrix")
         raise ValueError(f"--format nm-packed: tensor {entry.name!r} {list(entry.shape)} cannot be stored "
@@ -156,7 +158,15 @@ class TensorFile(SafetensorsReader):
                                      f"{VERSION} (upgrade nmopt)")
                 for name, d in info["tensors"].items():
                     values = stored[name + VALUES]
-                    lay = PackedLayout(Entry(name, values.code, tuple(d["shape"])), parse_pattern(d["pattern"]))
+                    if name in stored:
+                        raise ValueError(f"tensor {name!r} is stored both plain and packed")
+                    if values.code not in FLOAT_CODES:
+                        raise ValueError(f"tensor {name!r}: values of dtype {values.code}; packed "
+                                         f"values are one of {', '.join(FLOAT_CODES)}")
+                    shape = d["shape"]
+                    if not isinstance(shape, list) or not all(type(v) is int for v in shape):
+                        raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of integers")
+                    lay = PackedLayout(Entry(name, values.code, tuple(shape)), parse_pattern(d["pattern"]))
                     if d.get("index_bits", lay.bits) != lay.bits:
                         raise ValueError(f"tensor {name!r}: index_bits {d['index_bits']!r} is not "
                                          f"{lay.bits} for {lay.pattern}")
@@ -200,7 +210,12 @@ def load_pruned(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"input {str(p)!r}: no such file or directory")
-    files = [p / s for s in model_shards(p)[0]] if p.is_dir() else [p]
+    files = [p]
+    if p.is_dir():
+        shards, index = model_shards(p)
+        with contextlib.ExitStack() as stack:
+            open_shards(p, shards, index, stack)  # the index checked against the shards
+        files = [p / s for s in shards]
     framework = "torch" if importlib.util.find_spec("torch") is not None else "numpy"
     out: dict[str, Any] = {}
     for file in files:
@@ -211,3 +226,38 @@ def load_pruned(path: str | os.PathLike) -> dict[str, Any]:
                     continue
         out.update(load(file))  # plain checkpoints: the usual loader
     return out
+
+
+def open_shards(src: Path, shards: list[str], index: dict | None,
+                stack: contextlib.ExitStack) -> tuple[list[TensorFile], dict[str, Entry], dict[str, str]]:
+    """Open the safetensors ``shards`` of ``src`` (a file, or a model directory with its
+    ``index``) in ``stack``: (readers, every dense tensor's entry, the shard holding it).
+
+    CheckpointError for a tensor in two shards, or an index that sends a tensor to a shard
+    without it (``from_pretrained`` would fail on such a model).
+    """
+    base = src if src.is_dir() else src.parent
+    readers = [stack.enter_context(TensorFile(base / s)) for s in shards]
+    entries: dict[str, Entry] = {}
+    where: dict[str, str] = {}
+    for reader, shard in zip(readers, shards):
+        for name, e in reader.entries.items():
+            if name in entries:
+                raise CheckpointError(f"input {str(src)!r}: tensor {name!r} is in two shards")
+            entries[name], where[name] = e, shard
+    if index is None:
+        return readers, entries, where
+
+    def held(name):  # the parts of a packed tensor are held where the tensor is
+        for part in (VALUES, INDEX):
+            if name not in where and name.endswith(part) and name.removesuffix(part) in where:
+                return where[name.removesuffix(part)]
+        return where.get(name)
+
+    wrong = [(name, shard) for name, shard in index["weight_map"].items() if held(name) != shard]
+    if wrong:
+        name, shard = wrong[0]
+        found = f"it is in {held(name)!r}" if held(name) else "no shard holds it"
+        raise CheckpointError(f"input {str(src / HF_INDEX)!r}: maps tensor {name!r} to {shard!r} but "
+                              f"{found} ({len(wrong)} such entries); regenerate the index")
+    return readers, entries, where

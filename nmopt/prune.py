@@ -16,14 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from nmopt import solvers
+from nmopt._arrays import is_torch_tensor
 from nmopt._report import Column, format_table, json_text
-from nmopt._tiles import TileGrid
 from nmopt._version import __version__
 from nmopt.api import find_mask
 from nmopt.certificates import OPTIMALITY_TOL
-from nmopt.checkpoint import AtomicFiles, load, read_metadata, write_checkpoint
-from nmopt.masks import check_mask
+from nmopt.checkpoint import AtomicFiles, read_metadata, write_checkpoint
 from nmopt.nm_format import load_pruned
 from nmopt.patterns import parse_pattern
 from nmopt.safetensors_stream import bf16_to_float32
@@ -124,6 +122,31 @@ def select_layers(tensors: dict[str, Any], include: str | None = None,
     return prune, copied
 
 
+def untie(names: list[str], copied: dict[str, str], kind, same) -> list[str]:
+    """``names`` without the copies of a tensor that stays dense (a tied output head saved next to
+    its embedding): pruning one copy alone would untie them. Those move to ``copied``.
+    ``kind(name)``: (dtype, shape); ``same(a, b)``: whether tensors a and b hold the same values."""
+    dense = [n for n in copied if len(kind(n)[1]) in (2, 4)]
+    kept = []
+    for name in names:
+        twin = next((t for t in dense if kind(t) == kind(name) and same(name, t)), None)
+        if twin is None:
+            kept.append(name)
+        else:
+            copied[name] = (f"a copy of {twin!r} (tied), which stays dense ({copied[twin]}); "
+                            "prune both or neither (--include both)")
+    return kept
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    if is_torch_tensor(a) and is_torch_tensor(b):
+        import torch
+
+        shared = a.device == b.device and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
+        return shared or (a.device == b.device and bool(torch.equal(a, b)))
+    return np.array_equal(np.asarray(a), np.asarray(b))
+
+
 def apply_mask(weight: Any, mask: Any) -> Any:
     """``weight`` with the entries outside ``mask`` set to zero, in the weight's own dtype."""
     if isinstance(weight, np.ndarray):
@@ -210,6 +233,8 @@ def prune_state_dict(tensors: dict[str, Any], pattern, *, transposable: bool = T
 
     p = parse_pattern(pattern)
     names, copied = select_layers(tensors, include, exclude)
+    names = untie(names, copied, lambda n: (_dtype_name(tensors[n]), tuple(tensors[n].shape)),
+                  lambda a, b: _same_values(tensors[a], tensors[b]))
     masks: dict[str, Any] = {}
     pruned: dict[str, Any] = {}
     layers: list[LayerReport] = []
@@ -315,57 +340,6 @@ def file_report(result: PruneResult, input_path, out_path, masks_path, solver) -
                   solver_requested=solver if isinstance(solver, str) else repr(solver),
                   nmopt=__version__)
     return report
-
-
-def verify_pruned(original, pruned, masks, report: dict) -> list[str]:
-    """Re-check a prune from the files alone; return one line per layer (raise on failure).
-
-    Every mask is checked tile by tile (rows and columns) with :func:`nmopt.check_mask`, the
-    pruned weights must equal the original inside the mask and be zero outside, the kept score
-    is recomputed from the original weights, and each layer is re-solved with a second exact
-    solver when one is installed.
-    """
-
-    def second_exact(used: str, n: int, m: int, tiles: int) -> str | None:
-        for name in solvers.available():
-            inst = solvers.get(name)
-            if (name != used and inst.exact and inst.transposable == transposable
-                    and inst.refuses(n, m, report["saturate"], tiles) is None):
-                return name
-        return None
-
-    def arr(t):
-        return t if isinstance(t, np.ndarray) else t.detach().cpu().float().numpy()
-
-    orig, new, kept = load(original), load(pruned), load(masks)
-    pattern = report["pattern"]
-    pat = parse_pattern(pattern)
-    transposable = report["transposable"]
-    lines = []
-    for layer in report["layers"]:
-        name = layer["name"]
-        mask = arr(kept[name]).astype(bool)
-        w, p = arr(orig[name]), arr(new[name])
-        check_mask(mask, pattern, transposable=transposable)
-        if not (np.array_equal(p[mask], w[mask]) and not p[~mask].any()):
-            raise RuntimeError(f"{name}: pruned weights differ from original * mask")
-        objective = float(np.abs(w[mask], dtype=np.float64).sum())
-        if abs(objective - layer["objective"]) > 1e-9 * max(1.0, objective):
-            raise RuntimeError(f"{name}: kept score {objective} differs from the report")
-        rows, cols = mask.shape[0], mask[0].size
-        other = second_exact(layer["solver"], pat.n, pat.m, TileGrid(rows, cols, pat.m).num_tiles)
-        check = ""
-        if other is not None:
-            res = find_mask(w, pattern, transposable=transposable, saturate=report["saturate"],
-                            solver=other)
-            if abs(res.objective - objective) > 1e-7 * objective:
-                raise RuntimeError(f"{name}: {other} finds kept score {res.objective}, the "
-                                   f"prune kept {objective}")
-            check = f"; re-solved with {other}: same optimum"
-        lines.append(f"{name} {'x'.join(map(str, mask.shape))}: valid {pattern} "
-                     f"{'transposable' if transposable else 'row-wise'} in every tile, "
-                     f"weights = original * mask, kept score matches{check}")
-    return lines
 
 
 def report_columns():

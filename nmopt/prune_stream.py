@@ -27,10 +27,10 @@ import numpy as np
 
 from nmopt._report import json_text
 from nmopt.checkpoint import AtomicFiles, CheckpointError, error_writing
-from nmopt.nm_format import INDEX, VALUES, TensorFile, encode, layout
+from nmopt.nm_format import INDEX, VALUES, TensorFile, encode, layout, open_shards
 from nmopt.nm_format import metadata as packed_metadata
 from nmopt.patterns import parse_pattern
-from nmopt.prune import PruneResult, _totals, file_report, prune_file, prune_layer, select_layers
+from nmopt.prune import PruneResult, _totals, file_report, prune_file, prune_layer, select_layers, untie
 from nmopt.safetensors_stream import HF_INDEX, Entry, SafetensorsWriter, model_shards
 
 FORMATS = ("dense", "nm-packed")
@@ -78,20 +78,12 @@ def prune_path(input_path, out_path, pattern, *, fmt: str = "dense", masks_path=
     shards, index = model_shards(src) if src.is_dir() else ([src.name], None)
     if src.is_dir():
         _check_others(src, shards)  # before any work: a file that could not be copied
-    base = src if src.is_dir() else src.parent
     with contextlib.ExitStack() as inputs:
-        readers = [inputs.enter_context(TensorFile(base / s)) for s in shards]
-        entries: dict[str, Any] = {}
-        where: dict[str, str] = {}  # tensor -> the shard that holds it
-        for reader, shard in zip(readers, shards):
-            for name, e in reader.entries.items():
-                if name in entries:
-                    raise CheckpointError(f"input {str(src)!r}: tensor {name!r} is in two shards")
-                entries[name], where[name] = e, shard
-        if index is not None:
-            _check_index(src, index["weight_map"], where)
+        readers, entries, where = open_shards(src, shards, index, inputs)
         names, copied = select_layers(entries, include, exclude)
-        names = _untied(names, copied, entries, {n: r for r in readers for n in r.entries})
+        reader_of = {n: r for r in readers for n in r.entries}
+        names = untie(names, copied, lambda n: (entries[n].code, entries[n].shape),
+                      lambda a, b: _same_data(reader_of[a], a, reader_of[b], b, entries[a]))
         in_out = _conv1d(src, names)
         if in_out and fmt == "nm-packed" and not transposable:
             raise ValueError(f"--format nm-packed with --row-wise: {in_out[0]!r} is a Conv1D "
@@ -194,24 +186,6 @@ def _conv1d(src: Path, names: list[str]) -> list[str]:
     return [n for n in names if CONV1D_RE.search(n)]
 
 
-def _untied(names: list[str], copied: dict[str, str], entries: dict, readers: dict) -> list[str]:
-    """``names`` without the byte-equal copies of a tensor that stays dense (a tied output head
-    saved next to its embedding): pruning one copy alone would untie them. Those move to
-    ``copied``; the first block of two different tensors already differs, so checking is cheap."""
-    dense = [n for n in copied if len(entries[n].shape) in (2, 4)]
-    kept = []
-    for name in names:
-        e = entries[name]
-        twin = next((t for t in dense if (entries[t].code, entries[t].shape) == (e.code, e.shape)
-                     and _same_data(readers[name], name, readers[t], t, e)), None)
-        if twin is None:
-            kept.append(name)
-        else:
-            copied[name] = (f"a copy of {twin!r} (tied), which stays dense ({copied[twin]}); "
-                            "prune both or neither (--include both)")
-    return kept
-
-
 def _same_data(r1: TensorFile, n1: str, r2: TensorFile, n2: str, e) -> bool:
     """True when tensors ``n1`` of ``r1`` and ``n2`` of ``r2`` (both like ``e``) hold the same
     bytes: the first row, then ``COPY_BYTES`` at a time (different tensors differ at once)."""
@@ -223,28 +197,22 @@ def _same_data(r1: TensorFile, n1: str, r2: TensorFile, n2: str, e) -> bool:
 
 
 def _check_others(src: Path, shards: list[str]) -> None:
-    """CheckpointError naming the first file of ``src`` that copying would fail on (a broken link)."""
+    """CheckpointError naming the first entry of ``src`` that copying would fail on: a broken
+    link, a link to a directory holding it (the copy would never end), or something neither a
+    file nor a directory (a named pipe, a socket)."""
     for item in sorted(src.rglob("*")):
+        why = None
         if item.is_symlink() and not item.exists():
-            raise CheckpointError(f"input {str(item)!r}: a broken symbolic link (to "
-                                  f"{os.readlink(item)!r}), which cannot be copied; remove it or fix it")
-
-
-def _check_index(src: Path, weight_map: dict, where: dict) -> None:
-    """Refuse an index that sends a tensor to a shard without it (``from_pretrained`` would fail
-    on such a model, so the output's index, rebuilt from the shards, would hide a broken input)."""
-    def held(name):  # the parts of a packed tensor are held where the tensor is
-        for part in (VALUES, INDEX):
-            if name not in where and name.endswith(part) and name.removesuffix(part) in where:
-                return where[name.removesuffix(part)]
-        return where.get(name)
-
-    wrong = [(name, shard) for name, shard in weight_map.items() if held(name) != shard]
-    if wrong:
-        name, shard = wrong[0]
-        found = f"it is in {held(name)!r}" if held(name) else "no shard holds it"
-        raise CheckpointError(f"input {str(src / HF_INDEX)!r}: maps tensor {name!r} to {shard!r} but "
-                              f"{found} ({len(wrong)} such entries); regenerate the index")
+            why = f"a broken symbolic link (to {os.readlink(item)!r})"
+        elif item.is_symlink() and item.is_dir():
+            target, here = item.resolve(), item.parent.resolve()
+            if target == here or target in here.parents:
+                why = f"a symbolic link to {str(target)!r}, which holds it"
+        elif not item.is_dir() and not item.is_file():
+            why = "neither a file nor a directory (a named pipe, a socket)"
+        if why:
+            raise CheckpointError(f"input {str(item)!r}: {why}, which cannot be copied; remove "
+                                  "it or fix it")
 
 
 def _copy_others(src: Path, root: Path, shards: list[str], index, weight_map, sizes) -> list[str]:

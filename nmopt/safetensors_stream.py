@@ -13,6 +13,7 @@ their raw bits (uint16 / uint8 arrays); nothing here imports torch or safetensor
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,19 +135,25 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Entry], dict[str, st
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise bad("__metadata__ must map strings to strings")
     start, entries = 8 + length, []
+    def integers(value) -> bool:
+        return isinstance(value, list) and all(type(v) is int for v in value)
+
     for name, info in header.items():
         try:
-            code, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
+            code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        except (TypeError, KeyError):
             raise bad(f"tensor {name!r}: needs dtype, shape and data_offsets") from None
-        if code not in DTYPES:
+        if not integers(shape) or not integers(offsets) or len(offsets) != 2:
+            raise bad(f"tensor {name!r}: shape and data_offsets must be lists of integers, got "
+                      f"{shape!r} and {offsets!r}")
+        if not isinstance(code, str) or code not in DTYPES:
             raise bad(f"tensor {name!r}: dtype {code!r} is not supported ({', '.join(DTYPES)})")
-        entry = Entry(name, code, shape, start + int(begin))
-        if (min(shape, default=0) < 0 or int(begin) < 0 or int(end) - int(begin) != entry.nbytes
-                or start + int(end) > size):
+        begin, end = offsets
+        nbytes = math.prod(shape) * np.dtype(DTYPES[code][0]).itemsize  # Python ints: no overflow
+        if min(shape, default=0) < 0 or begin < 0 or end - begin != nbytes or start + end > size:
             raise bad(f"tensor {name!r}: offsets {[begin, end]} do not fit shape {list(shape)} "
                       f"{code} in a file of {size} bytes (truncated?)")
-        entries.append(entry)
+        entries.append(Entry(name, code, tuple(shape), start + begin))
     entries.sort(key=lambda e: (e.offset, e.nbytes))
     end = start  # the data must tile the rest of the file, as the safetensors library demands
     for prev, e in zip([None] + entries, entries):
@@ -269,7 +276,13 @@ def model_shards(directory: str | os.PathLike) -> tuple[list[str], dict[str, Any
     if (d / HF_INDEX).is_file():
         try:
             index = json.loads((d / HF_INDEX).read_text(encoding="utf-8"))
-            shards = list(dict.fromkeys(index["weight_map"].values()))
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map must map tensor names to shard file names")
+            if not isinstance(index.get("metadata", {}), dict):
+                raise TypeError("metadata must be a JSON object")
+            shards = list(dict.fromkeys(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"input {str(d / HF_INDEX)!r}: not a safetensors index "
                                   f"(needs a weight_map of tensor -> shard file): {exc}") from None

@@ -209,3 +209,63 @@ def test_corrupt_packed_files_are_refused_naming_file_and_tensor(tmp_path):
     for text, path in cases.items():
         with pytest.raises(CheckpointError, match=f"^input '{path}': .*{text}"):
             nmopt.load_pruned(path)
+
+
+def test_tampered_packed_values_shapes_and_names_are_refused(tmp_path):
+    """A non-float values dtype raised a bare KeyError; float shapes a TypeError; a plain tensor
+    under a packed tensor's name was dropped silently."""
+    from safetensors import safe_open
+
+    save({"w": torch.randn(8, 8)}, tmp_path / "in.safetensors")
+    prune_path(tmp_path / "in.safetensors", tmp_path / "p.safetensors", "2:4", fmt="nm-packed",
+               progress=False)
+    with safe_open(str(tmp_path / "p.safetensors"), "pt") as f:
+        meta, good = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    d = json.loads(meta[KEY])
+    floats = {**d, "tensors": {"w": {**d["tensors"]["w"], "shape": [8.0, 8.0]}}}
+    cases = {
+        "values of dtype U8": ({**good, "w" + VALUES: good["w" + VALUES].view(torch.uint8)}, d),
+        "values of dtype I32": ({**good, "w" + VALUES: good["w" + VALUES].view(torch.int32)}, d),
+        r"shape \[8.0, 8.0\] is not a list of integers": (good, floats),
+        "'w' is stored both plain and packed": ({**good, "w": torch.full((8, 8), 7.0)}, d),
+    }
+    for i, (text, (tensors, info)) in enumerate(cases.items()):
+        path = tmp_path / f"bad{i}.safetensors"
+        safetensors_torch.save_file(tensors, str(path), metadata={**meta, KEY: json.dumps(info)})
+        with pytest.raises(CheckpointError, match=f"^input '{path}': .*{text}"):
+            nmopt.load_pruned(path)
+        assert main(["prune", str(path), "--pattern", "2:4", "--out",
+                     str(tmp_path / "o.safetensors"), "--no-progress"]) == 1
+        assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("edit, text", [
+    (lambda wm: wm.update({"b.weight": "model-00001-of-00002.safetensors"}),
+     "maps tensor 'b.weight' to 'model-00001-of-00002.safetensors' but it is in"),
+    (lambda wm: wm.update({"ghost": "model-00001-of-00002.safetensors"}), "no shard holds it"),
+])
+def test_load_pruned_refuses_an_index_that_does_not_match_its_shards(tmp_path, edit, text):
+    model = write_model(tmp_path / "model")
+    index = json.loads((model / HF_INDEX).read_text())
+    edit(index["weight_map"])
+    (model / HF_INDEX).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=text):
+        nmopt.load_pruned(model)
+
+
+@pytest.mark.parametrize("out", ["o.pt", "o.safetensors"])
+@pytest.mark.parametrize("src", ["in.pt", "in.safetensors"])
+def test_a_tied_head_stays_dense_with_its_embedding_in_every_format(tmp_path, src, out, capsys):
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(16, 8, generator=g)
+    state = {"embed_tokens.weight": emb, "proj.weight": torch.randn(8, 8, generator=g) + 5,
+             "lm_head.weight": emb}
+    if src.endswith(".pt"):
+        torch.save(state, tmp_path / src)  # one storage, as a tied model saves it
+    else:
+        save({k: v.clone() for k, v in state.items()}, tmp_path / src)  # byte-equal copies
+    assert main(["prune", str(tmp_path / src), "--pattern", "2:4", "--out", str(tmp_path / out),
+                 "--no-progress"]) == 0
+    pruned = load(tmp_path / out)
+    assert torch.equal(pruned["lm_head.weight"], emb) and torch.equal(pruned["embed_tokens.weight"], emb)
+    assert (pruned["proj.weight"] == 0).sum() == 32

@@ -194,7 +194,7 @@ def test_nothing_selected_is_an_error(tmp_path):
 
 
 def test_verify_pruned_catches_tampering(tmp_path):
-    from nmopt.prune import verify_pruned
+    from nmopt.demo import verify_pruned
 
     src = _write_input(tmp_path)
     out, masks = tmp_path / "out.safetensors", tmp_path / "m.safetensors"

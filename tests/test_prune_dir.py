@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -306,3 +307,53 @@ def test_force_replaces_only_model_directories(model, tmp_path, capsys):
     (tmp_path / "empty").mkdir()  # an empty directory, and a previous output, are replaced
     assert main([*argv[:5], str(tmp_path / "empty"), "--force", "--no-progress"]) == 0
     assert main([*argv[:5], str(tmp_path / "empty"), "--force", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("info, why", [
+    ({"dtype": "F32", "shape": [4, 2 ** 70], "data_offsets": [0, 64]}, "do not fit shape"),
+    ({"dtype": "F32", "shape": [16, 2 ** 60 + 1], "data_offsets": [0, 64]}, "do not fit shape"),
+    ({"dtype": ["F32"], "shape": [4, 4], "data_offsets": [0, 64]}, r"dtype \['F32'\] is not supported"),
+    ({"dtype": "F32", "shape": [4.0, 4], "data_offsets": [0, 64]}, "lists of integers"),
+    ({"dtype": "F32", "shape": [4, 4], "data_offsets": ["0", 64]}, "lists of integers"),
+])
+def test_crafted_header_sizes_and_types_are_refused_naming_the_tensor(tmp_path, info, why):
+    """A dimension past 2^63 overflowed int64 (a traceback); one whose product wrapped around
+    was accepted and failed later without a name."""
+    from nmopt.checkpoint import CheckpointError
+    from nmopt.safetensors_stream import read_header
+
+    _raw_safetensors(tmp_path / "x.safetensors", {"x": info}, 64)
+    with pytest.raises(CheckpointError, match=f"tensor 'x': .*{why}"):
+        read_header(tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("index, why", [
+    ({"weight_map": {"a.weight": 5}}, "weight_map must map tensor names to shard file names"),
+    ({"metadata": "v1", "weight_map": {"a.weight": "model.safetensors"}}, "metadata must be a JSON object"),
+])
+def test_a_malformed_index_is_refused_before_any_work(tmp_path, index, why):
+    from nmopt.checkpoint import CheckpointError, save
+    from nmopt.safetensors_stream import model_shards
+
+    model = tmp_path / "m"
+    model.mkdir()
+    save({"a.weight": np.ones((8, 8), np.float32)}, model / "model.safetensors")
+    (model / HF_INDEX).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=why):
+        model_shards(model)
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda d: (d / "sub").mkdir() or (d / "sub" / "loop").symlink_to(d), "which holds it"),
+    (lambda d: os.mkfifo(d / "pipe"), "neither a file nor a directory"),
+])
+def test_other_files_that_cannot_be_copied_are_refused_before_any_work(tmp_path, make, why):
+    from nmopt.checkpoint import CheckpointError, save
+
+    model = tmp_path / "m"
+    model.mkdir()
+    save({"a.weight": np.ones((8, 8), np.float32)}, model / "model.safetensors")
+    make(model)
+    with pytest.raises(CheckpointError, match=why):
+        prune_path(model, tmp_path / "out", "2:4", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
