@@ -150,11 +150,13 @@ def environment() -> dict[str, Any]:
             "versions": versions}
 
 
-def add_output_arguments(parser) -> None:
-    """The output options every benchmark shares: ``--json``, ``--markdown``, ``--plot``."""
+def add_output_arguments(parser, plot: bool = True) -> None:
+    """The output options every benchmark shares: ``--json``, ``--markdown``, and ``--plot`` for
+    those that draw one."""
     parser.add_argument("--json", metavar="OUT.json", help="write every row as JSON")
     parser.add_argument("--markdown", metavar="OUT.md", help="write a Markdown report")
-    parser.add_argument("--plot", metavar="OUT.png", help="write a plot (matplotlib)")
+    if plot:
+        parser.add_argument("--plot", metavar="OUT.png", help="write a plot (matplotlib)")
 
 
 #: Figure formats ``--plot`` writes (matplotlib's, by extension).

@@ -156,8 +156,11 @@ def cmd_diversity(args) -> int:
     p = parse_pattern(args.pattern)
     shape = tuple(args.shape) if args.shape else None
     kw = dict(transposable=not args.row_wise, at_most=args.at_most)
+    try:
+        tiles = matrix_tiles(shape, p.m) if shape else 1
+    except ValueError as exc:
+        raise UsageError(f"--{exc}") from None  # "shape: expected ..."
     per_tile = nmopt.mask_diversity(p, **kw)
-    tiles = matrix_tiles(shape, p.m) if shape else 1
     kind = "row-wise" if args.row_wise else "transposable"
     rule = "at most" if args.at_most else "exactly"
     where = f"a {shape[0]}x{shape[1]} matrix" if shape else f"one {p.m}x{p.m} tile"

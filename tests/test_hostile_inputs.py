@@ -279,3 +279,19 @@ def test_packed_calls_avoid_a_backend_without_packed_kernels(monkeypatch):
         p = pack(w, mask, "2:4")
     with pytest.warns(RuntimeWarning, match="NMOPT_BACKEND='torch' cannot serve"):
         assert np.array_equal(unpack(p), w * mask)
+
+
+def test_diversity_shape_not_of_whole_tiles_is_a_usage_error(capsys):
+    assert main(["diversity", "4:8", "--shape", "10", "16"]) == 2
+    assert "--shape: expected (rows, cols)" in capsys.readouterr().err
+
+
+def test_prune_memory_has_no_plot_option_and_makes_out_only_after_the_run(tmp_path, capsys,
+                                                                           monkeypatch):
+    from nmopt.bench import prune_memory
+
+    assert main(["bench", "prune-memory", "--plot", str(tmp_path / "x.png")]) == 2
+    monkeypatch.setattr(prune_memory, "run", lambda args, log: (_ for _ in ()).throw(
+        RuntimeError("the run failed")))
+    assert main(["bench", "prune-memory", "--out", str(tmp_path / "new")]) == 1
+    assert not (tmp_path / "new").exists()

@@ -253,8 +253,8 @@ def test_plain_sequential_with_blocks_given():
     x = torch.randn(6, 10, 8)
     rep = nmopt.prune_model(model, x, PruneConfig(method="admm"), blocks="1", progress=False)
     assert rep.layers_pruned == 6 and rep.layers_skipped == 6
-    assert {s.reason for s in rep.skipped} == {"shape 12x16: both sides not a multiple of M=8",
-                                              "shape 16x12: both sides not a multiple of M=8"}
+    assert {s.reason for s in rep.skipped} == {"shape 12x16: both sides must be multiples of M=8",
+                                              "shape 16x12: both sides must be multiples of M=8"}
     assert_valid(model, "1", skip={s.name for s in rep.skipped})
     assert torch.equal(model[0].weight, first)
     assert all(torch.count_nonzero(model.get_submodule(s.name).weight) == 12 * 16 for s in rep.skipped)
@@ -440,7 +440,7 @@ def test_row_wise_prunes_layers_whose_outputs_are_not_a_multiple_of_m():
     model = nn.Sequential(nn.Linear(8, 16), nn.Sequential(Block(), Block(), Block()), nn.Linear(16, 4))
     rep = nmopt.prune_model(model, torch.randn(6, 10, 8), PruneConfig(method="wanda", transposable=False),
                             blocks="1", progress=False)
-    assert {s.reason for s in rep.skipped} == {"shape 16x12: its inputs not a multiple of M=8"}
+    assert {s.reason for s in rep.skipped} == {"shape 16x12: its inputs must be a multiple of M=8"}
     assert "1.0.side" in {r.name for r in rep.layers}  # 12x16: 12 outputs, 16 inputs
     assert_valid(model, "1", skip={s.name for s in rep.skipped}, transposable=False)
 

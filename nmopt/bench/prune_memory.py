@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from nmopt._report import Column, add_output_arguments, environment, format_table, markdown_table, write_outputs
-from nmopt.bench._args import integer
+from nmopt.bench._args import check_out_dir, integer
 from nmopt.safetensors_stream import CODES, HF_INDEX, SafetensorsWriter, model_shards
 
 STEM = "prune-memory"
@@ -208,13 +208,15 @@ def format_markdown(result: dict) -> str:
 
 def main(args) -> int:
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
+        check_out_dir(args.out)
         args.json = args.json or str(Path(args.out) / f"{STEM}.json")
         args.markdown = args.markdown or str(Path(args.out) / f"{STEM}.md")
     args.argv = [a for a in sys.argv[3:]] if sys.argv[1:3] == ["bench", "prune-memory"] else []
     result = run(args, log=(lambda *a: None) if args.quiet else print)
     print(format_table(result["rows"], COLUMNS))
     print(f"{result['target']['label']}: {'met' if result['target']['met'] else 'missed'}")
+    if args.out:  # made only now: a failed run leaves no empty directory
+        Path(args.out).mkdir(parents=True, exist_ok=True)
     write_outputs(args, result, format_markdown(result))
     return 0 if all(r["returncode"] == 0 for r in result["rows"]) else 1
 
@@ -232,6 +234,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tmp", metavar="DIR", help="where to generate the checkpoint (default: the system's)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", metavar="DIR", help=f"write DIR/{STEM}.json and .md")
-    add_output_arguments(p)
+    add_output_arguments(p, plot=False)  # a table, nothing to draw
     p.set_defaults(func=main)
     return p

@@ -208,9 +208,8 @@ def _plan(block_list, names, config) -> tuple[list, list]:
             if not bool(torch.isfinite(mod.weight).all()):
                 raise ValueError(f"model: the weights of {lname} hold nan or inf; nothing was pruned")
             if shape[1] % p.m or (config.transposable and shape[0] % p.m):
-                need = "both sides" if config.transposable else "its inputs"
-                skipped.append(SkippedLayer(lname, shape, f"shape {shape[0]}x{shape[1]}: {need} not a "
-                                            f"multiple of M={p.m}"))
+                need = "both sides must be multiples" if config.transposable else "its inputs must be a multiple"
+                skipped.append(SkippedLayer(lname, shape, f"shape {shape[0]}x{shape[1]}: {need} of M={p.m}"))
                 continue
             if nn.utils.parametrize.is_parametrized(mod) or not isinstance(mod.weight, nn.Parameter):
                 skipped.append(SkippedLayer(lname, shape, "its weight is computed (parametrize, weight_norm); "
