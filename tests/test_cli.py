@@ -238,7 +238,7 @@ def test_small_commands(capsys):
     assert ": 7343 " in capsys.readouterr().out
     assert main(["diversity", "2:4", "--row-wise", "--shape", "4", "8"]) == 0
     assert f": {6 ** 8} " in capsys.readouterr().out
-    assert main(["diversity", "2:4", "--shape", "4", "6"]) == 1
+    assert main(["diversity", "2:4", "--shape", "4", "6"]) == 2  # a usage error
     assert "shape" in _one_error_line(capsys)
     assert main(["solvers"]) == 0
     out = capsys.readouterr().out
