@@ -21,7 +21,7 @@ class PackedNM:
     Attributes
     ----------
     values : ndarray (R, C // m * n), float16/float32/float64
-    indices : ndarray (R, C // m * n), uint8, each < m; a read-only view (checked once)
+    indices : ndarray (R, C // m * n), uint8, each < m; a read-only view of the array given
     n, m : int
     shape : (R, C), the dense shape
     """
@@ -59,10 +59,11 @@ class PackedNM:
                              f"{int(self.indices.max())}")
 
         object.__setattr__(self, "shape", (rows, cols))
-        # checked once, here and by check_distinct: a read-only view, so they stay as checked
-        indices = self.indices.view()
-        indices.flags.writeable = False
-        object.__setattr__(self, "indices", indices)
+        _read_only_indices(self)
+
+    def __setstate__(self, state) -> None:  # pickle, deepcopy: no __post_init__
+        self.__dict__.update(state)
+        _read_only_indices(self)
 
     @property
     def pattern(self) -> Pattern:
@@ -80,6 +81,14 @@ class PackedNM:
     def __repr__(self) -> str:
         return (f"PackedNM({self.n}:{self.m}, shape={self.shape}, dtype={self.dtype}, "
                 f"nbytes={self.nbytes})")
+
+
+def _read_only_indices(packed: PackedNM) -> None:
+    """Checked once (here and by check_distinct): a read-only view, so that they stay as checked
+    through this object (the array given to PackedNM can still be written by its owner)."""
+    indices = packed.indices.view()
+    indices.flags.writeable = False
+    object.__setattr__(packed, "indices", indices)
 
 
 def check_distinct(packed: PackedNM) -> None:

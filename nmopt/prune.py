@@ -139,12 +139,16 @@ def untie(names: list[str], copied: dict[str, str], kind, same) -> list[str]:
 
 
 def _same_values(a: Any, b: Any) -> bool:
+    """One storage, or equal values that are not all zero (zero-initialised weights are not
+    ties)."""
     if is_torch_tensor(a) and is_torch_tensor(b):
-        import torch
-
-        shared = a.device == b.device and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()
-        return shared or (a.device == b.device and bool(torch.equal(a, b)))
-    return np.array_equal(np.asarray(a), np.asarray(b))
+        if a.device != b.device:
+            return False
+        if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+            return True
+        return bool(a.any()) and bool(a.eq(b).all())
+    a, b = np.asarray(a), np.asarray(b)
+    return bool(a.any()) and np.array_equal(a, b)
 
 
 def apply_mask(weight: Any, mask: Any) -> Any:

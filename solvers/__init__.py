@@ -8,9 +8,7 @@ call's solver and backend together; :func:`nmopt.find_mask` and sparse training 
 
 from __future__ import annotations
 
-import os
-
-from nmopt.backends import ENV_VAR as _BACKEND_ENV_VAR
+from nmopt.backends import environment_backend as _environment_backend
 from nmopt.backends import names as _backend_names
 from nmopt.backends import select as _select_backend
 from nmopt.solvers import enumerate as _enumerate  # noqa: F401 - the built-in solvers register
@@ -101,10 +99,10 @@ def plan(solver, backend, n: int, m: int, *, transposable: bool, saturate: bool,
     (:func:`nmopt.backends.select`), preferring one for the input's ``framework``.
     """
     if isinstance(solver, str) and solver == "auto":
-        wanted = backend if backend is not None else os.environ.get(_BACKEND_ENV_VAR, "").strip()
+        wanted = backend if backend is not None else _environment_backend()  # unknown: an error
         wanted = getattr(wanted, "name", wanted)
         if wanted not in _backend_names():
-            wanted = None  # unknown names are reported by backend selection
+            wanted = None  # an unknown argument is reported by backend selection
         inst = auto(n, m, transposable=transposable, saturate=saturate, num_tiles=num_tiles,
                     backend=wanted, edge_tiles=edge_tiles)
     else:

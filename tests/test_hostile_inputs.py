@@ -295,3 +295,23 @@ def test_prune_memory_has_no_plot_option_and_makes_out_only_after_the_run(tmp_pa
         RuntimeError("the run failed")))
     assert main(["bench", "prune-memory", "--out", str(tmp_path / "new")]) == 1
     assert not (tmp_path / "new").exists()
+
+
+def test_bench_out_as_a_broken_link_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    from nmopt.bench import prune_memory
+
+    monkeypatch.setattr(prune_memory, "run", lambda args, log: pytest.fail("ran before refusing"))
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "missing")
+    assert main(["bench", "prune-memory", "--out", str(link)]) == 2
+    assert "is a broken link" in capsys.readouterr().err
+
+
+def test_packed_indices_stay_read_only_through_pickle_and_deepcopy():
+    import copy
+    import pickle
+
+    w = RNG.standard_normal((4, 8)).astype(np.float32)
+    p = pack(w, nmopt.find_mask(w, "2:4", transposable=False).mask, "2:4")
+    for q in (pickle.loads(pickle.dumps(p)), copy.deepcopy(p)):
+        assert not q.indices.flags.writeable and np.array_equal(unpack(q), unpack(p))

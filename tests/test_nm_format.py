@@ -259,7 +259,8 @@ def test_a_tied_head_stays_dense_with_its_embedding_in_every_format(tmp_path, sr
     g = torch.Generator().manual_seed(5)
     emb = torch.randn(16, 8, generator=g)
     state = {"embed_tokens.weight": emb, "proj.weight": torch.randn(8, 8, generator=g) + 5,
-             "lm_head.weight": emb}
+             "lm_head.weight": emb, "a.lora_B.weight": torch.zeros(8, 8),
+             "b.lora_B.weight": torch.zeros(8, 8)}  # equal zeros are not ties
     if src.endswith(".pt"):
         torch.save(state, tmp_path / src)  # one storage, as a tied model saves it
     else:
@@ -269,3 +270,7 @@ def test_a_tied_head_stays_dense_with_its_embedding_in_every_format(tmp_path, sr
     pruned = load(tmp_path / out)
     assert torch.equal(pruned["lm_head.weight"], emb) and torch.equal(pruned["embed_tokens.weight"], emb)
     assert (pruned["proj.weight"] == 0).sum() == 32
+    from nmopt.prune import prune_state_dict
+
+    pruned_names = [r.name for r in prune_state_dict(state, "2:4", progress=False).layers]
+    assert pruned_names == ["proj.weight", "a.lora_B.weight", "b.lora_B.weight"]

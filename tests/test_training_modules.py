@@ -326,3 +326,18 @@ def test_set_mask_takes_bool_tensors_or_0_and_1(bad, err):
         layer.set_mask(bad(mask))
     layer.set_mask(mask.to(torch.int64))  # 0s and 1s
     assert layer.mask.dtype == torch.bool and torch.equal(layer.mask, mask)
+
+
+@needs_cffi
+def test_a_second_order_gradient_through_the_weight_gradient_reaches_the_input():
+    """MAML-style: differentiate a weight gradient with respect to the input and an earlier layer."""
+    grads = []
+    for mm in ("masked", "cffi"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+        sparsify(model, nmopt.SparsityConfig(pattern="2:4", matmul=mm))
+        x = torch.randn(4, 16, requires_grad=True)
+        gw, = torch.autograd.grad(model(x).pow(2).sum(), model[2].weight, create_graph=True)
+        grads.append(torch.autograd.grad(gw.pow(2).sum(), [x, model[0].weight]))
+    for c, m in zip(grads[1], grads[0]):
+        torch.testing.assert_close(c, m, rtol=1e-4, atol=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 from nmopt.errors import UsageError
@@ -60,5 +61,6 @@ def patterns(text: str) -> list[str]:
 def check_out_dir(path) -> None:
     """:class:`UsageError` naming ``--out`` when it exists and is not a directory (checked
     before the run, not when its results are written)."""
-    if path and Path(path).exists() and not Path(path).is_dir():
-        raise UsageError(f"--out {str(path)!r} is a file; give a directory for the results")
+    if path and os.path.lexists(path) and not Path(path).is_dir():
+        what = "a broken link" if Path(path).is_symlink() else "a file"
+        raise UsageError(f"--out {str(path)!r} is {what}; give a directory for the results")

@@ -132,7 +132,8 @@ class _SparseLayer(nn.Module):
                             name=f"mask of {type(self).__name__}{tuple(self.weight.shape)}")
             self._plan, self._plan_note = build_plan(cfg, w.detach(), mask2d, self._is_conv)
             self._plan_key = key
-            self._plan_mask = self.mask.clone() if self._plan is not None else None
+            cpu = self._plan is not None and self.mask.device.type == "cpu"
+            self._plan_mask = self.mask.clone() if cpu else None
         return self._plan
 
     @property
@@ -162,6 +163,15 @@ class _SparseLayer(nn.Module):
                 f"mask solver={solver}, density={self.density():.3f}")
 
 
+def _autocast_dtype(x):
+    """The dtype autocast casts ``x``'s device's GEMMs to, None outside autocast."""
+    dev = x.device.type
+    try:
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return None
+
+
 class SparseLinear(_SparseLayer):
     """``nn.Linear`` with an N:M mask; see the module docstring."""
 
@@ -174,9 +184,7 @@ class SparseLinear(_SparseLayer):
         plan = self._get_plan()
         # A sparse plan is built for the weight's dtype; other inputs and autocast to another
         # dtype run masked (F.linear casts as autocast says).
-        dev = x.device.type
-        if plan is None or x.dtype != self.weight.dtype or (
-                torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != x.dtype):
+        if plan is None or x.dtype != self.weight.dtype or _autocast_dtype(x) not in (None, x.dtype):
             return nn.functional.linear(x, self._masked_weight(), self.bias)
         return SparseLinearFn.apply(x, self.weight, self.bias, self.mask,
                                     self.config.sr_decay, plan)

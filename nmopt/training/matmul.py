@@ -67,15 +67,15 @@ class SparseLinearFn(torch.autograd.Function):
         y = plan.forward(x2, packs)
         if bias is not None:
             y = y + bias
-        ctx.save_for_backward(x2, weight, mask)
+        ctx.save_for_backward(x, weight, mask)  # x itself: a second backward reaches it
         ctx.plan, ctx.packs, ctx.decay, ctx.x_shape = plan, packs, decay, shape
         ctx.has_bias = bias is not None
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
-        x2, weight, mask = ctx.saved_tensors
-        gy2 = gy.reshape(-1, gy.shape[-1])
+        x, weight, mask = ctx.saved_tensors
+        x2, gy2 = x.reshape(-1, x.shape[-1]), gy.reshape(-1, gy.shape[-1])
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             if torch.is_grad_enabled():  # create_graph: differentiable, straight-through in W
