@@ -186,24 +186,34 @@ def prune_layer(name: str, shape: tuple[int, ...], dtype: str, read, emit, p, *,
     """
     shape = tuple(int(s) for s in shape)
     step, rows = block_rows(shape, p.m), shape[0]
+    width = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
     sums = dict(objective=0.0, bound=0.0, score=0.0, kept=0, deficit=0, seconds=0.0)
     res = None
+    flip = in_out and not transposable  # a transposable mask's transpose is one too
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         w = read(r0, r1)
         x = bf16_to_float32(w) if dtype == "bfloat16" and isinstance(w, np.ndarray) else w
-        flip = in_out and not transposable  # a transposable mask's transpose is one too
-        try:
-            res = find_mask(x.T if flip else x, p, transposable=transposable, saturate=saturate,
-                            solver=solver, backend=backend)
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"layer {name!r} {shape}: {err}") from None
-        mask = res.mask.T if flip else res.mask
+        # a block wider than the budget (fewer than M rows of many columns are a padded tile
+        # row) is solved a band of whole tile columns at a time: the same tiles, the same masks
+        cut = max(p.m, BLOCK_WEIGHTS // (r1 - r0) // p.m * p.m)
+        bands = [x] if width <= cut else [x.reshape(r1 - r0, width)[:, c0:c0 + cut]
+                                          for c0 in range(0, width, cut)]
+        masks = []
+        for part in bands:
+            try:
+                res = find_mask(part.T if flip else part, p, transposable=transposable,
+                                saturate=saturate, solver=solver, backend=backend)
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"layer {name!r} {shape}: {err}") from None
+            masks.append(res.mask.T if flip else res.mask)
+            for key, value in (("objective", res.objective), ("bound", res.bound),
+                               ("kept", int(res.mask.sum())), ("deficit", res.deficit),
+                               ("seconds", res.seconds)):
+                sums[key] += value
+        mask = masks[0] if len(masks) == 1 else _join(masks, axis=1).reshape(tuple(x.shape))
+        sums["score"] += _abs_sum(x)
         emit(r0, r1, mask, apply_mask(w, mask))
-        for key, value in (("objective", res.objective), ("bound", res.bound), ("score", _abs_sum(x)),
-                           ("kept", int(res.mask.sum())), ("deficit", res.deficit),
-                           ("seconds", res.seconds)):
-            sums[key] += value
     bound, objective = sums["bound"], sums["objective"]
     gap = (bound - objective) / bound if bound > 0 else 0.0
     return LayerReport(
@@ -213,12 +223,12 @@ def prune_layer(name: str, shape: tuple[int, ...], dtype: str, read, emit, p, *,
         backend=res.backend, seconds=sums["seconds"])
 
 
-def _join(blocks: list) -> Any:
+def _join(blocks: list, axis: int = 0) -> Any:
     if len(blocks) == 1 or isinstance(blocks[0], np.ndarray):
-        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        return blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=axis)
     import torch
 
-    return torch.cat(blocks)
+    return torch.cat(blocks, dim=axis)
 
 
 def prune_state_dict(tensors: dict[str, Any], pattern, *, transposable: bool = True,

@@ -219,6 +219,34 @@ def test_blocks_give_the_masks_of_one_call(monkeypatch):
     assert blocks.layers[0].deficit == whole.layers[0].deficit
 
 
+def _prune_layer_calls(monkeypatch, w, budget, **kw):
+    """(mask, report, find_mask calls) of prune_layer on ``w`` with BLOCK_WEIGHTS = budget."""
+    from nmopt.api import find_mask
+    from nmopt.patterns import parse_pattern
+
+    calls, out = [], []
+    monkeypatch.setattr(prune_mod, "BLOCK_WEIGHTS", budget)
+    monkeypatch.setattr(prune_mod, "find_mask", lambda x, *a, **k: calls.append(1) or find_mask(x, *a, **k))
+    rep = prune_mod.prune_layer("w", tuple(w.shape), "float32", lambda r0, r1: w[r0:r1],
+                                lambda r0, r1, m, p: out.append(m), parse_pattern("4:8"), **kw)
+    return torch.cat(out), rep, len(calls)
+
+
+@pytest.mark.parametrize("shape, kw", [
+    ((4, 200), {}), ((12, 203), {}), ((4, 200), {"transposable": False}),
+    ((3, 5, 4, 4), {}), ((20, 96), {"transposable": False, "in_out": True}),
+])
+def test_bands_of_tile_columns_give_the_masks_of_one_call(monkeypatch, shape, kw):
+    """A block wider than the budget (fewer than M rows of many columns) is cut into bands of
+    whole tile columns; it used to be solved whole (4 x 2M float32: 506 MiB peak)."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    whole, a, one = _prune_layer_calls(monkeypatch, w, 1 << 20, **kw)
+    banded, b, many = _prune_layer_calls(monkeypatch, w, 24, **kw)  # bands of 8 columns
+    assert many > one and banded.shape == w.shape and torch.equal(whole, banded)
+    assert b.objective == pytest.approx(a.objective, rel=1e-12) and b.deficit == a.deficit
+    assert (b.kept_weights, b.optimal) == (a.kept_weights, a.optimal)
+
+
 _MEMORY = r"""
 import sys
 from nmopt.cli import main
