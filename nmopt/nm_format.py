@@ -33,6 +33,7 @@ import numpy as np
 from nmopt._arrays import is_torch_tensor
 from nmopt._packed import PackedNM
 from nmopt.checkpoint import CheckpointError, checkpoint_format, load
+from nmopt.errors import UsageError
 from nmopt.packed import pack, unpack
 from nmopt.patterns import Pattern, parse_pattern
 from nmopt.safetensors_stream import HF_INDEX, Entry, SafetensorsReader, from_storage, model_shards
@@ -102,7 +103,7 @@ def layout(entry: Entry, pattern) -> PackedLayout:
         why = (f"dtype {entry.dtype} is not a float" if entry.code not in FLOAT_CODES
                else f"{lay.cols} columns is not a multiple of M={p.m}" if len(entry.shape) >= 2
                else "it is not a matrix")
-        raise ValueError(f"--format nm-packed: tensor {entry.name!r} {list(entry.shape)} cannot be stored "
+        raise UsageError(f"--format nm-packed: tensor {entry.name!r} {list(entry.shape)} cannot be stored "
                          f"{p} along its rows: {why}; leave it out (--exclude) or use --format dense")
     return lay
 

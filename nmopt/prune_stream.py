@@ -27,6 +27,7 @@ import numpy as np
 
 from nmopt._report import json_text
 from nmopt.checkpoint import AtomicFiles, CheckpointError, error_writing
+from nmopt.errors import UsageError
 from nmopt.nm_format import INDEX, VALUES, TensorFile, encode, layout, open_shards
 from nmopt.nm_format import metadata as packed_metadata
 from nmopt.patterns import parse_pattern
@@ -60,12 +61,12 @@ def prune_path(input_path, out_path, pattern, *, fmt: str = "dense", masks_path=
     those of :func:`nmopt.prune.prune_state_dict`.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"--format: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise UsageError(f"--format: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     src, out = Path(input_path), Path(out_path)
     streamed = src.is_dir() or (src.suffix.lower() == out.suffix.lower() == ".safetensors")
     if not streamed:
         if fmt != "dense":
-            raise ValueError(f"--format {fmt}: streams safetensors only; give IN and --out as .safetensors "
+            raise UsageError(f"--format {fmt}: streams safetensors only; give IN and --out as .safetensors "
                              "(PyTorch files are loaded whole and written dense)")
         return prune_file(src, out, pattern, masks_path=masks_path, report_path=report_path,
                           transposable=transposable, saturate=saturate, solver=solver,
@@ -86,7 +87,7 @@ def prune_path(input_path, out_path, pattern, *, fmt: str = "dense", masks_path=
                       lambda a, b: _same_data(reader_of[a], a, reader_of[b], b, entries[a]))
         in_out = _conv1d(src, names)
         if in_out and fmt == "nm-packed" and not transposable:
-            raise ValueError(f"--format nm-packed with --row-wise: {in_out[0]!r} is a Conv1D "
+            raise UsageError(f"--format nm-packed with --row-wise: {in_out[0]!r} is a Conv1D "
                              "weight stored (in, out), whose row-wise groups run down its "
                              "columns and do not pack; use --format dense or a transposable "
                              "pattern")
@@ -95,7 +96,7 @@ def prune_path(input_path, out_path, pattern, *, fmt: str = "dense", masks_path=
                              "selected (embeddings need --include; check --include/--exclude)")
         layouts = {n: layout(entries[n], p) for n in names} if fmt == "nm-packed" else {}
         for clash in (s[0] for lay in layouts.values() for s in lay.entries() if s[0] in entries):
-            raise ValueError(f"--format nm-packed: the input already has a tensor {clash!r}, the "
+            raise UsageError(f"--format nm-packed: the input already has a tensor {clash!r}, the "
                              "name of a packed part; rename it, --exclude its weight or use "
                              "--format dense")
         bar = tqdm(total=sum(e.nbytes for e in entries.values()), unit="B", unit_scale=True,
@@ -226,11 +227,13 @@ def _copy_others(src: Path, root: Path, shards: list[str], index, weight_map, si
         new = dict(index, metadata={**(index.get("metadata") or {}), "total_size": sizes},
                    weight_map=weight_map)
         (root / HF_INDEX).write_text(json.dumps(new, indent=2) + "\n", encoding="utf-8")
-    skipped = []
+    skipped, emptied = [], []
 
     def weights(directory, names):  # copies of the model in subfolders (Meta's original/)
         out = [n for n in names if SUBFOLDER_COPIES.match(n) and (Path(directory) / n).is_file()]
         skipped.extend((Path(directory) / n).relative_to(src).as_posix() for n in out)
+        if out and len(out) == len(names):  # nothing of it is copied: no empty folder either
+            emptied.append(root / Path(directory).relative_to(src))
         return out
 
     for item in sorted(src.iterdir()):
@@ -242,4 +245,7 @@ def _copy_others(src: Path, root: Path, shards: list[str], index, weight_map, si
             shutil.copytree(item, root / item.name, ignore=weights)
         else:
             shutil.copy2(item, root / item.name)
+    for folder in reversed(emptied):  # deepest first
+        with contextlib.suppress(OSError):  # not empty: it holds a folder that was copied
+            folder.rmdir()
     return skipped

@@ -143,7 +143,7 @@ def test_gpt2_row_wise_nm_packed_is_refused_before_work(tmp_path, capsys):
     src = _save(_gpt2(), tmp_path / "m")
     capsys.readouterr()
     assert main(["prune", str(src), "--pattern", "2:4", "--row-wise", "--format", "nm-packed",
-                 "--out", str(tmp_path / "o"), "--no-progress"]) != 0
+                 "--out", str(tmp_path / "o"), "--no-progress"]) == 2  # a usage error
     assert "Conv1D" in _one_error_line(capsys) and not (tmp_path / "o").exists()
 
 
@@ -209,6 +209,10 @@ def test_weights_in_subfolders_are_left_out_and_listed(tmp_path):
         "original/consolidated.safetensors", "original/consolidated.00.pth"}
     assert (out / "2_Dense" / "model.safetensors").read_bytes() == \
         (src / "2_Dense" / "model.safetensors").read_bytes()
+    (src / "original" / "params.json").unlink()  # a folder of left-out copies only: not made
+    assert main(["prune", str(src), "--pattern", "4:8", "--out", str(out), "--force",
+                 "--no-progress"]) == 0
+    assert not (out / "original").exists() and (out / "2_Dense").is_dir()
 
 
 @pytest.mark.parametrize("device, says", [("bogus", "not a torch device"), ("meta", "no data"),
