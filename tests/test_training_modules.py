@@ -341,3 +341,95 @@ def test_a_second_order_gradient_through_the_weight_gradient_reaches_the_input()
         grads.append(torch.autograd.grad(gw.pow(2).sum(), [x, model[0].weight]))
     for c, m in zip(grads[1], grads[0]):
         torch.testing.assert_close(c, m, rtol=1e-4, atol=1e-4)
+
+
+# -- layers sharing weights, foreign layer types, configs and schedules -------------------------
+
+class _TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.emb.weight  # tied
+
+    def forward(self, ids):
+        return self.head(self.body(self.emb(ids)))
+
+
+def test_a_head_tied_to_an_embedding_stays_dense_and_the_export_matches():
+    model = _TiedLM()
+    handle = sparsify(model)
+    assert list(handle.layers) == ["body"] and "shared with 'emb' (Embedding)" in handle.skipped["head"]
+    ids = torch.arange(16).reshape(2, 8)
+    fresh = _TiedLM()
+    fresh.load_state_dict(nmopt.export_pruned_state_dict(model), strict=True)
+    torch.testing.assert_close(fresh(ids), model(ids))
+
+
+def test_transformers_conv1d_layers_are_listed_as_left_dense():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    model = nn.Sequential(Conv1D(8, 8), nn.Linear(8, 8))
+    handle = sparsify(model)
+    assert list(handle.layers) == ["1"] and "transformers Conv1D" in handle.skipped["0"]
+
+
+def test_config_fields_set_later_are_validated():
+    cfg = nmopt.SparsityConfig(pattern="2:4")
+    cfg.pattern = "4:8"
+    assert (cfg.n, cfg.m) == (4, 8) and cfg.describe().startswith("4:8")
+    for name, bad in (("update", "sr_ste"), ("refresh_every", -3), ("pattern", "4:4")):
+        with pytest.raises(ValueError, match=name):
+            setattr(cfg, name, bad)
+    assert (cfg.update, cfg.refresh_every, cfg.pattern, cfg.m) == ("ste", 100, "4:8", 8)
+
+
+def test_set_mask_refuses_another_shape():
+    model = nn.Sequential(nn.Linear(16, 8))
+    sparsify(model)
+    with pytest.raises(ValueError, match=r"weight's shape \(8, 16\).*got \(16, 8\)"):
+        model[0].set_mask(model[0].mask.t())
+
+
+def test_export_and_apply_mask_refuse_an_invalid_loaded_mask():
+    model = nn.Sequential(nn.Linear(16, 16))
+    sparsify(model)
+    state = model.state_dict()
+    state["0.mask"] = torch.ones(16, 16, dtype=torch.bool)  # not 2:4
+    model.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="not a valid 2:4"):
+        nmopt.export_pruned_state_dict(model)
+    weight = model[0].weight.detach().clone()
+    with pytest.raises(RuntimeError, match="not a valid 2:4"):
+        nmopt.densify_(model, apply_mask=True)
+    assert torch.equal(model[0].weight, weight) and isinstance(model[0], SparseLinear)
+
+
+def test_the_refresh_schedule_resumes_from_its_state_dict():
+    def run(steps, resume=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 16))
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        handle = sparsify(model, nmopt.SparsityConfig(pattern="2:4", refresh_every=4),
+                          optimizer=opt)
+        if resume is not None:
+            model.load_state_dict(resume[0])
+            opt.load_state_dict(resume[1])
+            handle.load_state_dict(resume[2])
+        for _ in range(steps):
+            torch.manual_seed(handle.steps)
+            model(torch.randn(4, 16)).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        return model, opt, handle
+
+    whole = run(10)[0]
+    model, opt, handle = run(6)
+    assert handle.state_dict() == {"steps": 6, "refreshes": 2}
+    resumed, _, again = run(4, (model.state_dict(), opt.state_dict(), handle.state_dict()))
+    assert again.steps == 10 and again.refreshes == 3
+    assert torch.equal(resumed[0].mask, whole[0].mask)
+    with pytest.raises(ValueError, match="'steps'"):
+        again.load_state_dict({"steps": -1, "refreshes": 0})

@@ -14,8 +14,10 @@ from nmopt.training.config import SparsityConfig
 from nmopt.training.layers import SparseConv, SparseLinear, _SparseLayer
 from nmopt.training.modules import (
     disable_fast_paths,
+    drop_shared_weights,
     restore_fast_paths,
     unfit_reason,
+    unsupported_reason,
     unwrap,
     unwrap_path,
 )
@@ -66,6 +68,21 @@ class SparseTraining:
             self.refresh()
             return True
         return False
+
+    def state_dict(self) -> dict:
+        """The refresh schedule (steps and refreshes counted), to save with a checkpoint: like an
+        LR scheduler's, it is in neither the model's nor the optimizer's state dict."""
+        return {"steps": self.steps, "refreshes": self.refreshes}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the schedule saved by :meth:`state_dict` (the masks come with the model's
+        state dict), so the next refresh comes when it would have without the interruption."""
+        for key in ("steps", "refreshes"):
+            value = state.get(key) if isinstance(state, dict) else None
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"state: expected {key!r} as an integer >= 0 (from "
+                                 f"SparseTraining.state_dict()), got {value!r}")
+        self.steps, self.refreshes = state["steps"], state["refreshes"]
 
     def attach(self, optimizer) -> None:
         """Count steps with a post-step hook on ``optimizer`` (replacing any earlier hook)."""
@@ -199,6 +216,9 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
     todo = []
     for name, module in root.named_modules():
         if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            why = unsupported_reason(module)  # weight layers of other types are listed
+            if why is not None:
+                ctrl.skipped[name] = why
             continue
         if keep is not None and not keep(module, name):
             continue
@@ -209,6 +229,7 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
             continue
         _check_weight(name, module.weight)
         todo.append((name, module))
+    todo = drop_shared_weights(root, todo, ctrl.skipped)  # tied to a module left dense
     # A module registered under several names (shared) is replaced under every one of them.
     aliases: dict[int, list[str]] = {}
     for name, module in root.named_modules(remove_duplicate=False):
@@ -275,6 +296,9 @@ def densify_(model: nn.Module, *, apply_mask: bool = False) -> nn.Module:
         raise ValueError("model: wrapped by fully_shard (FSDP2), whose hooks hold the sparse "
                          "layers; use nmopt.export_pruned_state_dict(model) (sharded, pruned "
                          "weights) instead of densify_")
+    if apply_mask:  # every mask checked before any weight changes
+        for layer in ctrl.layers.values():
+            layer.check_mask()
     ctrl.detach()
     for layer in ctrl.layers.values():
         original = layer._original
@@ -306,6 +330,7 @@ def export_pruned_state_dict(model: nn.Module) -> dict:
     layers = {id(layer) for layer in ctrl.layers.values()}
     for name, module in root.named_modules(remove_duplicate=False):  # every alias of a layer
         if id(module) in layers:
+            module.check_mask()
             key = f"{prefix}{name}."
             sd[key + "weight"] = select(module.weight.detach(), module.mask)
             sd.pop(key + "mask", None)

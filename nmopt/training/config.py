@@ -61,6 +61,10 @@ class SparsityConfig:
         Under ``torch.distributed``: "broadcast" computes each layer's mask on one rank (layers
         dealt round-robin) and broadcasts it, "check" computes everywhere and raises if ranks
         disagree, "none" trusts that every rank computes the same.
+    Fields may be set after construction; each new value is validated (``ValueError`` /
+    ``TypeError``, the old value kept). A config already in use takes a new pattern at the next
+    refresh.
+
     kernel : deprecated
         The old name of ``matmul``: ``SparsityConfig(kernel=...)`` and ``cfg.kernel`` still work
         with a ``DeprecationWarning`` and will be removed in the next release.
@@ -102,6 +106,23 @@ class SparsityConfig:
         for name, value, options in (("matmul", self.matmul, MATMULS), ("sync", self.sync, SYNCS)):
             if value not in options:
                 raise ValueError(f"{name}: expected one of {options}, got {value!r}")
+        object.__setattr__(self, "_checked", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A field set after construction is validated like one given to it (the whole config
+        is checked again; a bad value is refused and the old one kept)."""
+        if name.startswith("_") or not self.__dict__.get("_checked"):
+            object.__setattr__(self, name, value)
+            return
+        old = self.__dict__[name]
+        object.__setattr__(self, name, value)
+        object.__setattr__(self, "_checked", False)  # __post_init__'s own assignments go through
+        try:
+            self.__post_init__()
+        except Exception:
+            object.__setattr__(self, name, old)
+            self.__post_init__()
+            raise
 
     @property
     def kernel(self) -> str:

@@ -94,6 +94,10 @@ class _SparseLayer(nn.Module):
                 raise TypeError(f"mask: expected a bool tensor (or 0s and 1s), got {mask.dtype} "
                                 "with other values")
             mask = mask != 0
+        view = (self.mask.shape[0], self.mask[0].numel())
+        if tuple(mask.shape) not in (tuple(self.mask.shape), view):
+            raise ValueError(f"mask: expected the weight's shape {tuple(self.mask.shape)} or its "
+                             f"(out, in*k) view {view}, got {tuple(mask.shape)}")
         mask = mask.to(device=self.mask.device).reshape(self.mask.shape)
         cfg = self.config
         label = f"sparse layer {name!r}: new mask" if name else \
@@ -119,6 +123,13 @@ class _SparseLayer(nn.Module):
         self.solver_note = note or self.solver_note
         self.gap = gap
 
+    def check_mask(self) -> None:
+        """``RuntimeError`` naming the layer unless its current mask is a valid mask of the
+        configured pattern (a mask loaded from a state dict is checked here)."""
+        cfg = self.config
+        check_tile_mask(self.mask.reshape(self.mask.shape[0], -1), cfg.n, cfg.m, cfg.transposable,
+                        name=f"mask of {type(self).__name__}{tuple(self.weight.shape)}")
+
     def _get_plan(self):
         w = self.weight_2d()
         key = (w.device, w.dtype, self.mask._version, id(self.mask))
@@ -126,11 +137,9 @@ class _SparseLayer(nn.Module):
         stale = key == self._plan_key and self._plan is not None \
             and self.mask.device.type == "cpu" and not torch.equal(self._plan_mask, self.mask)
         if key != self._plan_key or stale:
+            self.check_mask()
             mask2d = self.mask.reshape(w.shape)
-            cfg = self.config
-            check_tile_mask(mask2d, cfg.n, cfg.m, cfg.transposable,
-                            name=f"mask of {type(self).__name__}{tuple(self.weight.shape)}")
-            self._plan, self._plan_note = build_plan(cfg, w.detach(), mask2d, self._is_conv)
+            self._plan, self._plan_note = build_plan(self.config, w.detach(), mask2d, self._is_conv)
             self._plan_key = key
             cpu = self._plan is not None and self.mask.device.type == "cpu"
             self._plan_mask = self.mask.clone() if cpu else None

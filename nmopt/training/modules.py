@@ -63,6 +63,38 @@ def unfit_reason(name: str, module: nn.Module, parent: nn.Module | None,
     return None
 
 
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why a weight layer of a type sparse layers do not replace stays dense (None: not one)."""
+    cls = type(module)
+    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
+        return ("transformers Conv1D (GPT-2 style, weight stored (in, out)) is not supported by "
+                "sparse training; prune such a model with nmopt.prune_model instead")
+    return None
+
+
+def drop_shared_weights(root: nn.Module, todo: list, skipped: dict) -> list:
+    """``todo`` ((name, module) pairs) without the layers whose weight Parameter another module
+    uses that is not sparsified with it (a tied embedding would keep reading it dense, and an
+    export would hold two different values for one tensor); those go to ``skipped``."""
+    owners: dict[int, list] = {}
+    for name, mod in root.named_modules(remove_duplicate=False):
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), []).append((name, mod))
+    while True:  # dropping one layer can leave another sharing with it
+        chosen = {id(mod) for _, mod in todo}
+        bad = {}
+        for name, mod in todo:
+            other = next(((n, o) for n, o in owners[id(mod.weight)]
+                          if o is not mod and id(o) not in chosen), None)
+            if other is not None:
+                bad[name] = (f"its weight is shared with {other[0]!r} ({type(other[1]).__name__}),"
+                             " which would keep using it dense (tied weights)")
+        if not bad:
+            return todo
+        skipped.update(bad)
+        todo = [(name, mod) for name, mod in todo if name not in bad]
+
+
 _BASES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
