@@ -111,7 +111,8 @@ class SparsityConfig:
     def __setattr__(self, name: str, value: Any) -> None:
         """A field set after construction is validated like one given to it (the whole config
         is checked again; a bad value is refused and the old one kept)."""
-        if name.startswith("_") or not self.__dict__.get("_checked"):
+        if name.startswith("_") or name not in self.__dataclass_fields__ \
+                or not self.__dict__.get("_checked"):  # kernel: a property (deprecated name)
             object.__setattr__(self, name, value)
             return
         old = self.__dict__[name]
