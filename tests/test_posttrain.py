@@ -522,3 +522,61 @@ def test_prune_config_checks_the_solver_when_built():
         PruneConfig(solver="no-such-solver")
     with pytest.raises(ValueError, match="finds transposable masks"):
         PruneConfig(solver="exact", transposable=False)
+
+
+class MoEBlock(nn.Module):
+    """An attention-like Linear, experts as a list of Linears, and fused experts as one 3-D
+    weight (transformers 5.x style)."""
+
+    def __init__(self, d=16, experts=3):
+        super().__init__()
+        self.attn = nn.Linear(d, d)
+        self.experts = nn.ModuleList(nn.Linear(d, d) for _ in range(experts))
+        self.fused = nn.Parameter(torch.randn(experts, d, d) / 4)
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        x = x + sum(e(x) for e in self.experts) / len(self.experts)
+        return x + torch.einsum("...i,eoi->...o", x, self.fused) / len(self.fused)
+
+
+def test_moe_blocks_are_the_stack_and_fused_experts_are_listed_dense():
+    """The expert list (longer than the stack) was taken as the blocks, pruned as a chain; fused
+    3-D experts stayed dense without a word ("0 left dense")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ModuleList([MoEBlock(), MoEBlock()]))
+    model.forward = lambda x: model[1][1](model[1][0](model[0](x)))  # a ModuleList has no forward
+    fused = model[1][0].fused.detach().clone()
+    rep = nmopt.prune_model(model, torch.randn(4, 6, 8), PruneConfig(method="wanda", pattern="2:4"),
+                            progress=False)
+    assert rep.blocks == "1 (2 blocks)" and rep.layers_pruned == 8
+    assert [(s.name, s.shape) for s in rep.skipped] == [("1.0.fused", (3, 16, 16)),
+                                                       ("1.1.fused", (3, 16, 16))]
+    assert "not an nn.Linear" in rep.skipped[0].reason and torch.equal(model[1][0].fused, fused)
+
+
+def test_a_float16_update_that_overflows_keeps_the_mask_alone(monkeypatch):
+    """The update was checked finite in float32 only: written as float16 it became inf."""
+    from nmopt.posttrain import api, methods
+
+    def doubled(W, stats, cfg, cache=None):  # exact for constant inputs: kept weights x 2
+        res = methods.wanda(W, stats, cfg, cache)
+        return methods.MethodResult(res.weight * 2, res.mask, res.gaps)
+
+    monkeypatch.setitem(api.METHODS, "wanda", doubled)
+    model = nn.Sequential(nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False)).half()
+    with torch.no_grad():
+        model[0].weight.fill_(6e4)  # doubled: 1.2e5, past float16's 65504
+        model[1].weight.fill_(1e-3)
+    rep = nmopt.prune_model(model, torch.full((4, 16), 1e-3).half(),
+                            PruneConfig(method="wanda", pattern="2:4"), progress=False)
+    assert [r.fallback for r in rep.layers] == [True, False]
+    assert bool(torch.isfinite(model[0].weight).all()) and model[0].weight.max() == 6e4
+    assert abs(float(model[1].weight.max()) - 2e-3) < 1e-5
+
+
+def test_weights_on_the_meta_device_are_refused_by_name():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    with pytest.raises(ValueError, match="weights of 0 are on the meta device"):
+        nmopt.prune_model(model, torch.randn(4, 16), PruneConfig(pattern="2:4"), progress=False)

@@ -205,6 +205,9 @@ def _plan(block_list, names, config) -> tuple[list, list]:
                 skipped.append(SkippedLayer(lname, shape, "not selected by include/exclude"))
                 continue
             selected += 1
+            if mod.weight.is_meta:
+                raise ValueError(f"model: the weights of {lname} are on the meta device (not loaded or "
+                                 "offloaded); load the model's weights first")
             if not bool(torch.isfinite(mod.weight).all()):
                 raise ValueError(f"model: the weights of {lname} hold nan or inf; nothing was pruned")
             if shape[1] % p.m or (config.transposable and shape[0] % p.m):
@@ -217,6 +220,7 @@ def _plan(block_list, names, config) -> tuple[list, list]:
                 continue
             layers.append((lname, mod))
         plan.append(layers)
+        skipped += _other_weights(block, name, config)
     if not found and not config.include_lm_head:
         raise ValueError("model: no prunable nn.Linear (or Conv1D) inside the blocks "
                          f"{names[0].rsplit('.', 1)[0] or '(model)'}; nothing to prune")
@@ -227,6 +231,24 @@ def _plan(block_list, names, config) -> tuple[list, list]:
         raise ValueError(f"pattern: {p} fits no layer: no selected Linear has both dimensions a multiple of "
                          f"M={p.m} (e.g. {skipped[-1].name} is {skipped[-1].shape[0]}x{skipped[-1].shape[1]})")
     return plan, skipped
+
+
+def _other_weights(block, name: str, config) -> list:
+    """The weights of 2 or more dimensions in a block held by something other than a Linear or an
+    embedding (fused MoE experts as one 3-D tensor, convolutions): left dense, listed so that a
+    report never claims a block pruned whole."""
+    linears = {id(mod) for _, mod in block_linears(block, name)}
+    out = []
+    for mname, mod in block.named_modules():
+        if id(mod) in linears or isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+            continue  # embeddings (T5's position bias) are tables, not GEMM weights
+        for pname, w in mod.named_parameters(recurse=False):
+            full = ".".join(part for part in (name, mname, pname) if part)
+            if w.dim() >= 2 and config.selects(full):
+                out.append(SkippedLayer(full, tuple(w.shape), f"a {w.dim()}-D weight of "
+                                        f"{type(mod).__name__}, not an nn.Linear (e.g. fused MoE "
+                                        "experts): not pruned"))
+    return out
 
 
 def weight_matrix_shape(mod) -> tuple[int, int]:
@@ -279,7 +301,10 @@ def _prune_layer(name, mod, stats, config, method, cache, block_name, backup):
     dbias = None if res.bias is None else bias.detach().float() - res.bias
     meter = ErrorMeter(W, stats.H, stats.xsum, stats.tokens)
     err_before = meter(masked)
-    err_after = meter(W_hat, dbias) if bool(torch.isfinite(W_hat).all()) else float("inf")
+    # finite as stored: float16 overflows past 65504 (then the mask alone is kept)
+    finite = bool(torch.isfinite(W_hat.to(mod.weight.dtype)).all()) and (
+        res.bias is None or bool(torch.isfinite(res.bias.to(bias.dtype)).all()))
+    err_after = meter(W_hat, dbias) if finite else float("inf")
     fallback = not err_after <= err_before * (1 + 1e-6) + 1e-12
     if fallback:
         W_hat, err_after, res.bias = masked, err_before, None

@@ -25,12 +25,17 @@ def find_blocks(model: nn.Module, blocks) -> tuple[str, list]:
 
     Without ``blocks``: the largest ``nn.ModuleList`` (or ``nn.Sequential``) of at least two
     children that all have the same class and hold Linear layers (``model.layers``,
-    ``encoder.layer``, ``h``...); the first such list wins a tie (an encoder-decoder's encoder).
+    ``encoder.layer``, ``h``...), not inside a block of another such list (a block's MoE
+    experts); the first such list wins a tie (an encoder-decoder's encoder).
     ``blocks`` may name it (dotted path) or be the container itself.
     """
     if blocks is None:
         best, best_key = None, None
-        for name, mod in _block_lists(model):
+        lists = list(_block_lists(model))
+        names = [name for name, _ in lists]
+        for name, mod in lists:
+            if any(name.startswith(outer + ".") for outer in names if outer):
+                continue  # inside a block of another list (MoE experts): that list is the stack
             # prefer lists whose blocks hold Linear layers, then the longest, then the first found
             key = (bool(block_linears(mod[0], "")), len(mod))
             if best_key is None or key > best_key:
