@@ -580,3 +580,30 @@ def test_weights_on_the_meta_device_are_refused_by_name():
         model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
     with pytest.raises(ValueError, match="weights of 0 are on the meta device"):
         nmopt.prune_model(model, torch.randn(4, 16), PruneConfig(pattern="2:4"), progress=False)
+
+
+class ParallelLists(nn.Module):
+    """XLM-style: attention and feed-forward layers in two lists, interleaved in the forward."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.attentions = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
+        self.ffns = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
+
+    def forward(self, x):
+        for attn, ffn in zip(self.attentions, self.ffns):
+            x = x + attn(x)
+            x = x + ffn(x)
+        return x
+
+
+@pytest.mark.parametrize("blocks", [None, "ffns"])
+def test_blocks_that_do_not_feed_each_other_are_refused(blocks):
+    """attentions[1] was replayed on attentions[0]'s raw output: statistics of the wrong inputs."""
+    torch.manual_seed(0)
+    model = ParallelLists()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"does not take .*'s output as its input"):
+        nmopt.prune_model(model, torch.randn(4, 16), PruneConfig(pattern="2:4"), blocks=blocks,
+                          progress=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

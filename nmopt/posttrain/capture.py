@@ -231,6 +231,15 @@ def _is_kv_cache(x) -> bool:
     return cache_utils is not None and isinstance(x, cache_utils.Cache)
 
 
+def _same_hidden(h, out) -> bool:
+    """Whether a block's input ``h`` is block 0's output ``out`` (its first element), as it is
+    when each block feeds the next (the later blocks are identities during the capture)."""
+    ref = out if torch.is_tensor(out) else out[0] if isinstance(out, tuple) and out else None
+    if h is ref:
+        return True
+    return torch.is_tensor(ref) and h.shape == ref.shape and bool(torch.equal(h, ref))
+
+
 def capture(model: nn.Module, blocks: list, names: list[str], batches) -> tuple[list, list]:
     """Record every block's call for every batch, running only block 0 of the dense model once.
 
@@ -243,7 +252,8 @@ def capture(model: nn.Module, blocks: list, names: list[str], batches) -> tuple[
     position bias, which holds the batch's attention mask, from block to block that way). The
     forward stops at the last block. The inputs are recorded before the blocks' own forward
     pre-hooks run (they run again when a block is replayed). Raises ``ValueError`` if block 0's
-    input is not finite.
+    input is not finite, or if a block's input is not the previous block's output (blocks that
+    do not form a chain, such as XLM's separate attention and feed-forward lists).
     """
     calls: list[list] = [[] for _ in blocks]
     hidden: list = []
@@ -258,6 +268,10 @@ def capture(model: nn.Module, blocks: list, names: list[str], batches) -> tuple[
             else:
                 raise TypeError(f"blocks: {names[b]} was called without a tensor as its first argument or "
                                 "hidden_states=; cannot tell which input is the hidden state")
+            if b > 0 and template and not _same_hidden(h, template[0]):
+                raise ValueError(f"blocks: {names[b]} does not take {names[b - 1]}'s output as its input "
+                                 "(the model computes something between them), so they cannot be pruned "
+                                 "one after the other; pass blocks= naming the model's list of layers")
             if b == 0:
                 if h.is_floating_point() and not bool(torch.isfinite(h).all()):
                     raise ValueError(f"calibration: non-finite activations (nan/inf) enter the first block "
