@@ -210,7 +210,9 @@ def test_encoder_decoder_other_stack_warned_and_prunable():
     assert all(s.name.startswith("decoder.block.") and "blocks='decoder.block'" in s.reason
                for s in first.skipped)
     second = nmopt.prune_model(model, batches, PruneConfig(method="wanda"), blocks="decoder.block", progress=False)
-    assert len(second.layers) == 20 and not second.skipped  # self- and cross-attention q, k, v, o; wi, wo
+    assert len(second.layers) == 20  # self- and cross-attention q, k, v, o; wi, wo
+    assert len(second.skipped) == 12 and all("other block stack 'encoder.block'" in s.reason
+                                             for s in second.skipped)  # listed, not warned
     assert_valid(model, "decoder.block")
 
 

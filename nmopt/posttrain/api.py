@@ -85,15 +85,15 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     block_name, block_list = find_blocks(model, blocks)
     names = [f"{block_name}.{i}" if block_name else str(i) for i in range(len(block_list))]
     plan, skipped = _plan(block_list, names, config)
-    if blocks is None:
-        for other, count in other_block_lists(model, block_name):
+    for other, count in other_block_lists(model, block_name):  # listed; warned unless chosen
+        if blocks is None:
             warnings.warn(f"prune_model: pruning the blocks of {block_name!r}; {other!r} ({count} blocks) holds "
                           f"Linear layers too and stays dense (call prune_model again with blocks={other!r})",
                           stacklevel=2)
-            skipped += [SkippedLayer(lname, tuple(weight_matrix_shape(mod)),
-                                     f"in the other block stack {other!r}: prune it with blocks={other!r}")
-                        for i, block in enumerate(model.get_submodule(other))
-                        for lname, mod in block_linears(block, f"{other}.{i}")]
+        skipped += [SkippedLayer(lname, tuple(weight_matrix_shape(mod)),
+                                 f"in the other block stack {other!r}: prune it with blocks={other!r}")
+                    for i, block in enumerate(model.get_submodule(other))
+                    for lname, mod in block_linears(block, f"{other}.{i}")]
     head = _lm_head(model, config)
     batches = calibration_batches(calibration, model, _input_device(model))
 
