@@ -245,7 +245,11 @@ def _copy_others(src: Path, root: Path, shards: list[str], index, weight_map, si
             shutil.copytree(item, root / item.name, ignore=weights)
         else:
             shutil.copy2(item, root / item.name)
-    for folder in reversed(emptied):  # deepest first
-        with contextlib.suppress(OSError):  # not empty: it holds a folder that was copied
-            folder.rmdir()
+    for folder in reversed(emptied):  # deepest first, then parents left empty by it
+        while folder != root:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: it holds something that was copied
+                break
+            folder = folder.parent
     return skipped

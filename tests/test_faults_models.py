@@ -210,6 +210,8 @@ def test_weights_in_subfolders_are_left_out_and_listed(tmp_path):
     assert (out / "2_Dense" / "model.safetensors").read_bytes() == \
         (src / "2_Dense" / "model.safetensors").read_bytes()
     (src / "original" / "params.json").unlink()  # a folder of left-out copies only: not made
+    (src / "original" / "sub").mkdir()  # nor one holding only such a folder
+    torch.save({"w": torch.ones(2)}, src / "original" / "sub" / "consolidated.01.pth")
     assert main(["prune", str(src), "--pattern", "4:8", "--out", str(out), "--force",
                  "--no-progress"]) == 0
     assert not (out / "original").exists() and (out / "2_Dense").is_dir()

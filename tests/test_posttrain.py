@@ -609,3 +609,41 @@ def test_blocks_that_do_not_feed_each_other_are_refused(blocks):
         nmopt.prune_model(model, torch.randn(4, 16), PruneConfig(pattern="2:4"), blocks=blocks,
                           progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class ListsOfLists(nn.Module):
+    """Funnel-style: encoder.blocks is a list of lists of layers (the outer one has no forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleList([Block(), Block()]) for _ in range(2))
+
+    def forward(self, x):
+        for group in self.blocks:
+            for block in group:
+                x = block(x)
+        return x
+
+
+def test_a_list_of_lists_takes_an_inner_list_as_the_blocks():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="'blocks.1' .* stays dense"):
+        rep = nmopt.prune_model(ListsOfLists(), torch.randn(4, 16), PruneConfig(pattern="2:4"),
+                                progress=False)
+    assert rep.blocks == "blocks.0 (2 blocks)" and rep.layers_pruned > 0
+
+
+class OutputObject(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return {"hidden": self.lin(x)}
+
+
+def test_a_block_returning_another_type_is_named_as_such():
+    model = nn.Sequential(OutputObject(), OutputObject())
+    model.forward = lambda x: model[1](model[0](x)["hidden"])["hidden"]
+    with pytest.raises(TypeError, match=r"returned dict; expected a tensor or a tuple"):
+        nmopt.prune_model(model, torch.randn(4, 16), PruneConfig(pattern="2:4"), progress=False)

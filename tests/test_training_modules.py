@@ -433,3 +433,27 @@ def test_the_refresh_schedule_resumes_from_its_state_dict():
     assert torch.equal(resumed[0].mask, whole[0].mask)
     with pytest.raises(ValueError, match="'steps'"):
         again.load_state_dict({"steps": -1, "refreshes": 0})
+
+
+def test_pattern_is_fixed_while_a_model_uses_the_config():
+    cfg = nmopt.SparsityConfig(pattern="2:4")
+    model = nn.Sequential(nn.Linear(12, 12))
+    sparsify(model, cfg)
+    with pytest.raises(ValueError, match="in use by a sparsified model"):
+        cfg.pattern = "4:8"  # 12 is no multiple of 8: the layer would be masked across groups
+    cfg.refresh_every = 7  # other fields may change
+    nmopt.densify_(model)
+    cfg.pattern = "4:8"
+    assert cfg.m == 8
+
+
+def test_a_filtered_out_conv1d_is_not_listed():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    model = nn.Sequential(Conv1D(8, 8), nn.Linear(8, 8))
+    handle = sparsify(model, filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear))
+    assert list(handle.layers) == ["1"] and not handle.skipped
+    handle = sparsify(nn.Sequential(Conv1D(8, 8), nn.Linear(8, 8)),
+                      filter_fn=lambda mod, fqn: mod.out_features > 0)  # fails on Conv1D: listed
+    assert "transformers Conv1D" in handle.skipped["0"]

@@ -68,7 +68,8 @@ def _block_lists(model: nn.Module):
     parameters."""
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.ModuleList, nn.Sequential)) and len(mod) >= 2 \
-                and len({type(child) for child in mod}) == 1 and any(True for _ in mod[0].parameters()):
+                and len({type(child) for child in mod}) == 1 and any(True for _ in mod[0].parameters()) \
+                and not isinstance(mod[0], (nn.ModuleList, nn.ModuleDict)):  # lists of lists: no forward
             yield name, mod
 
 
@@ -235,7 +236,7 @@ def _same_hidden(h, out) -> bool:
     """Whether a block's input ``h`` is block 0's output ``out`` (its first element), as it is
     when each block feeds the next (the later blocks are identities during the capture)."""
     ref = out if torch.is_tensor(out) else out[0] if isinstance(out, tuple) and out else None
-    if h is ref:
+    if ref is None or h is ref:  # another output type: the stand-in refuses it, naming it
         return True
     return torch.is_tensor(ref) and h.shape == ref.shape and bool(torch.equal(h, ref))
 
@@ -271,7 +272,8 @@ def capture(model: nn.Module, blocks: list, names: list[str], batches) -> tuple[
             if b > 0 and template and not _same_hidden(h, template[0]):
                 raise ValueError(f"blocks: {names[b]} does not take {names[b - 1]}'s output as its input "
                                  "(the model computes something between them), so they cannot be pruned "
-                                 "one after the other; pass blocks= naming the model's list of layers")
+                                 "one after the other; pass blocks= naming a list whose blocks each take "
+                                 "the previous one's output (a model without one cannot be pruned by blocks)")
             if b == 0:
                 if h.is_floating_point() and not bool(torch.isfinite(h).all()):
                     raise ValueError(f"calibration: non-finite activations (nan/inf) enter the first block "

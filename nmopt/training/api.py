@@ -217,7 +217,7 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
     for name, module in root.named_modules():
         if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
             why = unsupported_reason(module)  # weight layers of other types are listed
-            if why is not None:
+            if why is not None and _kept(keep, module, name):
                 ctrl.skipped[name] = why
             continue
         if keep is not None and not keep(module, name):
@@ -256,9 +256,18 @@ def sparsify_(model: nn.Module, config: SparsityConfig | None = None,
         warnings.warn(f"sparsify_: {len(ctrl.skipped)} layer(s) left dense: {lines}",
                       RuntimeWarning, stacklevel=2)
     root.__dict__[_ATTR] = ctrl
+    config.__dict__["_users"] = config.__dict__.get("_users", 0) + 1  # pattern now fixed
     if optimizer is not None:
         ctrl.attach(optimizer)
     return ctrl
+
+
+def _kept(keep, module: nn.Module, name: str) -> bool:
+    """Whether ``filter_fn`` chooses a layer of a type it may not expect (True if it fails on it)."""
+    try:
+        return keep is None or bool(keep(module, name))
+    except (AttributeError, TypeError):  # e.g. a filter reading Linear's out_features
+        return True
 
 
 def _check_weight(name: str, weight) -> None:
@@ -312,6 +321,7 @@ def densify_(model: nn.Module, *, apply_mask: bool = False) -> nn.Module:
                 _set_submodule(root, alias, original)
     restore_fast_paths(root, ctrl.fast_paths)
     del root.__dict__[_ATTR]
+    ctrl.config.__dict__["_users"] = max(0, ctrl.config.__dict__.get("_users", 1) - 1)
     return model
 
 
@@ -328,9 +338,10 @@ def export_pruned_state_dict(model: nn.Module) -> dict:
     sd = model.state_dict()
     root, prefix = unwrap_path(model)
     layers = {id(layer) for layer in ctrl.layers.values()}
+    for layer in ctrl.layers.values():
+        layer.check_mask()
     for name, module in root.named_modules(remove_duplicate=False):  # every alias of a layer
         if id(module) in layers:
-            module.check_mask()
             key = f"{prefix}{name}."
             sd[key + "weight"] = select(module.weight.detach(), module.mask)
             sd.pop(key + "mask", None)

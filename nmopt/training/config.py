@@ -61,9 +61,10 @@ class SparsityConfig:
         Under ``torch.distributed``: "broadcast" computes each layer's mask on one rank (layers
         dealt round-robin) and broadcasts it, "check" computes everywhere and raises if ranks
         disagree, "none" trusts that every rank computes the same.
-    Fields may be set after construction; each new value is validated (``ValueError`` /
-    ``TypeError``, the old value kept). A config already in use takes a new pattern at the next
-    refresh.
+    Fields may be set after construction; each new value is validated with the others
+    (``ValueError`` / ``TypeError``, the old value kept; change ``solver`` and ``transposable``
+    together with ``dataclasses.replace``). ``pattern`` and ``transposable`` are fixed while a
+    sparsified model uses the config.
 
     kernel : deprecated
         The old name of ``matmul``: ``SparsityConfig(kernel=...)`` and ``cfg.kernel`` still work
@@ -115,6 +116,10 @@ class SparsityConfig:
                 or not self.__dict__.get("_checked"):  # kernel: a property (deprecated name)
             object.__setattr__(self, name, value)
             return
+        if name in ("pattern", "transposable") and self.__dict__.get("_users"):
+            raise ValueError(f"{name}: this config is in use by a sparsified model, whose masks and "
+                             "layer choice follow it; nmopt.densify_ the model and sparsify_ it "
+                             f"again with dataclasses.replace(config, {name}=...)")
         old = self.__dict__[name]
         object.__setattr__(self, name, value)
         object.__setattr__(self, "_checked", False)  # __post_init__'s own assignments go through

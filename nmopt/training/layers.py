@@ -125,10 +125,15 @@ class _SparseLayer(nn.Module):
 
     def check_mask(self) -> None:
         """``RuntimeError`` naming the layer unless its current mask is a valid mask of the
-        configured pattern (a mask loaded from a state dict is checked here)."""
+        configured pattern (a mask loaded from a state dict is checked here). Once per version
+        of the mask: a forward and an export check it once between changes."""
+        key = (id(self.mask), self.mask._version)
+        if key == self.__dict__.get("_mask_checked"):
+            return
         cfg = self.config
         check_tile_mask(self.mask.reshape(self.mask.shape[0], -1), cfg.n, cfg.m, cfg.transposable,
                         name=f"mask of {type(self).__name__}{tuple(self.weight.shape)}")
+        self.__dict__["_mask_checked"] = key
 
     def _get_plan(self):
         w = self.weight_2d()
@@ -137,6 +142,8 @@ class _SparseLayer(nn.Module):
         stale = key == self._plan_key and self._plan is not None \
             and self.mask.device.type == "cpu" and not torch.equal(self._plan_mask, self.mask)
         if key != self._plan_key or stale:
+            if stale:
+                self.__dict__.pop("_mask_checked", None)  # the version did not change
             self.check_mask()
             mask2d = self.mask.reshape(w.shape)
             self._plan, self._plan_note = build_plan(self.config, w.detach(), mask2d, self._is_conv)
