@@ -36,6 +36,12 @@ class ArrayKind:
 _NUMERIC_KINDS = "fiu"
 
 
+def is_conv1d(module: Any) -> bool:
+    """An HF ``Conv1D``-style linear (GPT-2): weight stored (in, out), ``y = x @ W + b``."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
+        and module.weight.dim() == 2 and hasattr(module, "nf")
+
+
 def to_float64(x: Any, name: str) -> tuple[np.ndarray, ArrayKind]:
     """Convert a numpy array or torch tensor to a float64 numpy array, checking its dtype."""
     if is_torch_tensor(x):

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from nmopt._arrays import is_conv1d
 from nmopt.masks import check_mask
 from nmopt.posttrain.adaprune import adaprune
 from nmopt.posttrain.admm import admm
@@ -23,7 +24,7 @@ from nmopt.posttrain.capture import (
     token_mask,
 )
 from nmopt.posttrain.config import PruneConfig
-from nmopt.posttrain.hessian import ErrorMeter, StatsCollector, is_conv1d, weight_matrix, write_weight
+from nmopt.posttrain.hessian import ErrorMeter, StatsCollector, weight_matrix, write_weight
 from nmopt.posttrain.methods import magnitude, sparsegpt, wanda
 from nmopt.posttrain.report import LayerReport, PruneReport, SkippedLayer
 
@@ -197,8 +198,8 @@ def _plan(block_list, names, config) -> tuple[list, list]:
     p = config.parsed_pattern
     plan, skipped, found, selected = [], [], 0, 0
     for block, name in zip(block_list, names):
-        layers = []
-        for lname, mod in block_linears(block, name):
+        layers, linears = [], block_linears(block, name)
+        for lname, mod in linears:
             found += 1
             shape = tuple(weight_matrix_shape(mod))
             if not config.selects(lname):
@@ -220,7 +221,7 @@ def _plan(block_list, names, config) -> tuple[list, list]:
                 continue
             layers.append((lname, mod))
         plan.append(layers)
-        skipped += _other_weights(block, name, config)
+        skipped += _other_weights(block, name, {id(mod) for _, mod in linears}, config)
     if not found and not config.include_lm_head:
         raise ValueError("model: no prunable nn.Linear (or Conv1D) inside the blocks "
                          f"{names[0].rsplit('.', 1)[0] or '(model)'}; nothing to prune")
@@ -233,11 +234,10 @@ def _plan(block_list, names, config) -> tuple[list, list]:
     return plan, skipped
 
 
-def _other_weights(block, name: str, config) -> list:
+def _other_weights(block, name: str, linears: set, config) -> list:
     """The weights of 2 or more dimensions in a block held by something other than a Linear or an
     embedding (fused MoE experts as one 3-D tensor, convolutions): left dense, listed so that a
-    report never claims a block pruned whole."""
-    linears = {id(mod) for _, mod in block_linears(block, name)}
+    report never claims a block pruned whole. ``linears``: ids of the block's Linear layers."""
     out = []
     for mname, mod in block.named_modules():
         if id(mod) in linears or isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from nmopt.posttrain.hessian import is_conv1d
+from nmopt._arrays import is_conv1d
 
 # Calibration token tensors are split into batches of about this many tokens (whole samples).
 _BATCH_TOKENS = 2048

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from nmopt._arrays import is_conv1d
 from nmopt.api import find_mask
 
 
@@ -101,12 +102,6 @@ class StatsCollector:
 def _in_features(module) -> int:
     w = module.weight
     return w.shape[0] if is_conv1d(module) else w.shape[1]
-
-
-def is_conv1d(module) -> bool:
-    """An HF ``Conv1D``-style linear: weight stored (in, out), ``y = x @ W + b``."""
-    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
-        and module.weight.dim() == 2 and hasattr(module, "nf")
 
 
 def weight_matrix(module) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nmopt._arrays import is_conv1d
 from nmopt.training.config import SparsityConfig
 
 _WRAPPERS = (nn.parallel.DistributedDataParallel, nn.DataParallel)
@@ -65,8 +66,7 @@ def unfit_reason(name: str, module: nn.Module, parent: nn.Module | None,
 
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why a weight layer of a type sparse layers do not replace stays dense (None: not one)."""
-    cls = type(module)
-    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
+    if is_conv1d(module):
         return ("transformers Conv1D (GPT-2 style, weight stored (in, out)) is not supported by "
                 "sparse training; prune such a model with nmopt.prune_model instead")
     return None
